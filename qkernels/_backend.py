@@ -1,0 +1,102 @@
+"""Backend selection: which implementation of an op runs for a given input.
+
+An op's table is a literal dict next to its public function, ``{"numpy": f, "cupy": g,
+"numba": h}``. ``choose(table, on_gpu)`` picks the backend the user asked for
+(``use_backend`` or ``QKERNELS_BACKEND``), else the fastest one for the data's device,
+and falls back, with one warning per cause, when the asked one cannot load.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+import threading
+import warnings
+
+BACKENDS = ("cupy", "numba", "numpy")  # fastest first
+_local = threading.local()
+_warned: set = set()
+
+
+@functools.lru_cache(maxsize=None)
+def backend_status(name: str) -> tuple[bool, str]:
+    """(usable, reason) for a backend; probed once per process, never raises."""
+    if name == "numpy":
+        return True, "always available"
+    try:
+        if name == "cupy":
+            import cupy
+            count = cupy.cuda.runtime.getDeviceCount()
+            if count < 1:
+                return False, "no CUDA device"
+            return True, f"cupy {cupy.__version__}, {count} device(s)"
+        if name == "numba":
+            from numba import cuda
+            if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+                return True, "CUDA simulator (NUMBA_ENABLE_CUDASIM=1)"
+            if not cuda.is_available():
+                return False, "numba.cuda finds no CUDA device/driver"
+            return True, f"{len(cuda.gpus)} device(s)"
+    except Exception as exc:  # ImportError, CUDA driver errors, ...
+        return False, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+    raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
+
+
+def available_backends() -> list[str]:
+    """The backends that load on this machine, fastest first."""
+    return [b for b in BACKENDS if backend_status(b)[0]]
+
+
+def requested_backend() -> str | None:
+    """The backend asked for by ``use_backend`` (innermost) or ``QKERNELS_BACKEND``."""
+    name = getattr(_local, "stack", None) and _local.stack[-1]
+    name = name or os.environ.get("QKERNELS_BACKEND") or None
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"QKERNELS_BACKEND must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ops inside the ``with`` block on ``name`` ("numpy", "cupy" or "numba");
+    thread-local, nestable."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {name!r}")
+    stack = _local.__dict__.setdefault("stack", [])
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def choose(table: dict, on_gpu: bool) -> tuple[str, object]:
+    """(backend name, implementation) for data on the GPU (``on_gpu``) or the host."""
+    asked = requested_backend()
+    order = [asked] if asked else []
+    order += [b for b in BACKENDS if on_gpu or b == "numpy"]
+    for name in order:
+        if name not in table:
+            continue
+        ok, why = backend_status(name)
+        if ok:
+            return name, table[name]
+        if name == asked:
+            _warn_once(f"qkernels: backend {name!r} cannot load ({why}); falling back")
+    raise RuntimeError(f"no backend can run this op; tried {order}")
+
+
+def lazy(module: str, attr: str):
+    """A table entry that imports ``module`` only when first called."""
+    def call(*args, **kwargs):
+        fn = getattr(importlib.import_module(module, __package__), attr)
+        return fn(*args, **kwargs)
+    call.__qualname__ = f"{module}.{attr}"
+    return call

@@ -1,0 +1,97 @@
+// Device helpers shared by every kernel family (included by each .cu file).
+// Header-free on purpose: fp16/bf16 go through PTX conversions on their raw bits, so
+// NVRTC needs no CUDA include path. DT is the storage type: 0 = float32, 1 = float16,
+// 2 = bfloat16 (the logical dtypes of qkernels' public API).
+#pragma once
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+
+#define QK_DT_F32 0
+#define QK_DT_F16 1
+#define QK_DT_BF16 2
+
+template <int DT> struct Storage { typedef u16 type; enum { bytes = 2 }; };
+template <> struct Storage<QK_DT_F32> { typedef float type; enum { bytes = 4 }; };
+
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+__device__ __forceinline__ u16 f32_to_f16(float f) {  // round to nearest even
+  u16 h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+__device__ __forceinline__ float bf16_to_f32(u16 b) { return __uint_as_float(((u32)b) << 16); }
+__device__ __forceinline__ u16 f32_to_bf16(float f) {  // round to nearest even, NaN kept
+  u16 b;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(f));
+  return b;
+}
+
+template <int DT> __device__ __forceinline__ float to_f32(typename Storage<DT>::type v);
+template <> __device__ __forceinline__ float to_f32<QK_DT_F32>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f32<QK_DT_F16>(u16 v) { return f16_to_f32(v); }
+template <> __device__ __forceinline__ float to_f32<QK_DT_BF16>(u16 v) { return bf16_to_f32(v); }
+
+template <int DT> __device__ __forceinline__ typename Storage<DT>::type from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<QK_DT_F32>(float v) { return v; }
+template <> __device__ __forceinline__ u16 from_f32<QK_DT_F16>(float v) { return f32_to_f16(v); }
+template <> __device__ __forceinline__ u16 from_f32<QK_DT_BF16>(float v) { return f32_to_bf16(v); }
+
+// max that propagates NaN (as NumPy's max does): the reference's absmax rule.
+__device__ __forceinline__ float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
+
+// Load VEC consecutive elements starting at x[i] as float32; zeros past n.
+// `vec_ok`: the base pointer is 16-byte aligned (then full vectors load as one 16-byte access).
+template <int DT, int VEC>
+__device__ __forceinline__ void load_f32(const typename Storage<DT>::type* __restrict__ x, i64 i,
+                                         i64 n, bool vec_ok, float (&v)[VEC]) {
+  typedef typename Storage<DT>::type T;
+  if (vec_ok && i + VEC <= n) {
+    const uint4* p = reinterpret_cast<const uint4*>(x + i);
+#pragma unroll
+    for (int k = 0; k < VEC * (int)sizeof(T) / 16; ++k) {
+      uint4 w = __ldg(p + k);
+      const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+      for (int j = 0; j < 16 / (int)sizeof(T); ++j) v[k * (16 / sizeof(T)) + j] = to_f32<DT>(e[j]);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v[j] = (i + j < n) ? to_f32<DT>(x[i + j]) : 0.0f;
+  }
+}
+
+// Nearest code of float32 y through the table of reference.blockwise.search_table:
+// entries (threshold, base); code = base + (threshold < y).
+__device__ __forceinline__ u8 table_code(const float2* table, float y, int key_offset, int rows128) {
+  u32 u = __float_as_uint(y);
+  int h = (int)((u >> 16) & 0x7FFFu) - key_offset;
+  int i = min(max(h, 0), rows128 - 1) + (int)(u >> 31) * rows128;
+  float2 e = table[i];
+  return (u8)((int)e.y + (e.x < y ? 1 : 0));
+}
+
+// Store V float32 values (V a multiple of 8) to y[0..V) as DT in 16-byte stores; y aligned.
+template <int DT, int V>
+__device__ __forceinline__ void store_vec(typename Storage<DT>::type* __restrict__ y, const float (&v)[V]) {
+  uint4* dst = reinterpret_cast<uint4*>(y);
+  if (DT == QK_DT_F32) {
+#pragma unroll
+    for (int k = 0; k < V / 4; ++k)
+      dst[k] = make_uint4(__float_as_uint(v[4 * k]), __float_as_uint(v[4 * k + 1]),
+                          __float_as_uint(v[4 * k + 2]), __float_as_uint(v[4 * k + 3]));
+  } else {
+    u32 w[V / 2];
+#pragma unroll
+    for (int j = 0; j < V / 2; ++j)
+      w[j] = (u32)from_f32<DT>(v[2 * j]) | ((u32)from_f32<DT>(v[2 * j + 1]) << 16);
+#pragma unroll
+    for (int k = 0; k < V / 8; ++k) dst[k] = make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]);
+  }
+}

@@ -1,0 +1,257 @@
+"""Array interop for the public API: NumPy, CuPy, Numba device arrays and torch tensors in;
+the caller's kind out.
+
+A ``Call`` is made per op call from its first array argument and the chosen backend. It
+turns arguments into the backend's own arrays (zero-copy through DLPack / the CUDA array
+interface when the data is already on the GPU; a copy when host data meets a GPU backend
+or GPU data the NumPy backend), allocates outputs with the caller's library on the
+caller's device (torch's allocator for torch tensors), and hands them back in the caller's
+kind. bfloat16 travels as its uint16 bit patterns (CuPy, Numba and NumPy have no bfloat16);
+the logical dtype is passed beside it. GPU work runs on the caller's current stream
+(torch's for tensors) and on the caller's device (``cuda:1`` is device 1).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from reference.dtypes import dtype_name as _canonical, numpy_bfloat16
+
+_KINDS = ("numpy", "torch", "cupy", "numba")
+
+
+def kind_of(x) -> str:
+    """"numpy", "torch", "cupy" or "numba" for an array; TypeError for anything else."""
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    mod = type(x).__module__.split(".")[0]
+    if mod == "torch" and hasattr(x, "data_ptr"):
+        return "torch"
+    if mod == "cupy":
+        return "cupy"
+    if mod == "numba" and hasattr(x, "copy_to_host"):
+        return "numba"
+    raise TypeError(f"expected a NumPy, CuPy or Numba array or a torch tensor; got {type(x).__name__}")
+
+
+def device_of(x) -> int | None:
+    """CUDA device index of an array, or None for host memory."""
+    kind = kind_of(x)
+    if kind == "numpy":
+        return None
+    if kind == "torch":
+        return x.device.index if x.device.type == "cuda" else None
+    if kind == "cupy":
+        return x.device.id
+    if getattr(x, "_numba_type_", None) is not None or "Fake" in type(x).__name__:
+        return 0  # the CUDA simulator's arrays
+    return x.gpu_data._context.device.id if hasattr(x, "gpu_data") else 0
+
+
+def dtype_of(x) -> str:
+    """Canonical dtype name ("float16", "bfloat16", "uint8", ...) of any supported array."""
+    return _canonical(x.dtype)
+
+
+def shape_of(x) -> tuple:
+    return tuple(x.shape)
+
+
+def is_contiguous(x) -> bool:
+    kind = kind_of(x)
+    if kind == "torch":
+        return x.is_contiguous()
+    if kind == "numba":
+        return x.is_c_contiguous()
+    return x.flags.c_contiguous
+
+
+def _torch_raw(t):
+    """A torch tensor as a same-size view NumPy/DLPack can carry (bfloat16 -> int16 bits)."""
+    import torch
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+
+class Call:
+    """Conversions for one op call on ``backend`` ("numpy", "cupy" or "numba")."""
+
+    def __init__(self, ref, backend: str):
+        self.kind = kind_of(ref)
+        self.device = device_of(ref)
+        self.backend = backend
+        self.on_gpu = backend != "numpy"
+        self._outs: dict[int, object] = {}
+        self.stream = 0
+        if self.kind == "torch" and self.device is not None:
+            import torch
+            self.stream = torch.cuda.current_stream(self.device).cuda_stream
+        elif self.kind == "cupy":
+            import cupy
+            self.stream = cupy.cuda.get_current_stream().ptr
+
+    # --- context for GPU launches -------------------------------------------------------
+    def cupy_context(self):
+        """``with call.cupy_context():`` selects the caller's device and stream for CuPy."""
+        import contextlib
+        import cupy
+        stack = contextlib.ExitStack()
+        stack.enter_context(cupy.cuda.Device(self.device or 0))
+        if self.stream:
+            stack.enter_context(_external_stream(self.stream))
+        return stack
+
+    def numba_stream(self):
+        """The caller's stream for a Numba launch (0: the default stream)."""
+        if not self.stream:
+            return 0
+        from numba import cuda
+        return cuda.external_stream(self.stream)
+
+    # --- arguments ----------------------------------------------------------------------
+    def arg(self, x):
+        """``x`` as the backend's array; bfloat16 as uint16 bits; dtype otherwise kept."""
+        kind = kind_of(x)
+        if device_of(x) != self.device and not (self.device is None and device_of(x) is None):
+            raise ValueError(f"all arrays must be on the same device; got one on "
+                             f"{_where(device_of(x))} and one on {_where(self.device)}")
+        if self.backend == "numpy":
+            return _to_numpy(x)
+        if self.backend == "cupy":
+            import cupy
+            if kind == "numpy":
+                return cupy.asarray(_to_numpy(x))
+            if kind == "torch":
+                t = _torch_raw(x)
+                if t.device.type == "cpu":
+                    return cupy.asarray(t.numpy())
+                with self.cupy_context():
+                    return cupy.from_dlpack(t).view(_raw_numpy_dtype(x))
+            if kind == "numba":
+                return cupy.asarray(x)
+            return x.view(_raw_numpy_dtype(x))
+        from numba import cuda  # numba backend
+        if kind == "numba":
+            return x
+        if kind == "torch" and x.device.type == "cuda":
+            return cuda.as_cuda_array(_torch_raw(x).detach())
+        if kind == "cupy":
+            return cuda.as_cuda_array(x)
+        return cuda.to_device(np.ascontiguousarray(_to_numpy(x)))
+
+    # --- outputs ------------------------------------------------------------------------
+    def empty(self, shape, dtype: str):
+        """A new output in the backend's kind; the caller's library allocates it when the
+        caller's data is on the GPU, so that ``result`` returns it without a copy."""
+        shape = tuple(int(s) for s in shape)
+        if self.device is not None and self.on_gpu:
+            owner = _allocate(self.kind, shape, dtype, self.device)
+            view = self.arg(owner) if self.kind != "numba" else owner
+            self._outs[id(view)] = owner
+            return view
+        raw = _raw_numpy_dtype_name(dtype)
+        if self.backend == "numpy":
+            return np.empty(shape, raw)
+        if self.backend == "cupy":
+            import cupy
+            with self.cupy_context():
+                return cupy.empty(shape, raw)
+        from numba import cuda
+        return cuda.device_array(shape, raw)
+
+    def from_host(self, values: np.ndarray):
+        """A small host array (a codebook) in the caller's kind, on the caller's device."""
+        if self.kind == "numpy":
+            return values
+        if self.kind == "torch":
+            import torch
+            t = torch.from_numpy(np.array(values))
+            return t if self.device is None else t.to(f"cuda:{self.device}")
+        if self.kind == "cupy":
+            import cupy
+            with cupy.cuda.Device(self.device):
+                return cupy.asarray(values)
+        from numba import cuda
+        return cuda.to_device(values)
+
+    def add_scalar(self, a, value: np.float32):
+        """``a + value`` in float32 for a backend array (one rounding per element)."""
+        if self.backend == "numba":
+            from numba import cuda
+            host = a.copy_to_host() + value
+            return cuda.to_device(host)
+        if self.backend == "cupy":
+            with self.cupy_context():
+                return a + value
+        return a + value
+
+    def result(self, out, dtype: str):
+        """Backend output ``out`` (of logical dtype ``dtype``) in the caller's kind."""
+        if id(out) in self._outs:
+            return self._outs.pop(id(out))
+        host = out
+        if self.backend == "cupy":
+            host = out.get()
+        elif self.backend == "numba":
+            host = out.copy_to_host()
+        host = np.asarray(host)
+        if self.kind == "numpy":
+            return host.view(numpy_bfloat16()) if dtype == "bfloat16" else host
+        if self.kind == "torch":
+            import torch
+            t = torch.from_numpy(np.ascontiguousarray(host))
+            if dtype == "bfloat16":
+                t = t.view(torch.bfloat16)
+            return t if self.device is None else t.to(f"cuda:{self.device}")
+        if self.kind == "cupy":
+            import cupy
+            return cupy.asarray(host)
+        from numba import cuda
+        return cuda.to_device(host)
+
+
+_streams: dict = {}
+
+
+def _external_stream(ptr: int):
+    import cupy
+    s = _streams.get(ptr)
+    if s is None:
+        s = _streams[ptr] = cupy.cuda.ExternalStream(ptr)
+    return s
+
+
+def _where(device) -> str:
+    return "the host" if device is None else f"cuda:{device}"
+
+
+def _raw_numpy_dtype_name(dtype: str) -> str:
+    return "uint16" if dtype == "bfloat16" else dtype
+
+
+def _raw_numpy_dtype(x):
+    return np.dtype(_raw_numpy_dtype_name(dtype_of(x)))
+
+
+def _to_numpy(x) -> np.ndarray:
+    """Host NumPy copy or view of any array; bfloat16 becomes uint16 bits."""
+    kind = kind_of(x)
+    if kind == "numpy":
+        return x.view(np.uint16) if dtype_of(x) == "bfloat16" else x
+    if kind == "torch":
+        return _torch_raw(x).detach().cpu().numpy().view(_raw_numpy_dtype(x))
+    if kind == "cupy":
+        return x.get()
+    return x.copy_to_host()
+
+
+def _allocate(kind: str, shape: tuple, dtype: str, device: int):
+    if kind == "torch":
+        import torch
+        return torch.empty(shape, dtype=getattr(torch, dtype), device=f"cuda:{device}")
+    if kind == "cupy":
+        import cupy
+        with cupy.cuda.Device(device):
+            return cupy.empty(shape, dtype)
+    from numba import cuda
+    with cuda.gpus[device]:
+        return cuda.device_array(shape, dtype)
+

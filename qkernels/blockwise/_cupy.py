@@ -1,0 +1,66 @@
+"""CuPy launchers for blockwise.cu (kernels quantize_blockwise / dequantize_blockwise).
+
+Arguments are CuPy arrays already on the caller's device, flat and contiguous, inside the
+caller's ``Call.cupy_context()`` (device and stream); bfloat16 arrives as uint16 bits.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from reference.blockwise import search_table
+from .._cuda import get_kernel, multiprocessor_count
+
+_DT = {"float32": 0, "float16": 1, "bfloat16": 2}
+_CTA = 1024
+
+
+@functools.lru_cache(maxsize=32)
+def _device_table(device: int, code_bytes: bytes):
+    import cupy
+    found = search_table(np.frombuffer(code_bytes, np.float32))
+    if found is None:
+        return None
+    table, emin = found
+    return cupy.asarray(table), emin
+
+
+def _aligned(*arrays) -> int:
+    return int(all(a.data.ptr % 16 == 0 for a in arrays))
+
+
+def quantize_blockwise(x, dtype: str, code: np.ndarray, blocksize: int, codes, absmax):
+    """x (n,) -> codes uint8 (n,), absmax float32 (nblocks,), written in place."""
+    import cupy
+    n = x.size
+    if n == 0:
+        return
+    device = cupy.cuda.Device().id
+    found = _device_table(device, np.ascontiguousarray(code, np.float32).tobytes())
+    if found is None:
+        raise NotImplementedError("this codebook's midpoints are too close for the GPU search "
+                                  "table; use the numpy backend")
+    table, emin = found
+    kernel = get_kernel(__package__, "blockwise.cu", f"quantize_blockwise<{_DT[dtype]}, {blocksize}>")
+    smem = table.size * 4
+    kernel.max_dynamic_shared_size_bytes = smem
+    groups = _CTA // (blocksize // (16 // x.itemsize))
+    tiles = -(-(-(-n // blocksize)) // groups)
+    grid = min(tiles, 2 * multiprocessor_count(device))
+    kernel((grid,), (_CTA,), (x, table, np.int32(table.shape[0]), np.int32((emin - 1) << 7),
+                              np.int32((129 - emin) * 128), codes, absmax, np.int64(n),
+                              np.int32(_aligned(x, codes))), shared_mem=smem)
+
+
+def dequantize_blockwise(codes, code, absmax, blocksize: int, dtype: str, out):
+    """codes uint8 (n,), code float32 (256,), absmax float32 (nblocks,) -> out (n,) of dtype."""
+    import cupy
+    n = codes.size
+    if n == 0:
+        return
+    device = cupy.cuda.Device().id
+    kernel = get_kernel(__package__, "blockwise.cu", f"dequantize_blockwise<{_DT[dtype]}, {blocksize}>")
+    threads = 256
+    grid = min(-(-n // (16 * threads)), 8 * multiprocessor_count(device))
+    kernel((grid,), (threads,), (codes, code, absmax, out, np.int64(n), np.int32(_aligned(codes, out))))

@@ -1,0 +1,65 @@
+"""QuantState dict formats (SPEC.md section 3), including bitsandbytes' packed record."""
+import json
+
+import numpy as np
+import pytest
+
+from reference import QuantState, dynamic_map, nf4_map
+from reference.blockwise import quantize_blockwise
+
+
+def _nested_4bit_state():
+    absmax = np.abs(np.random.default_rng(0).standard_normal(300)).astype(np.float32)
+    qabs, state2 = quantize_blockwise(absmax - absmax.mean(), blocksize=256)
+    return QuantState(absmax=qabs, shape=(40, 480), code=nf4_map(), dtype="bfloat16",
+                      blocksize=64, quant_type="nf4", offset=float(absmax.mean()), state2=state2)
+
+
+def test_packed_record_layout():
+    s = _nested_4bit_state()
+    d = s.as_dict(packed=True)
+    assert set(d) == {"absmax", "quant_map", "nested_absmax", "nested_quant_map",
+                      "quant_state.bitsandbytes__nf4"}
+    record = json.loads(bytes(d["quant_state.bitsandbytes__nf4"].tolist()).decode())
+    assert list(record) == ["quant_type", "blocksize", "dtype", "shape", "nested_blocksize",
+                            "nested_dtype", "nested_offset"]
+    assert record["shape"] == [40, 480] and record["dtype"] == "bfloat16"
+    assert record["nested_blocksize"] == 256 and record["nested_dtype"] == "float32"
+    # bitsandbytes writes json.dumps with default separators
+    assert d["quant_state.bitsandbytes__nf4"].tobytes() == json.dumps(record).encode()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("prefix", ["", "weight."])
+def test_round_trip(packed, prefix):
+    s = _nested_4bit_state()
+    d = {prefix + k: v for k, v in s.as_dict(packed=packed).items()}
+    r = QuantState.from_dict(d)
+    assert (r.shape, r.dtype, r.blocksize, r.quant_type) == ((40, 480), "bfloat16", 64, "nf4")
+    assert r.offset == pytest.approx(s.offset, rel=0, abs=0)
+    np.testing.assert_array_equal(r.absmax, s.absmax)
+    np.testing.assert_array_equal(r.state2.absmax, s.state2.absmax)
+    np.testing.assert_array_equal(r.state2.code, dynamic_map())
+    assert r.state2.blocksize == 256
+
+
+def test_8bit_state_packed_is_unpacked():
+    s = QuantState(absmax=np.ones(3, np.float32), code=dynamic_map(), blocksize=256)
+    d = s.as_dict(packed=True)
+    assert d["quant_type"] is None and d["shape"] is None
+    assert QuantState.from_dict(d).blocksize == 256
+
+
+def test_from_dict_errors():
+    d = _nested_4bit_state().as_dict(packed=True)
+    with pytest.raises(ValueError, match="unknown QuantState keys"):
+        QuantState.from_dict({**d, "bogus": 1})
+    two = {**d, "x.quant_state.bitsandbytes__fp4": d["quant_state.bitsandbytes__nf4"]}
+    with pytest.raises(ValueError, match="exactly one"):
+        QuantState.from_dict(two)
+    bad = dict(d)
+    bad["quant_state.bitsandbytes__nf5"] = bad.pop("quant_state.bitsandbytes__nf4")
+    with pytest.raises(ValueError, match="__nf4"):
+        QuantState.from_dict(bad)
+    with pytest.raises(ValueError, match="found neither"):
+        QuantState.from_dict({"absmax": d["absmax"]})
