@@ -158,9 +158,16 @@ class Call:
         return cuda.device_array(shape, raw)
 
     def from_host(self, values: np.ndarray):
-        """A small host array (a codebook) in the caller's kind, on the caller's device."""
+        """A small read-only host array (a codebook) in the caller's kind, on the caller's
+        device; cached, so that no op copies host data while a CUDA graph is captured."""
         if self.kind == "numpy":
             return values
+        key = (self.kind, self.device, values.dtype.str, values.tobytes())
+        if key not in _constants:
+            _constants[key] = self._from_host(values)
+        return _constants[key]
+
+    def _from_host(self, values: np.ndarray):
         if self.kind == "torch":
             import torch
             t = torch.from_numpy(np.array(values))
@@ -209,6 +216,7 @@ class Call:
 
 
 _streams: dict = {}
+_constants: dict = {}
 
 
 def _external_stream(ptr: int):

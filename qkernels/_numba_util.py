@@ -3,7 +3,11 @@ lacks (libdevice is not simulated, so under NUMBA_ENABLE_CUDASIM=1 they are plai
 from __future__ import annotations
 
 import numpy as np
-from numba import config, cuda, float32, int32, uint32
+
+if not hasattr(np, "row_stack"):  # numba-cuda 0.30 still calls np.row_stack (gone in NumPy 2.5)
+    np.row_stack = np.vstack
+
+from numba import config, cuda, float32, int32, uint32  # noqa: E402
 
 if config.ENABLE_CUDASIM:
     def float_bits(y):

@@ -1,0 +1,105 @@
+"""The benchmark runner: ``python -m benchmarks [--ops blockwise,...] [--sizes small|full]
+[--device cuda|cpu] [--out DIR]``.
+
+Each section module (benchmarks/<family>.py) provides ``gpu_rows(sizes)`` and
+``cpu_rows(sizes)`` returning timing.Row lists. The runner measures the device's ceilings
+once (copy bandwidth; bf16 cuBLAS rate), prints one markdown table per section with
+achieved GB/s or TFLOP/s, the percentage of the ceiling and the ratios to bitsandbytes and
+torch measured in the same run, and writes it to ``<out>/<device>.md`` with the date and
+commit.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import pathlib
+import subprocess
+import sys
+
+from . import timing
+
+SECTIONS = {  # name -> module; a section whose module is missing is reported, not fatal
+    "blockwise": "benchmarks.blockwise",
+    "fourbit": "benchmarks.fourbit",
+    "int8": "benchmarks.int8",
+    "optim": "benchmarks.optim",
+}
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=pathlib.Path(__file__).parent).stdout.strip() or "?"
+    except OSError:
+        return "?"
+
+
+def format_table(rows: list[timing.Row], copy_gbps: float | None, gemm_tflops: float | None) -> str:
+    head = ("| op | size | dtype | backend | time (us) | eager (us) | rate | % of ceiling "
+            "| vs bnb | vs torch | note |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        if r.flops:
+            rate, pct = f"{r.tflops:.0f} TFLOP/s", (r.tflops / gemm_tflops if gemm_tflops else None)
+        elif r.bytes:
+            rate, pct = f"{r.gbps:.0f} GB/s", (r.gbps / copy_gbps if copy_gbps else None)
+        else:
+            rate, pct = "", None
+        ratio = lambda k: f"{r.ratios[k]:.2f}x" if k in r.ratios else ""  # noqa: E731
+        lines.append(f"| {r.op} | {r.size} | {r.dtype} | {r.backend} | {r.us:.1f} | "
+                     f"{'' if r.eager_us is None else f'{r.eager_us:.1f}'} | {rate} | "
+                     f"{'' if pct is None else f'{100 * pct:.0f}%'} | {ratio('bnb')} | "
+                     f"{ratio('torch')} | {r.note} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ops", default=",".join(SECTIONS),
+                   help=f"comma-separated sections (default all: {','.join(SECTIONS)})")
+    p.add_argument("--sizes", choices=("small", "full"), default="full")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="default: cuda when a GPU is present, else cpu")
+    p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    args = p.parse_args(argv)
+    unknown = [s for s in args.ops.split(",") if s not in SECTIONS]
+    if unknown:
+        p.error(f"unknown section(s) {unknown}; known: {', '.join(SECTIONS)}")
+    import torch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is visible")
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        copy_gbps, gemm_tflops = timing.copy_ceiling_gbps(), timing.gemm_ceiling_tflops()
+        ceilings = f"copy {copy_gbps:.0f} GB/s (read + write), bf16 cuBLAS {gemm_tflops:.0f} TFLOP/s"
+    else:
+        import os
+        name = f"CPU, {os.cpu_count()} cores"
+        copy_gbps = gemm_tflops = None
+        ceilings = "n/a (CPU)"
+    out = [f"# Benchmarks on {name}", "",
+           f"{datetime.date.today().isoformat()}, commit {_commit()}, sizes {args.sizes}. "
+           f"Ceilings measured in this run: {ceilings}. GPU times are the median per call of a "
+           f"CUDA graph over 4 rotated inputs; 'eager' is the same call launched from Python.", ""]
+    for section in args.ops.split(","):
+        try:
+            module = importlib.import_module(SECTIONS[section])
+        except ImportError as exc:
+            out += [f"## {section}", "", f"(not available: {exc})", ""]
+            continue
+        rows = (module.gpu_rows if device == "cuda" else module.cpu_rows)(args.sizes)
+        out += [f"## {section}", "", format_table(rows, copy_gbps, gemm_tflops), ""]
+        print("\n".join(out[-3:]), flush=True)
+    text = "\n".join(out)
+    slug = name.lower().replace("nvidia ", "").replace(" ", "-").replace(",", "")
+    path = pathlib.Path(args.out) / f"{slug}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    print(f"\nwritten to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
