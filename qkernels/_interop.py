@@ -219,11 +219,26 @@ _streams: dict = {}
 _constants: dict = {}
 
 
+class _StreamPointer:
+    """A raw cudaStream_t in the CUDA stream protocol (``__cuda_stream__``)."""
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+    def __cuda_stream__(self):
+        return (0, self.ptr)
+
+
 def _external_stream(ptr: int):
+    """A CuPy stream object for a stream another library (torch) owns; cached per pointer."""
     import cupy
     s = _streams.get(ptr)
     if s is None:
-        s = _streams[ptr] = cupy.cuda.ExternalStream(ptr)
+        if hasattr(cupy.cuda.Stream, "from_external"):
+            s = cupy.cuda.Stream.from_external(_StreamPointer(ptr))
+        else:
+            s = cupy.cuda.ExternalStream(ptr)
+        _streams[ptr] = s
     return s
 
 

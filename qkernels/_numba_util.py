@@ -51,9 +51,89 @@ def f32_to_bf16_bits(v):
 
 
 @cuda.jit(device=True, inline=True)
-def table_code(table, y, key_offset, rows128):
-    """Nearest code of float32 y via reference.blockwise.search_table (see common.cuh)."""
+def table_code(thresholds, bases, y, key_offset, rows128):
+    """Nearest code of float32 y via reference.blockwise.search_table (its two columns as
+    float32 thresholds and uint8 bases; see table_code in common.cuh)."""
     u = float_bits(y)
     h = int32((u >> 16) & 0x7FFF) - key_offset
     i = min(max(h, 0), rows128 - 1) + int32(u >> 31) * rows128
-    return int32(table[i, 1]) + (1 if table[i, 0] < y else 0)
+    return int32(bases[i]) + (1 if thresholds[i] < y else 0)
+
+
+# Float32 arithmetic rounded once per operation (never contracted into a fused multiply-add:
+# NVVM contracts a*b+c by default, which would break bit-equality with the NumPy oracle).
+if config.ENABLE_CUDASIM:
+    def mul_rn(a, b):
+        with np.errstate(all="ignore"):
+            return np.float32(np.float32(a) * np.float32(b))
+
+    def add_rn(a, b):
+        with np.errstate(all="ignore"):
+            return np.float32(np.float32(a) + np.float32(b))
+
+    def div_rn(a, b):
+        with np.errstate(all="ignore"):
+            return np.float32(np.float32(a) / np.float32(b))
+
+    def sqrt_rn(a):
+        with np.errstate(all="ignore"):
+            return np.sqrt(np.float32(a))
+else:
+    @cuda.jit(device=True, inline=True)
+    def mul_rn(a, b):
+        return libdevice.fmul_rn(float32(a), float32(b))
+
+    @cuda.jit(device=True, inline=True)
+    def add_rn(a, b):
+        return libdevice.fadd_rn(float32(a), float32(b))
+
+    @cuda.jit(device=True, inline=True)
+    def div_rn(a, b):
+        return libdevice.fdiv_rn(float32(a), float32(b))
+
+    @cuda.jit(device=True, inline=True)
+    def sqrt_rn(a):
+        return libdevice.fsqrt_rn(float32(a))
+
+
+@cuda.jit(device=True, inline=True)
+def sign_bit(y):
+    """1 if float32 y has its sign bit set (also -0.0 and negative NaN), else 0."""
+    return int32(float_bits(y) >> 31)
+
+
+# Float32 multiply / add rounded on their own: NVVM contracts a * b + c into one fused
+# multiply-add by default, which the NumPy oracle does not do.
+if config.ENABLE_CUDASIM:
+    def mul_rn(a, b):
+        return np.float32(np.float32(a) * np.float32(b))
+
+    def add_rn(a, b):
+        return np.float32(np.float32(a) + np.float32(b))
+else:
+    @cuda.jit(device=True, inline=True)
+    def mul_rn(a, b):
+        return libdevice.fmul_rn(float32(a), float32(b))
+
+    @cuda.jit(device=True, inline=True)
+    def add_rn(a, b):
+        return libdevice.fadd_rn(float32(a), float32(b))
+
+
+@cuda.jit(device=True, inline=True)
+def store_f32(out, i, v, is_bf16):
+    """out[i] = float32 v rounded to out's dtype; ``is_bf16``: out holds bfloat16 bits."""
+    if is_bf16:
+        out[i] = f32_to_bf16_bits(v)
+    else:
+        out[i] = v
+
+
+@cuda.jit(device=True, inline=True)
+def quant8(v, scale):
+    """clamp(rint(f32(v * scale)), -127, 127), NaN -> 0: the int8 quantizer of reference/int8.py."""
+    y = float32(v * scale)
+    if y != y:
+        return 0
+    y = min(max(y, float32(-127.0)), float32(127.0))
+    return int32(round(y))

@@ -43,8 +43,12 @@ template <> __device__ __forceinline__ float from_f32<QK_DT_F32>(float v) { retu
 template <> __device__ __forceinline__ u16 from_f32<QK_DT_F16>(float v) { return f32_to_f16(v); }
 template <> __device__ __forceinline__ u16 from_f32<QK_DT_BF16>(float v) { return f32_to_bf16(v); }
 
-// max that propagates NaN (as NumPy's max does): the reference's absmax rule.
-__device__ __forceinline__ float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
+// max that propagates NaN (as NumPy's max does): the reference's absmax rule. One FMNMX.NAN.
+__device__ __forceinline__ float nan_max(float a, float b) {
+  float d;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+  return d;
+}
 
 // Load VEC consecutive elements starting at x[i] as float32; zeros past n.
 // `vec_ok`: the base pointer is 16-byte aligned (then full vectors load as one 16-byte access).
@@ -67,17 +71,48 @@ __device__ __forceinline__ void load_f32(const typename Storage<DT>::type* __res
   }
 }
 
-// Nearest code of float32 y through the table of reference.blockwise.search_table:
-// entries (threshold, base); code = base + (threshold < y).
+// 16 bytes of x starting at element i, as raw bits (zeros past n). `vec_ok`: x is 16-byte
+// aligned, so a full vector loads as one access; otherwise element by element.
+template <int DT>
+__device__ __forceinline__ uint4 load_raw16(const typename Storage<DT>::type* __restrict__ x, i64 i,
+                                            i64 n, bool vec_ok) {
+  typedef typename Storage<DT>::type T;
+  constexpr int VEC = 16 / sizeof(T);
+  if (vec_ok && i + VEC <= n) return __ldg(reinterpret_cast<const uint4*>(x + i));
+  union { uint4 v; T e[VEC]; } u;
+  u.v = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j)
+    if (i + j < n) u.e[j] = x[i + j];
+  return u.v;
+}
+
+// The 16 / sizeof(T) values of a raw 16-byte vector as float32.
+template <int DT>
+__device__ __forceinline__ void raw16_to_f32(uint4 w, float (&v)[16 / Storage<DT>::bytes]) {
+  const u32 words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    if (DT == QK_DT_F32) {
+      v[k] = __uint_as_float(words[k]);
+    } else {
+      v[2 * k % (16 / Storage<DT>::bytes)] = to_f32<DT>((typename Storage<DT>::type)(words[k] & 0xFFFFu));
+      v[(2 * k + 1) % (16 / Storage<DT>::bytes)] = to_f32<DT>((typename Storage<DT>::type)(words[k] >> 16));
+    }
+  }
+}
+
+// Nearest code of float32 y through the table of reference.blockwise.search_table, with
+// each entry stored as (threshold, base as int bits): code = base + (threshold < y).
 __device__ __forceinline__ u8 table_code(const float2* table, float y, int key_offset, int rows128) {
   u32 u = __float_as_uint(y);
   int h = (int)((u >> 16) & 0x7FFFu) - key_offset;
   int i = min(max(h, 0), rows128 - 1) + (int)(u >> 31) * rows128;
   float2 e = table[i];
-  return (u8)((int)e.y + (e.x < y ? 1 : 0));
+  return (u8)(__float_as_int(e.y) + (e.x < y ? 1 : 0));
 }
 
-// Store V float32 values (V a multiple of 8) to y[0..V) as DT in 16-byte stores; y aligned.
+// Store V float32 values to y[0..V) as DT in 16-byte stores (V*bytes a multiple of 16); y aligned.
 template <int DT, int V>
 __device__ __forceinline__ void store_vec(typename Storage<DT>::type* __restrict__ y, const float (&v)[V]) {
   uint4* dst = reinterpret_cast<uint4*>(y);
@@ -93,5 +128,15 @@ __device__ __forceinline__ void store_vec(typename Storage<DT>::type* __restrict
       w[j] = (u32)from_f32<DT>(v[2 * j]) | ((u32)from_f32<DT>(v[2 * j + 1]) << 16);
 #pragma unroll
     for (int k = 0; k < V / 8; ++k) dst[k] = make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]);
+    (void)w;
   }
+}
+
+// table_code for y >= 0 (or NaN-free +0.0) with only the non-negative half of the table
+// (rows128 entries) staged: the optimizer's second moment, which is never negative.
+__device__ __forceinline__ u8 table_code_nonneg(const float2* table, float y, int key_offset, int rows128) {
+  u32 u = __float_as_uint(y);
+  int h = (int)((u >> 16) & 0x7FFFu) - key_offset;
+  float2 e = table[min(max(h, 0), rows128 - 1)];
+  return (u8)((int)e.y + (e.x < y ? 1 : 0));
 }

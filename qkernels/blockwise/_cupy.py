@@ -13,7 +13,6 @@ from reference.blockwise import search_table
 from .._cuda import get_kernel, multiprocessor_count
 
 _DT = {"float32": 0, "float16": 1, "bfloat16": 2}
-_CTA = 1024
 
 
 @functools.lru_cache(maxsize=32)
@@ -23,7 +22,9 @@ def _device_table(device: int, code_bytes: bytes):
     if found is None:
         return None
     table, emin = found
-    return cupy.asarray(table), emin
+    packed = table.copy()
+    packed[:, 1] = table[:, 1].astype(np.int32).view(np.float32)  # base as int bits
+    return cupy.asarray(packed), emin
 
 
 def _aligned(*arrays) -> int:
@@ -45,10 +46,13 @@ def quantize_blockwise(x, dtype: str, code: np.ndarray, blocksize: int, codes, a
     kernel = get_kernel(__package__, "blockwise.cu", f"quantize_blockwise<{_DT[dtype]}, {blocksize}>")
     smem = table.size * 4
     kernel.max_dynamic_shared_size_bytes = smem
-    groups = _CTA // (blocksize // (16 // x.itemsize))
-    tiles = -(-(-(-n // blocksize)) // groups)
-    grid = min(tiles, 2 * multiprocessor_count(device))
-    kernel((grid,), (_CTA,), (x, table, np.int32(table.shape[0]), np.int32((emin - 1) << 7),
+    vec = 16 // x.itemsize  # QuantizeShape in blockwise.cu
+    nv = 4 if blocksize // vec >= 256 else (2 if blocksize // vec >= 8 else 1)
+    g = blocksize // (vec * nv)
+    cta = 1024 if g <= 32 else min(g * 8, 1024)
+    tiles = -(-(-(-n // blocksize)) // (cta // g))
+    grid = min(tiles, (2048 // cta) * multiprocessor_count(device))
+    kernel((grid,), (cta,), (x, table, np.int32(table.shape[0]), np.int32((emin - 1) << 7),
                               np.int32((129 - emin) * 128), codes, absmax, np.int64(n),
                               np.int32(_aligned(x, codes))), shared_mem=smem)
 
@@ -62,5 +66,5 @@ def dequantize_blockwise(codes, code, absmax, blocksize: int, dtype: str, out):
     device = cupy.cuda.Device().id
     kernel = get_kernel(__package__, "blockwise.cu", f"dequantize_blockwise<{_DT[dtype]}, {blocksize}>")
     threads = 256
-    grid = min(-(-n // (16 * threads)), 8 * multiprocessor_count(device))
+    grid = min(-(-n // (16 // out.itemsize * threads * 4)), 8 * multiprocessor_count(device))
     kernel((grid,), (threads,), (codes, code, absmax, out, np.int64(n), np.int32(_aligned(codes, out))))

@@ -1,66 +1,94 @@
 """Numba CUDA kernels for blockwise 8-bit quantization. Reference: reference/blockwise.py;
 the CuPy version: blockwise.cu beside this file.
 
-quantize_blockwise_kernel: one CUDA block per quantization block. Each thread takes the
-elements start + t, start + t + threads, ... (coalesced), the block reduces the
-NaN-propagating absmax in shared memory (a tree, no warp shuffles, so the CUDA simulator
-runs it), then each thread writes the codes of its elements. dequantize_blockwise_kernel:
-one thread per element, grid-stride.
+quantize_blockwise_kernel: a CUDA block of (T, GY) threads quantizes GY blocks at a time,
+T threads per block. Each thread takes the elements start + t, start + t + T, ...
+(coalesced), the T threads reduce the NaN-propagating absmax in shared memory (a tree, no
+warp shuffles, so the CUDA simulator runs it), then each thread writes the codes of its
+elements. dequantize_blockwise_kernel: one element per thread per step, grid-stride.
 """
 from __future__ import annotations
 
 import functools
 
 import numpy as np
-from numba import cuda, float32
+from numba import cuda, float32, uint8
 
 from reference.blockwise import search_table
 from .._numba_util import f32_to_bf16_bits, load_f32, nan_max, table_code
 
 MAX_THREADS = 1024
+MAX_TABLE = 6400  # search-table entries held in shared memory (32 KB)
 
 
 @cuda.jit
-def quantize_blockwise_kernel(x, is_bf16, table, key_offset, rows128, codes, absmax, blocksize):
+def quantize_blockwise_kernel(x, is_bf16, thr_g, base_g, key_offset, rows128, codes, absmax,
+                              blocksize):
     n = x.shape[0]
+    nblocks = absmax.shape[0]
     shared_max = cuda.shared.array(MAX_THREADS, float32)
-    t = cuda.threadIdx.x
-    threads = cuda.blockDim.x
-    for qb in range(cuda.blockIdx.x, absmax.shape[0], cuda.gridDim.x):
+    t, gy = cuda.threadIdx.x, cuda.threadIdx.y
+    T, GY = cuda.blockDim.x, cuda.blockDim.y
+    slot = gy * T + t
+    # the search table in shared memory when it fits (the dynamic and FP8-E4M3 maps)
+    thr_s = cuda.shared.array(MAX_TABLE, float32)
+    base_s = cuda.shared.array(MAX_TABLE, uint8)
+    in_shared = thr_g.shape[0] <= MAX_TABLE
+    if in_shared:
+        for i in range(slot, thr_g.shape[0], T * GY):
+            thr_s[i] = thr_g[i]
+            base_s[i] = base_g[i]
+    cuda.syncthreads()
+    thr = thr_s if in_shared else thr_g
+    base = base_s if in_shared else base_g
+    for first in range(cuda.blockIdx.x * GY, nblocks, cuda.gridDim.x * GY):  # uniform per CTA
+        qb = first + gy
         start = qb * blocksize
         stop = min(start + blocksize, n)
         m = float32(0.0)
-        for i in range(start + t, stop, threads):
+        for i in range(start + t, stop, T):
             m = nan_max(abs(load_f32(x, i, is_bf16)), m)
-        shared_max[t] = m
+        shared_max[slot] = m
         cuda.syncthreads()
-        step = threads // 2
+        step = T // 2
         while step > 0:
             if t < step:
-                shared_max[t] = nan_max(shared_max[t + step], shared_max[t])
+                shared_max[slot] = nan_max(shared_max[slot + step], shared_max[slot])
             cuda.syncthreads()
             step //= 2
-        m = shared_max[0]
+        m = shared_max[gy * T]
         r = float32(1.0) / m if m != 0 else float32(np.inf)
-        for i in range(start + t, stop, threads):
+        for i in range(start + t, stop, T):
             y = float32(load_f32(x, i, is_bf16) * r)
             if y != y:  # 0/0, Inf*0 and NaN blocks search as 0.0 (reference rule)
                 y = float32(0.0)
-            codes[i] = table_code(table, y, key_offset, rows128)
-        if t == 0:
+            codes[i] = table_code(thr, base, y, key_offset, rows128)
+        if t == 0 and qb < nblocks:
             absmax[qb] = m
         cuda.syncthreads()
 
 
 @cuda.jit
-def dequantize_blockwise_kernel(codes, code, absmax, blocksize, out, is_bf16):
+def dequantize_blockwise_kernel(codes, code_g, absmax, block_shift, out, is_bf16):
+    code = cuda.shared.array(256, float32)
+    for i in range(cuda.threadIdx.x, 256, cuda.blockDim.x):
+        code[i] = code_g[i]
+    cuda.syncthreads()
     start, stride = cuda.grid(1), cuda.gridsize(1)
     for i in range(start, codes.shape[0], stride):
-        v = float32(code[codes[i]] * absmax[i // blocksize])
+        v = float32(code[codes[i]] * absmax[i >> block_shift])
         if is_bf16:
             out[i] = f32_to_bf16_bits(v)
         else:
             out[i] = v
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count() -> int:
+    try:
+        return int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
+    except Exception:  # the simulator's device has no such attribute
+        return 1
 
 
 @functools.lru_cache(maxsize=32)
@@ -69,7 +97,9 @@ def _device_table(code_bytes: bytes):
     if found is None:
         return None
     table, emin = found
-    return cuda.to_device(np.ascontiguousarray(table)), emin
+    thr = cuda.to_device(np.ascontiguousarray(table[:, 0]))
+    base = cuda.to_device(table[:, 1].astype(np.uint8))
+    return thr, base, emin
 
 
 def quantize_blockwise(x, dtype: str, code, blocksize: int, codes, absmax, stream=0,
@@ -81,10 +111,13 @@ def quantize_blockwise(x, dtype: str, code, blocksize: int, codes, absmax, strea
     if found is None:
         raise NotImplementedError("this codebook's midpoints are too close for the GPU search "
                                   "table; use the numpy backend")
-    table, emin = found
-    threads = min(threads, blocksize)
-    grid = min(absmax.shape[0], 65535)
-    quantize_blockwise_kernel[grid, threads, stream](x, dtype == "bfloat16", table, (emin - 1) << 7,
+    thr, base, emin = found
+    per_block = max(1, min(blocksize // 8, threads))  # threads per quantization block
+    groups = max(1, threads // per_block)
+    # persistent: each CUDA block copies the search table to shared memory once
+    grid = min(-(-absmax.shape[0] // groups), 2048 // (per_block * groups) * _sm_count())
+    quantize_blockwise_kernel[grid, (per_block, groups), stream](x, dtype == "bfloat16", thr, base,
+                                                                (emin - 1) << 7,
                                              (129 - emin) * 128, codes, absmax, blocksize)
 
 
@@ -92,5 +125,6 @@ def dequantize_blockwise(codes, code, absmax, blocksize: int, dtype: str, out, s
                          threads: int = 256):
     if codes.shape[0] == 0:
         return
-    grid = min(-(-codes.shape[0] // threads), 65535)
-    dequantize_blockwise_kernel[grid, threads, stream](codes, code, absmax, blocksize, out, dtype == "bfloat16")
+    grid = min(-(-codes.shape[0] // threads), 2048 // threads * _sm_count())
+    dequantize_blockwise_kernel[grid, threads, stream](codes, code, absmax, blocksize.bit_length() - 1,
+                                                       out, dtype == "bfloat16")
