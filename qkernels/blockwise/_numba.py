@@ -2,10 +2,10 @@
 the CuPy version: blockwise.cu beside this file.
 
 quantize_blockwise_kernel: a CUDA block of (T, GY) threads quantizes GY blocks at a time,
-T threads per block. Each thread takes the elements start + t, start + t + T, ...
-(coalesced), the T threads reduce the NaN-propagating absmax in shared memory (a tree, no
+T threads per block. Each thread takes UNROLL consecutive elements at a time, at
+start + UNROLL * t, start + UNROLL * (t + T), ... (coalesced), the T threads reduce the NaN-propagating absmax in shared memory (a tree, no
 warp shuffles, so the CUDA simulator runs it), then each thread writes the codes of its
-elements. dequantize_blockwise_kernel: one element per thread per step, grid-stride.
+elements. dequantize_blockwise_kernel: UNROLL consecutive elements per thread per step, grid-stride.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from reference.blockwise import search_table
 from .._numba_util import f32_to_bf16_bits, load_f32, nan_max, table_code
 
 MAX_THREADS = 1024
+UNROLL = 4  # consecutive elements per thread per step
 MAX_TABLE = 6400  # search-table entries held in shared memory (32 KB)
 
 
@@ -46,8 +47,10 @@ def quantize_blockwise_kernel(x, is_bf16, thr_g, base_g, key_offset, rows128, co
         start = qb * blocksize
         stop = min(start + blocksize, n)
         m = float32(0.0)
-        for i in range(start + t, stop, T):
-            m = nan_max(abs(load_f32(x, i, is_bf16)), m)
+        for i0 in range(start + t * UNROLL, stop, T * UNROLL):
+            for j in range(UNROLL):  # unrolled: UNROLL independent loads in flight
+                if i0 + j < stop:
+                    m = nan_max(abs(load_f32(x, i0 + j, is_bf16)), m)
         shared_max[slot] = m
         cuda.syncthreads()
         step = T // 2
@@ -58,11 +61,13 @@ def quantize_blockwise_kernel(x, is_bf16, thr_g, base_g, key_offset, rows128, co
             step //= 2
         m = shared_max[gy * T]
         r = float32(1.0) / m if m != 0 else float32(np.inf)
-        for i in range(start + t, stop, T):
-            y = float32(load_f32(x, i, is_bf16) * r)
-            if y != y:  # 0/0, Inf*0 and NaN blocks search as 0.0 (reference rule)
-                y = float32(0.0)
-            codes[i] = table_code(thr, base, y, key_offset, rows128)
+        for i0 in range(start + t * UNROLL, stop, T * UNROLL):
+            for j in range(UNROLL):
+                if i0 + j < stop:
+                    y = float32(load_f32(x, i0 + j, is_bf16) * r)
+                    if y != y:  # 0/0, Inf*0 and NaN blocks search as 0.0 (reference rule)
+                        y = float32(0.0)
+                    codes[i0 + j] = table_code(thr, base, y, key_offset, rows128)
         if t == 0 and qb < nblocks:
             absmax[qb] = m
         cuda.syncthreads()
@@ -74,13 +79,17 @@ def dequantize_blockwise_kernel(codes, code_g, absmax, block_shift, out, is_bf16
     for i in range(cuda.threadIdx.x, 256, cuda.blockDim.x):
         code[i] = code_g[i]
     cuda.syncthreads()
+    n = codes.shape[0]
     start, stride = cuda.grid(1), cuda.gridsize(1)
-    for i in range(start, codes.shape[0], stride):
-        v = float32(code[codes[i]] * absmax[i >> block_shift])
-        if is_bf16:
-            out[i] = f32_to_bf16_bits(v)
-        else:
-            out[i] = v
+    for i0 in range(start * UNROLL, n, stride * UNROLL):
+        for j in range(UNROLL):  # unrolled: UNROLL independent loads in flight
+            i = i0 + j
+            if i < n:
+                v = float32(code[codes[i]] * absmax[i >> block_shift])
+                if is_bf16:
+                    out[i] = f32_to_bf16_bits(v)
+                else:
+                    out[i] = v
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,7 +121,7 @@ def quantize_blockwise(x, dtype: str, code, blocksize: int, codes, absmax, strea
         raise NotImplementedError("this codebook's midpoints are too close for the GPU search "
                                   "table; use the numpy backend")
     thr, base, emin = found
-    per_block = max(1, min(blocksize // 8, threads))  # threads per quantization block
+    per_block = max(1, min(blocksize // 16, threads))  # threads per quantization block
     groups = max(1, threads // per_block)
     # persistent: each CUDA block copies the search table to shared memory once
     grid = min(-(-absmax.shape[0] // groups), 2048 // (per_block * groups) * _sm_count())
@@ -125,6 +134,6 @@ def dequantize_blockwise(codes, code, absmax, blocksize: int, dtype: str, out, s
                          threads: int = 256):
     if codes.shape[0] == 0:
         return
-    grid = min(-(-codes.shape[0] // threads), 2048 // threads * _sm_count())
+    grid = min(-(-codes.shape[0] // (threads * UNROLL)), 2048 // threads * _sm_count())
     dequantize_blockwise_kernel[grid, threads, stream](codes, code, absmax, blocksize.bit_length() - 1,
                                                        out, dtype == "bfloat16")
