@@ -54,6 +54,44 @@ def format_table(rows: list[timing.Row], copy_gbps: float | None, gemm_tflops: f
     return "\n".join(lines)
 
 
+def plot_section(section: str, rows: list[timing.Row], ceiling_gbps: float | None,
+                 ceiling_tflops: float | None, path: pathlib.Path) -> pathlib.Path | None:
+    """One PNG per section: achieved rate against size, a subplot per (op, dtype), a line per
+    backend, the measured ceiling drawn in. None when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    panels = list(dict.fromkeys((r.op, r.dtype) for r in rows))
+    if not panels:
+        return None
+    cols = min(3, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.4 * nrows), squeeze=False)
+    for ax, (op, dtype) in zip(axes.flat, panels):
+        mine = [r for r in rows if (r.op, r.dtype) == (op, dtype)]
+        sizes = list(dict.fromkeys(r.size for r in mine))
+        flops = any(r.flops for r in mine)
+        for backend in dict.fromkeys(r.backend for r in mine):
+            pts = [(sizes.index(r.size), r.tflops if flops else r.gbps) for r in mine if r.backend == backend]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=backend)
+        ceiling = ceiling_tflops if flops else ceiling_gbps
+        if ceiling:
+            ax.axhline(ceiling, color="gray", linestyle="--", label="measured ceiling")
+        ax.set_xticks(range(len(sizes)), sizes, rotation=20, fontsize=7)
+        ax.set_ylabel("TFLOP/s" if flops else "GB/s")
+        ax.set_title(f"{op} ({dtype})", fontsize=9)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     p.add_argument("--ops", default=",".join(SECTIONS),
@@ -79,6 +117,8 @@ def main(argv=None) -> int:
         name = f"CPU, {os.cpu_count()} cores"
         copy_gbps = gemm_tflops = None
         ceilings = "n/a (CPU)"
+    slug = name.lower().replace("nvidia ", "").replace(" ", "-").replace(",", "")
+    pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
     out = [f"# Benchmarks on {name}", "",
            f"{datetime.date.today().isoformat()}, commit {_commit()}, sizes {args.sizes}. "
            f"Ceilings measured in this run: {ceilings}. GPU times are the median per call of a "
@@ -92,10 +132,12 @@ def main(argv=None) -> int:
         rows = (module.gpu_rows if device == "cuda" else module.cpu_rows)(args.sizes)
         out += [f"## {section}", "", format_table(rows, copy_gbps, gemm_tflops), ""]
         print("\n".join(out[-3:]), flush=True)
+        png = plot_section(section, rows, copy_gbps, gemm_tflops,
+                           pathlib.Path(args.out) / f"{slug}-{section}.png")
+        if png:
+            out.insert(len(out) - 1, f"\n![{section}]({png.name})")
     text = "\n".join(out)
-    slug = name.lower().replace("nvidia ", "").replace(" ", "-").replace(",", "")
     path = pathlib.Path(args.out) / f"{slug}.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text + "\n")
     print(f"\nwritten to {path}")
     return 0

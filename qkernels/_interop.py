@@ -123,8 +123,7 @@ class Call:
                 t = _torch_raw(x)
                 if t.device.type == "cpu":
                     return cupy.asarray(t.numpy())
-                with self.cupy_context():
-                    return cupy.from_dlpack(t).view(_raw_numpy_dtype(x))
+                return _torch_cuda_as_cupy(t, _raw_numpy_dtype(x))
             if kind == "numba":
                 return cupy.asarray(x)
             return x.view(_raw_numpy_dtype(x))
@@ -240,6 +239,20 @@ def _external_stream(ptr: int):
             s = cupy.cuda.ExternalStream(ptr)
         _streams[ptr] = s
     return s
+
+
+def _torch_cuda_as_cupy(t, dtype):
+    """A zero-copy CuPy view of a CUDA tensor from its pointer (the tensor stays its owner).
+    Cheaper than a DLPack exchange (~28 us) on every call; strides are kept."""
+    import cupy
+    if t.numel() == 0:
+        with cupy.cuda.Device(t.device.index):
+            return cupy.empty(tuple(t.shape), dtype)
+    itemsize = t.element_size()
+    extent = (sum((d - 1) * st for d, st in zip(t.shape, t.stride())) + 1) * itemsize
+    mem = cupy.cuda.UnownedMemory(t.data_ptr(), extent, t, t.device.index)
+    strides = tuple(st * itemsize for st in t.stride())
+    return cupy.ndarray(tuple(t.shape), dtype, cupy.cuda.MemoryPointer(mem, 0), strides=strides)
 
 
 def _where(device) -> str:
