@@ -51,9 +51,19 @@ def f32_to_bf16_bits(v):
 
 
 @cuda.jit(device=True, inline=True)
-def table_code(thresholds, bases, y, key_offset, rows128):
-    """Nearest code of float32 y via reference.blockwise.search_table (its two columns as
-    float32 thresholds and uint8 bases; see table_code in common.cuh)."""
+def table_code(table, y, key_offset, rows128):
+    """Nearest code of float32 y via the (entries, 2) float32 table of
+    reference.blockwise.search_table (see table_code in common.cuh)."""
+    u = float_bits(y)
+    h = int32((u >> 16) & 0x7FFF) - key_offset
+    i = min(max(h, 0), rows128 - 1) + int32(u >> 31) * rows128
+    return int32(table[i, 1]) + (1 if table[i, 0] < y else 0)
+
+
+@cuda.jit(device=True, inline=True)
+def table_code_split(thresholds, bases, y, key_offset, rows128):
+    """table_code with the table's two columns as separate arrays (float32 thresholds,
+    uint8 bases), so that they fit shared memory."""
     u = float_bits(y)
     h = int32((u >> 16) & 0x7FFF) - key_offset
     i = min(max(h, 0), rows128 - 1) + int32(u >> 31) * rows128

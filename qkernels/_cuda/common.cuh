@@ -102,14 +102,14 @@ __device__ __forceinline__ void raw16_to_f32(uint4 w, float (&v)[16 / Storage<DT
   }
 }
 
-// Nearest code of float32 y through the table of reference.blockwise.search_table, with
-// each entry stored as (threshold, base as int bits): code = base + (threshold < y).
+// Nearest code of float32 y through the table of reference.blockwise.search_table, entries
+// (threshold, base): code = base + (threshold < y).
 __device__ __forceinline__ u8 table_code(const float2* table, float y, int key_offset, int rows128) {
   u32 u = __float_as_uint(y);
   int h = (int)((u >> 16) & 0x7FFFu) - key_offset;
   int i = min(max(h, 0), rows128 - 1) + (int)(u >> 31) * rows128;
   float2 e = table[i];
-  return (u8)(__float_as_int(e.y) + (e.x < y ? 1 : 0));
+  return (u8)((int)e.y + (e.x < y ? 1 : 0));
 }
 
 // Store V float32 values to y[0..V) as DT in 16-byte stores (V*bytes a multiple of 16); y aligned.

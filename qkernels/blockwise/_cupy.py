@@ -22,9 +22,7 @@ def _device_table(device: int, code_bytes: bytes):
     if found is None:
         return None
     table, emin = found
-    packed = table.copy()
-    packed[:, 1] = table[:, 1].astype(np.int32).view(np.float32)  # base as int bits
-    return cupy.asarray(packed), emin
+    return cupy.asarray(table), emin
 
 
 def _aligned(*arrays) -> int:

@@ -15,7 +15,7 @@ import numpy as np
 from numba import cuda, float32, uint8
 
 from reference.blockwise import search_table
-from .._numba_util import f32_to_bf16_bits, load_f32, nan_max, table_code
+from .._numba_util import f32_to_bf16_bits, load_f32, nan_max, table_code_split
 
 MAX_THREADS = 1024
 UNROLL = 4  # consecutive elements per thread per step
@@ -67,7 +67,7 @@ def quantize_blockwise_kernel(x, is_bf16, thr_g, base_g, key_offset, rows128, co
                     y = float32(load_f32(x, i0 + j, is_bf16) * r)
                     if y != y:  # 0/0, Inf*0 and NaN blocks search as 0.0 (reference rule)
                         y = float32(0.0)
-                    codes[i0 + j] = table_code(thr, base, y, key_offset, rows128)
+                    codes[i0 + j] = table_code_split(thr, base, y, key_offset, rows128)
         if t == 0 and qb < nblocks:
             absmax[qb] = m
         cuda.syncthreads()
