@@ -24,6 +24,8 @@ SECTIONS = {  # name -> module; a section whose module is missing is reported, n
     "fourbit": "benchmarks.fourbit",
     "int8": "benchmarks.int8",
     "optim": "benchmarks.optim",
+    "layers": "benchmarks.layers",
+    "layers4bit8bit": "benchmarks.layers4bit8bit",
 }
 
 

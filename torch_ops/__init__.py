@@ -1,2 +1,24 @@
-"""torch_ops: autograd functions, nn.Modules and optimizers over qkernels (filled in by the
-layer and optimizer families)."""
+"""torch_ops: autograd functions, nn.Modules and optimizers over qkernels, with
+bitsandbytes' names, signatures and state_dict keys.
+
+    layers:      Linear8bitLt (Int8Params), Linear4bit / LinearNF4 / LinearFP4 (Params4bit),
+                 SwitchBackLinear (+ Global / GlobalMemEfficient / Vectorwise), LinearFP8Mixed,
+                 LinearFP8Global, LoRA
+    conversion:  replace_linear(model, kind, skip=(...), **options)
+    optimizers:  torch_ops.optim (Adam8bit, AdamW8bit, paged variants, GlobalOptimManager)
+"""
+from .fp8 import LinearFP8Global, LinearFP8Mixed, matmul_fp8_global, matmul_fp8_mixed
+from .linear4bit import Linear4bit, LinearFP4, LinearNF4, Params4bit
+from .linear8bit import Int8Params, Linear8bitLt
+from .lora import LoRA, add_lora
+from .replace import replace_linear
+from .switchback import (SwitchBackLinear, SwitchBackLinearGlobal, SwitchBackLinearGlobalMemEfficient,
+                         SwitchBackLinearVectorwise)
+from . import optim
+
+__all__ = [
+    "Linear8bitLt", "Int8Params", "Linear4bit", "LinearNF4", "LinearFP4", "Params4bit",
+    "SwitchBackLinear", "SwitchBackLinearGlobal", "SwitchBackLinearGlobalMemEfficient",
+    "SwitchBackLinearVectorwise", "LinearFP8Mixed", "LinearFP8Global", "matmul_fp8_mixed",
+    "matmul_fp8_global", "LoRA", "add_lora", "replace_linear", "optim",
+]
