@@ -112,24 +112,6 @@ def sign_bit(y):
     return int32(float_bits(y) >> 31)
 
 
-# Float32 multiply / add rounded on their own: NVVM contracts a * b + c into one fused
-# multiply-add by default, which the NumPy oracle does not do.
-if config.ENABLE_CUDASIM:
-    def mul_rn(a, b):
-        return np.float32(np.float32(a) * np.float32(b))
-
-    def add_rn(a, b):
-        return np.float32(np.float32(a) + np.float32(b))
-else:
-    @cuda.jit(device=True, inline=True)
-    def mul_rn(a, b):
-        return libdevice.fmul_rn(float32(a), float32(b))
-
-    @cuda.jit(device=True, inline=True)
-    def add_rn(a, b):
-        return libdevice.fadd_rn(float32(a), float32(b))
-
-
 @cuda.jit(device=True, inline=True)
 def store_f32(out, i, v, is_bf16):
     """out[i] = float32 v rounded to out's dtype; ``is_bf16``: out holds bfloat16 bits."""

@@ -1,0 +1,433 @@
+"""INT8 quantization and int8 GEMMs, public API: validate, choose a backend, call.
+
+SwitchBack (2-D row-major input; states in the input's dtype):
+    quantize_rowwise(x) -> (q int8 (M, K), state (M,))
+    quantize_global(w) -> (q int8 (N, K), state (1,))
+    quantize_global_transpose(w) -> (q^T int8 (K, N), state (1,))
+    quantize_columnwise_and_transpose(w) -> (q^T int8 (K, N), state (K,))
+    dequantize_rowwise(x, state) -> state's dtype
+    int8_matmul_rowwise_dequantize(a (M, K), b (K, N), state_a (M,), state_b (N,), bias=None)
+    int8_matmul_mixed_dequantize(a (M, K), b (K, N), state_a (M,), state_b (1,), bias=None)
+LLM.int8() (leading dimensions are rows):
+    int8_vectorwise_quant(A, threshold=0.0) -> (q int8, row_stats float32, outlier_cols int64 | None)
+    int8_vectorwise_dequant(A, stats) -> float32
+    int8_linear_matmul(A int8 (..., K), B int8 (N, K)) -> int32 (..., N)
+    int8_mm_dequant(A int32, row_stats, col_stats, bias=None, out_dtype="float16")
+    int8_double_quant(A, threshold=0.0) -> (CA, CAt, row_stats, col_stats, outlier_cols)
+
+Implementations: reference/int8.py (numpy, the oracle), int8.cu + _cupy.py (cupy; the
+GEMMs run there as one kernel with the dequantization fused into the epilogue), _numba.py
+(numba; every op but the GEMMs, which fall back to cupy, else numpy). All give identical
+codes, statistics and outputs. ``b`` of the SwitchBack matmuls is usually ``W_int8.t()``, a
+transposed view of a contiguous (N, K) weight: the kernels read the weight as it is stored.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from reference import int8 as ref
+from reference.dtypes import bf16_bits_to_float32, check_float_dtype, dtype_name, float32_to_bf16_bits
+from .._backend import choose, lazy
+from .._interop import Call, device_of, dtype_of, is_contiguous, kind_of, shape_of
+
+__all__ = [
+    "quantize_rowwise", "quantize_global", "quantize_global_transpose",
+    "quantize_columnwise_and_transpose", "dequantize_rowwise",
+    "int8_matmul_rowwise_dequantize", "int8_matmul_mixed_dequantize",
+    "int8_vectorwise_quant", "int8_vectorwise_dequant", "int8_linear_matmul",
+    "int8_mm_dequant", "int8_double_quant",
+]
+
+
+# --- the numpy backend (the reference's cores on raw storage arrays) -----------------------
+
+def _f32(raw, dtype):
+    if raw is None:
+        return None
+    return bf16_bits_to_float32(raw) if dtype == "bfloat16" else np.asarray(raw, np.float32)
+
+
+def _raw(f32, dtype):
+    if dtype == "bfloat16":
+        return float32_to_bf16_bits(f32)
+    return f32.astype(dtype)
+
+
+def _numpy_quantize_rows(x, dtype, threshold, q, stats, stats_dtype, flags):
+    f = _f32(x, dtype)
+    s, fl = ref.absmax_rows(f, threshold)
+    q[...] = ref.quantize_rows_f32(f, s, threshold)
+    stats[...] = _raw(s, stats_dtype)
+    if flags is not None:
+        flags[...] = fl
+
+
+def _numpy_zero_cols(q, idx):
+    q[:, idx] = 0
+
+
+def _numpy_quantize_global(x, dtype, q, state, transpose):
+    f = _f32(x, dtype)
+    m = np.float32(np.max(np.abs(f))) if f.size else np.float32(0)
+    codes = ref.quantize_with_scale(f, ref._scale_of(np.array([m]))[0])
+    q[...] = codes.T if transpose else codes
+    state[...] = _raw(np.array([m], np.float32), dtype)
+
+
+def _numpy_quantize_columns(x, dtype, threshold, q, transpose, state=None, col_stats=None):
+    f = _f32(x, dtype)
+    s = ref.absmax_cols(f, threshold)
+    codes = ref.quantize_cols_f32(f, s, threshold)
+    if transpose:
+        q[...] = codes.T
+        state[...] = _raw(s, dtype)
+    else:
+        q[...] = codes
+        col_stats[...] = s
+
+
+def _numpy_dequant_rows(q, stats, stats_dtype, out, out_dtype):
+    s = _f32(stats, stats_dtype)
+    with np.errstate(invalid="ignore"):
+        f = q.astype(np.float32) * s[:, None] * ref.RCP_127
+    out[...] = _raw(f, out_dtype)
+
+
+def _numpy_mm_dequant(C, r, c, bias, bias_dtype, out, out_dtype):
+    out[...] = _raw(ref.mm_dequant_f32(C, r, c, _f32(bias, bias_dtype)), out_dtype)
+
+
+def _numpy_gemm(a, bt, r, r_dtype, c, c_dtype, c_global, bias, bias_dtype, out, out_dtype):
+    C = ref.matmul_int32(a, bt)
+    if out_dtype == "int32":
+        out[...] = C
+        return
+    out[...] = _raw(ref.mm_dequant_f32(C, _f32(r, r_dtype), _f32(c, c_dtype),
+                                       _f32(bias, bias_dtype)), out_dtype)
+
+
+# --- one table per op ----------------------------------------------------------------------
+
+_QUANTIZE_ROWS = {
+    "numpy": _numpy_quantize_rows,
+    "cupy": lazy(".int8._cupy", "quantize_rows"),
+    "numba": lazy(".int8._numba", "quantize_rows"),
+}
+_ZERO_COLS = {
+    "numpy": _numpy_zero_cols,
+    "cupy": lazy(".int8._cupy", "zero_cols"),
+    "numba": lazy(".int8._numba", "zero_cols"),
+}
+_QUANTIZE_GLOBAL = {
+    "numpy": _numpy_quantize_global,
+    "cupy": lazy(".int8._cupy", "quantize_global"),
+    "numba": lazy(".int8._numba", "quantize_global"),
+}
+_QUANTIZE_COLUMNS = {
+    "numpy": _numpy_quantize_columns,
+    "cupy": lazy(".int8._cupy", "quantize_columns"),
+    "numba": lazy(".int8._numba", "quantize_columns"),
+}
+_DEQUANT_ROWS = {
+    "numpy": _numpy_dequant_rows,
+    "cupy": lazy(".int8._cupy", "dequant_rows"),
+    "numba": lazy(".int8._numba", "dequant_rows"),
+}
+_MM_DEQUANT = {
+    "numpy": _numpy_mm_dequant,
+    "cupy": lazy(".int8._cupy", "mm_dequant"),
+    "numba": lazy(".int8._numba", "mm_dequant"),
+}
+_GEMM = {  # no Numba GEMM: under use_backend("numba") the GEMMs run on cupy, else numpy
+    "numpy": _numpy_gemm,
+    "cupy": lazy(".int8._cupy", "gemm"),
+}
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+def _run(call: Call, impl, *args, **kwargs):
+    """Launch ``impl`` inside the caller's device/stream context for the GPU backends."""
+    if call.backend == "cupy":
+        with call.cupy_context():
+            return impl(*args, **kwargs)
+    if call.backend == "numba":
+        return impl(*args, stream=call.numba_stream(), **kwargs)
+    return impl(*args, **kwargs)
+
+
+def _contiguous(A):
+    if is_contiguous(A):
+        return A
+    kind = kind_of(A)
+    if kind == "torch":
+        return A.contiguous()
+    if kind == "cupy":
+        import cupy
+        return cupy.ascontiguousarray(A)
+    if kind == "numba":
+        from numba import cuda
+        return cuda.to_device(np.ascontiguousarray(A.copy_to_host()))
+    return np.ascontiguousarray(A)
+
+
+def _transpose(b):
+    """The transposed view of a 2-D array of any supported kind (no copy)."""
+    return b.t() if kind_of(b) == "torch" else b.T
+
+
+def _size(shape) -> int:
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def _float_input(x, argname: str, two_d: bool) -> tuple[str, tuple]:
+    kind_of(x)
+    name = dtype_of(x)
+    check_float_dtype(name, argname)
+    shape = shape_of(x)
+    if two_d:
+        ref.check_2d(shape, argname)
+    elif len(shape) < 1:
+        raise ValueError(f"{argname} must have at least 1 dimension; got shape {shape}")
+    return name, shape
+
+
+def _rows_cols(shape) -> tuple[int, int]:
+    return _size(shape[:-1]), int(shape[-1])
+
+
+def _arg2d(call: Call, x, rows: int, cols: int):
+    return call.arg(_contiguous(x)).reshape(rows, cols)
+
+
+def _vector(call: Call, v, n: int, argname: str, dtypes=("float16", "bfloat16", "float32")):
+    """A 1-D scale / bias argument: validated dtype and length, as a flat backend array."""
+    kind_of(v)
+    ref.check_stats(shape_of(v), dtype_of(v), n, argname, dtypes)
+    return call.arg(_contiguous(v)).reshape(-1)
+
+
+def _choose(table, x):
+    return choose(table, on_gpu=device_of(x) is not None)
+
+
+def _outlier_cols(call: Call, flags, rows: int, q2d):
+    """Compact the outlier-column flags into int64 indices (a host synchronization, as in
+    bnb) and zero those columns of q; returns the indices in the caller's kind."""
+    if call.backend == "cupy":
+        import cupy
+        with call.cupy_context():
+            idx = cupy.flatnonzero(flags).astype(cupy.int64)
+    elif call.backend == "numba":
+        idx = np.flatnonzero(flags.copy_to_host()).astype(np.int64)
+    else:
+        idx = np.flatnonzero(flags).astype(np.int64)
+    out = call.empty((int(idx.size),), "int64")
+    if idx.size:
+        if call.backend == "numba":
+            out.copy_to_device(idx)
+        elif call.backend == "cupy":
+            with call.cupy_context():
+                out[...] = idx
+        else:
+            out[...] = idx
+        _run(call, _ZERO_COLS[call.backend], q2d, out)
+    return call.result(out, "int64")
+
+
+# --- SwitchBack --------------------------------------------------------------------------------
+
+def quantize_rowwise(x):
+    """Row-wise int8 quantization of x (M, K) float16/bfloat16/float32 (NumPy, CuPy, Numba or
+    torch): ``q = rint(x * f32(127 / rowmax))``. Returns (q int8 (M, K), state (M,) row absmax
+    in x's dtype), in x's kind and device."""
+    name, shape = _float_input(x, "x", two_d=True)
+    backend, impl = _choose(_QUANTIZE_ROWS, x)
+    call = Call(x, backend)
+    M, K = shape
+    q, state = call.empty((M, K), "int8"), call.empty((M,), name)
+    _run(call, impl, _arg2d(call, x, M, K), name, 0.0, q, state, name, None)
+    return call.result(q, "int8"), call.result(state, name)
+
+
+def _quantize_global(w, transpose: bool):
+    name, shape = _float_input(w, "w", two_d=True)
+    backend, impl = _choose(_QUANTIZE_GLOBAL, w)
+    call = Call(w, backend)
+    N, K = shape
+    q, state = call.empty((K, N) if transpose else (N, K), "int8"), call.empty((1,), name)
+    _run(call, impl, _arg2d(call, w, N, K), name, q, state, transpose)
+    return call.result(q, "int8"), call.result(state, name)
+
+
+def quantize_global(w):
+    """Tensor-wise int8 quantization of w (N, K): (q int8 (N, K), state (1,) absmax in w's dtype)."""
+    return _quantize_global(w, transpose=False)
+
+
+def quantize_global_transpose(w):
+    """quantize_global with the codes transposed in the same pass: (q^T int8 (K, N)
+    contiguous, state (1,))."""
+    return _quantize_global(w, transpose=True)
+
+
+def quantize_columnwise_and_transpose(w):
+    """Per-column int8 quantization of w (N, K), transposed in the same pass: (q^T int8 (K, N)
+    contiguous, state (K,) per-column absmax in w's dtype)."""
+    name, shape = _float_input(w, "w", two_d=True)
+    backend, impl = _choose(_QUANTIZE_COLUMNS, w)
+    call = Call(w, backend)
+    N, K = shape
+    q, state = call.empty((K, N), "int8"), call.empty((K,), name)
+    _run(call, impl, _arg2d(call, w, N, K), name, 0.0, q, True, state=state)
+    return call.result(q, "int8"), call.result(state, name)
+
+
+def dequantize_rowwise(x, state):
+    """``f32(x) * state[:, None] * f32(1/127)`` rounded once to state's dtype; x int8 (M, K),
+    state (M,) float16/bfloat16/float32."""
+    kind_of(x)
+    ref.check_int8(dtype_of(x), "x")
+    ref.check_2d(shape_of(x), "x")
+    M, K = shape_of(x)
+    kind_of(state)
+    sname = dtype_of(state)
+    backend, impl = _choose(_DEQUANT_ROWS, x)
+    call = Call(x, backend)
+    s = _vector(call, state, M, "state")
+    out = call.empty((M, K), sname)
+    _run(call, impl, _arg2d(call, x, M, K), s, sname, out, sname)
+    return call.result(out, sname)
+
+
+def _switchback_matmul(a, b, state_a, state_b, bias, global_b: bool):
+    kind_of(a)
+    kind_of(b)
+    ref.check_int8(dtype_of(a), "a")
+    ref.check_int8(dtype_of(b), "b")
+    M, N, K = ref.check_matmul_shapes(shape_of(a), shape_of(b))
+    backend, impl = _choose(_GEMM, a)
+    call = Call(a, backend)
+    ra = _vector(call, state_a, M, "state_a")
+    cb = _vector(call, state_b, 1 if global_b else N, "state_b")
+    bv = None if bias is None else _vector(call, bias, N, "bias")
+    out_dtype = dtype_of(state_a)
+    out = call.empty((M, N), out_dtype)
+    bt = call.arg(_contiguous(_transpose(b)))  # (N, K): W itself when b = W.t(), no copy
+    _run(call, impl, _arg2d(call, a, M, K), bt, ra, dtype_of(state_a), cb, dtype_of(state_b),
+         global_b, bv, None if bias is None else dtype_of(bias), out, out_dtype)
+    return call.result(out, out_dtype)
+
+
+def int8_matmul_rowwise_dequantize(a, b, state_a, state_b, bias=None):
+    """``f32(a @ b) * state_a[:, None] * state_b[None, :] * f32(1/127^2) + bias`` in float32,
+    rounded once to state_a's dtype. a int8 (M, K); b int8 (K, N), usually ``W_int8.t()``;
+    state_a (M,), state_b (N,), bias (N,) or None (float16/bfloat16/float32). int32
+    accumulation, exact; the product never leaves the GEMM's registers on the GPU."""
+    return _switchback_matmul(a, b, state_a, state_b, bias, global_b=False)
+
+
+def int8_matmul_mixed_dequantize(a, b, state_a, state_b, bias=None):
+    """As int8_matmul_rowwise_dequantize with state_b one global scale of shape (1,)."""
+    return _switchback_matmul(a, b, state_a, state_b, bias, global_b=True)
+
+
+# --- LLM.int8() --------------------------------------------------------------------------------
+
+def int8_vectorwise_quant(A, threshold: float = 0.0):
+    """LLM.int8() row-wise quantization of A (..., cols) float16 (bfloat16/float32 accepted).
+
+    Returns (q int8 of A's shape, row_stats float32 (rows,), outlier_cols): with threshold > 0
+    the elements with |a| >= threshold are left out of the statistics, outlier_cols (int64,
+    ascending, possibly empty) lists their columns and those columns of q are zero; with
+    threshold 0, outlier_cols is None. A is not modified."""
+    t = ref.check_threshold(threshold)
+    name, shape = _float_input(A, "A", two_d=False)
+    rows, cols = _rows_cols(shape)
+    backend, impl = _choose(_QUANTIZE_ROWS, A)
+    call = Call(A, backend)
+    q, stats = call.empty(shape, "int8"), call.empty((rows,), "float32")
+    flags = call.empty((cols,), "uint8") if t > 0 else None
+    q2d = q.reshape(rows, cols)
+    _run(call, impl, _arg2d(call, A, rows, cols), name, t, q2d, stats, "float32", flags)
+    outliers = _outlier_cols(call, flags, rows, q2d) if t > 0 else None
+    return call.result(q, "int8"), call.result(stats, "float32"), outliers
+
+
+def int8_vectorwise_dequant(A, stats):
+    """``f32(A) * stats[row] * f32(1/127)`` as float32; A int8 (..., cols), stats float32 (rows,)."""
+    kind_of(A)
+    ref.check_int8(dtype_of(A), "A")
+    shape = shape_of(A)
+    if len(shape) < 1:
+        raise ValueError(f"A must have at least 1 dimension; got shape {shape}")
+    rows, cols = _rows_cols(shape)
+    backend, impl = _choose(_DEQUANT_ROWS, A)
+    call = Call(A, backend)
+    s = _vector(call, stats, rows, "stats", ("float32",))
+    out = call.empty(shape, "float32")
+    _run(call, impl, _arg2d(call, A, rows, cols), s, "float32", out.reshape(rows, cols), "float32")
+    return call.result(out, "float32")
+
+
+def int8_linear_matmul(A, B):
+    """``A @ B^T`` exactly in int32: A int8 (..., K), B int8 (N, K); returns int32 (..., N).
+    On the GPU this is the int8 GEMM with an int32 epilogue."""
+    kind_of(A)
+    kind_of(B)
+    ref.check_int8(dtype_of(A), "A")
+    ref.check_int8(dtype_of(B), "B")
+    M, N, K = ref.check_matmul_shapes(shape_of(A), shape_of(B), "A", "B", b_is_nk=True)
+    backend, impl = _choose(_GEMM, A)
+    call = Call(A, backend)
+    out = call.empty(tuple(shape_of(A)[:-1]) + (N,), "int32")
+    _run(call, impl, _arg2d(call, A, M, K), call.arg(_contiguous(B)), None, "float32", None,
+         "float32", False, None, None, out.reshape(M, N), "int32")
+    return call.result(out, "int32")
+
+
+def int8_mm_dequant(A, row_stats, col_stats, bias=None, out_dtype="float16"):
+    """``f32(A) * row_stats[:, None] * col_stats[None, :] * f32(1/127^2) + bias`` in float32,
+    rounded once to out_dtype (default float16). A int32 (..., N), row_stats float32 (rows,),
+    col_stats float32 (N,), bias (N,) float16/bfloat16/float32 or None."""
+    kind_of(A)
+    if dtype_of(A) != "int32":
+        raise TypeError(f"A must be int32; got dtype {dtype_of(A)}")
+    shape = shape_of(A)
+    if len(shape) < 1:
+        raise ValueError(f"A must have at least 1 dimension; got shape {shape}")
+    name = dtype_name(out_dtype)
+    check_float_dtype(name, "out_dtype")
+    rows, cols = _rows_cols(shape)
+    backend, impl = _choose(_MM_DEQUANT, A)
+    call = Call(A, backend)
+    r = _vector(call, row_stats, rows, "row_stats", ("float32",))
+    c = _vector(call, col_stats, cols, "col_stats", ("float32",))
+    bv = None if bias is None else _vector(call, bias, cols, "bias")
+    out = call.empty(shape, name)
+    _run(call, impl, _arg2d(call, A, rows, cols), r, c, bv, None if bias is None else dtype_of(bias),
+         out.reshape(rows, cols), name)
+    return call.result(out, name)
+
+
+def int8_double_quant(A, threshold: float = 0.0):
+    """Row- and column-wise int8 quantization of A (..., cols): (CA int8, CAt int8 (A's shape,
+    NOT transposed), row_stats float32 (rows,), col_stats float32 (cols,), outlier_cols as in
+    int8_vectorwise_quant). With threshold > 0 outliers are left out of both statistics; CA
+    zeroes whole outlier columns, CAt only the outlier elements."""
+    t = ref.check_threshold(threshold)
+    name, shape = _float_input(A, "A", two_d=False)
+    rows, cols = _rows_cols(shape)
+    backend, impl = _choose(_QUANTIZE_ROWS, A)
+    call = Call(A, backend)
+    x2d = _arg2d(call, A, rows, cols)
+    CA, CAt = call.empty(shape, "int8"), call.empty(shape, "int8")
+    row_stats, col_stats = call.empty((rows,), "float32"), call.empty((cols,), "float32")
+    flags = call.empty((cols,), "uint8") if t > 0 else None
+    ca2d = CA.reshape(rows, cols)
+    _run(call, impl, x2d, name, t, ca2d, row_stats, "float32", flags)
+    _run(call, _QUANTIZE_COLUMNS[backend], x2d, name, t, CAt.reshape(rows, cols), False,
+         col_stats=col_stats)
+    outliers = _outlier_cols(call, flags, rows, ca2d) if t > 0 else None
+    return (call.result(CA, "int8"), call.result(CAt, "int8"), call.result(row_stats, "float32"),
+            call.result(col_stats, "float32"), outliers)

@@ -1,0 +1,395 @@
+"""CuPy launchers for int8.cu (quantizers, dequantizers, the fused-epilogue int8 GEMM).
+
+Two entry levels:
+- array level (``quantize_rows``, ``quantize_global``, ..., ``gemm``): CuPy arrays already
+  on the caller's device, inside the caller's ``Call.cupy_context()`` (device and stream);
+  bfloat16 arrives as uint16 bits, the logical dtype beside it. Used by qkernels.int8.
+- torch hot paths (``*_torch``): torch CUDA tensors in and out, launched with raw pointers
+  (``t.data_ptr()``) on ``torch.cuda.current_stream()``, outputs from ``torch.empty``; no
+  DLPack conversion and no host synchronization. The layers call these per step.
+Every launch goes through one typed argument list per kernel (pointers as uint64, sizes as
+int32/int64, floats as float32): CuPy checks nothing, a wrong width shifts every argument.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from .._cuda import get_kernel, multiprocessor_count
+
+_DT = {"float32": 0, "float16": 1, "bfloat16": 2, "int32": 3}
+_ES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_GEMM_THREADS = 256
+_GEMM_TILE = 128
+_GEMM_SMEM = 4 * 2 * 128 * 64       # G_STAGES * 2 operands * 128 rows * 64 bytes
+_QT_TILE = 64
+
+
+def _b(v: bool) -> str:
+    return "true" if v else "false"
+
+
+def _kernel(name: str):
+    return get_kernel(__package__, "int8.cu", name)
+
+
+@functools.lru_cache(maxsize=None)
+def _gemm_kernel(device: int, name: str):
+    k = _kernel(name)
+    k.max_dynamic_shared_size_bytes = _GEMM_SMEM
+    return k
+
+
+def _ptr(a) -> int:
+    """Device pointer of a CuPy array or torch tensor (0 for None)."""
+    if a is None:
+        return 0
+    if hasattr(a, "data_ptr"):
+        return a.data_ptr()
+    return a.data.ptr
+
+
+def _u64(p: int):
+    return np.uint64(p)
+
+
+def _aligned(*ptrs) -> bool:
+    return all(p % 16 == 0 for p in ptrs)
+
+
+def _device() -> int:
+    import cupy
+    return cupy.cuda.Device().id
+
+
+class _on_stream:
+    """Selects device ``device`` and the external stream ``stream`` (a raw cudaStream_t) for
+    CuPy launches; ``stream=None`` keeps the current one (the array-level entry points)."""
+
+    def __init__(self, device: int | None, stream: int | None):
+        import contextlib
+        import cupy
+        self._stack = contextlib.ExitStack()
+        self._dev = None if device is None else cupy.cuda.Device(device)
+        self._stream = stream
+
+    def __enter__(self):
+        if self._dev is not None:
+            self._stack.enter_context(self._dev)
+        if self._stream is not None:
+            from .._interop import _external_stream
+            self._stack.enter_context(_external_stream(self._stream))
+        return self
+
+    def __exit__(self, *exc):
+        return self._stack.__exit__(*exc)
+
+
+# --- pointer-level launchers (all sizes validated by the caller) ---------------------------
+
+def launch_row_quant(x: int, dtype: str, q: int, stats: int, stats_dtype: str, flags: int,
+                     rows: int, cols: int, threshold: float):
+    if rows == 0 or cols == 0:
+        return
+    es = _ES[dtype]
+    vec = 16 // es
+    nv = 2 if es == 2 else 4
+    need = -(-cols // vec)
+    threads = min(1024, max(32, -(-(-(-need // nv)) // 32) * 32))
+    vec_ok = int(_aligned(x, q) and (cols * es) % 16 == 0)
+    thresh = threshold > 0
+    k = _kernel(f"row_quant<{_DT[dtype]}, {_DT[stats_dtype]}, {nv}, {_b(thresh)}>")
+    grid = min(rows, 1 << 30)
+    k((grid,), (threads,), (_u64(x), _u64(q), _u64(stats), _u64(flags), np.int32(rows),
+                            np.int32(cols), np.float32(threshold), np.int32(vec_ok)))
+
+
+def launch_absmax_global(x: int, dtype: str, n: int, out_u32: int):
+    """NaN-propagating absmax of n elements into out_u32 (zeroed by the caller) as float bits."""
+    if n == 0:
+        return
+    vec = 16 // _ES[dtype]
+    grid = max(1, min(-(-n // (vec * 256)), 8 * multiprocessor_count(_device())))
+    k = _kernel(f"absmax_global<{_DT[dtype]}>")
+    k((grid,), (256,), (_u64(x), np.int64(n), _u64(out_u32), np.int32(_aligned(x))))
+
+
+def launch_col_absmax(x: int, dtype: str, rows: int, cols: int, threshold: float, out_u32: int):
+    if rows == 0 or cols == 0:
+        return
+    es = _ES[dtype]
+    vec = 16 // es
+    gx = -(-cols // (32 * vec))
+    want_y = max(1, (8 * multiprocessor_count(_device())) // gx)  # ~8 CTAs per SM
+    rpc = max(8, -(-(-(-rows // want_y)) // 8) * 8)
+    gy = -(-rows // rpc)
+    vec_ok = int(_aligned(x) and (cols * es) % 16 == 0)
+    k = _kernel(f"col_absmax<{_DT[dtype]}, {_b(threshold > 0)}>")
+    k((gx, gy), (32, 8), (_u64(x), np.int32(rows), np.int32(cols), np.float32(threshold),
+                          np.int32(rpc), _u64(out_u32), np.int32(vec_ok)))
+
+
+def launch_quant_global(x: int, dtype: str, absmax_u32: int, q: int, state: int, n: int):
+    if n == 0:
+        return
+    vec = 16 // _ES[dtype]
+    grid = max(1, min(-(-n // (vec * 256)), 8 * multiprocessor_count(_device())))
+    k = _kernel(f"quant_global<{_DT[dtype]}, {_DT[dtype]}>")
+    k((grid,), (256,), (_u64(x), _u64(absmax_u32), _u64(q), _u64(state), np.int64(n),
+                        np.int32(_aligned(x, q))))
+
+
+def launch_quant_transpose(x: int, dtype: str, absmax_u32: int, qT: int, state: int,
+                           N: int, K: int, per_col: bool):
+    if N == 0 or K == 0:
+        return
+    es = _ES[dtype]
+    vec_in = int(_aligned(x) and (K * es) % 16 == 0)
+    vec_out = int(_aligned(qT) and N % 16 == 0)
+    k = _kernel(f"quant_transpose<{_DT[dtype]}, {_DT[dtype]}, {_b(per_col)}>")
+    k((-(-K // _QT_TILE), -(-N // _QT_TILE)), (256,),
+      (_u64(x), _u64(absmax_u32), _u64(qT), _u64(state), np.int32(N), np.int32(K),
+       np.int32(vec_in), np.int32(vec_out)))
+
+
+def launch_quant_cols(x: int, dtype: str, colmax_u32: int, threshold: float, q: int, rows: int, cols: int):
+    n = rows * cols
+    if n == 0:
+        return
+    grid = max(1, min(-(-n // 256), 16 * multiprocessor_count(_device())))
+    k = _kernel(f"quant_cols<{_DT[dtype]}, {_b(threshold > 0)}>")
+    k((grid,), (256,), (_u64(x), _u64(colmax_u32), np.float32(threshold), _u64(q),
+                        np.int32(rows), np.int32(cols)))
+
+
+def launch_zero_cols(q: int, rows: int, cols: int, idx: int, nidx: int):
+    n = rows * nidx
+    if n == 0:
+        return
+    grid = max(1, min(-(-n // 256), 8 * multiprocessor_count(_device())))
+    _kernel("zero_cols")((grid,), (256,), (_u64(q), np.int32(rows), np.int32(cols), _u64(idx),
+                                           np.int32(nidx)))
+
+
+def launch_dequant_rows(q: int, stats: int, stats_dtype: str, out: int, out_dtype: str, rows: int, cols: int):
+    n = rows * cols
+    if n == 0:
+        return
+    vec_ok = int(_aligned(q, out) and cols % 16 == 0)
+    grid = max(1, min(-(-n // (16 * 256)), 8 * multiprocessor_count(_device())))
+    k = _kernel(f"dequant_rows<{_DT[stats_dtype]}, {_DT[out_dtype]}>")
+    k((grid,), (256,), (_u64(q), _u64(stats), _u64(out), np.int32(rows), np.int32(cols), np.int32(vec_ok)))
+
+
+def launch_mm_dequant(C: int, r: int, c: int, bias: int, bias_dtype: str | None, out: int,
+                      out_dtype: str, rows: int, cols: int):
+    n = rows * cols
+    if n == 0:
+        return
+    bdt = -1 if bias_dtype is None else _DT[bias_dtype]
+    grid = max(1, min(-(-n // 256), 16 * multiprocessor_count(_device())))
+    k = _kernel(f"mm_dequant<{_DT[out_dtype]}, {bdt}>")
+    k((grid,), (256,), (_u64(C), _u64(r), _u64(c), _u64(bias), _u64(out), np.int32(rows), np.int32(cols)))
+
+
+def launch_gemm(a: int, bt: int, M: int, N: int, K: int, out: int, out_dtype: str,
+                r: int = 0, r_dtype: str = "float32", c: int = 0, c_dtype: str = "float32",
+                c_global: bool = False, bias: int = 0, bias_dtype: str | None = None):
+    """out (M, N) = epilogue(a (M, K) int8 @ bt (N, K) int8 ^T); both operands row-major, lda =
+    ldb = K. out_dtype "int32" writes the raw product (r, c, bias unused)."""
+    if M == 0 or N == 0:
+        return
+    aligned = _aligned(a, bt) and K % 16 == 0
+    vec_out = int(out % 8 == 0 and N % 2 == 0)
+    if out_dtype == "int32":
+        name = f"int8_gemm<3, 0, 0, -1, false, {_b(aligned)}>"
+    else:
+        bdt = -1 if bias_dtype is None else _DT[bias_dtype]
+        name = (f"int8_gemm<{_DT[out_dtype]}, {_DT[r_dtype]}, {_DT[c_dtype]}, {bdt}, "
+                f"{_b(c_global)}, {_b(aligned)}>")
+    k = _gemm_kernel(_device(), name)
+    tiles = -(-M // _GEMM_TILE) * -(-N // _GEMM_TILE)
+    k((tiles,), (_GEMM_THREADS,), (_u64(a), _u64(bt), np.int32(M), np.int32(N), np.int32(K),
+                                   _u64(r), _u64(c), _u64(bias), _u64(out), np.int32(vec_out)),
+      shared_mem=_GEMM_SMEM)
+
+
+# --- array level (qkernels.int8's backend table) -------------------------------------------
+
+def _zeros_u32(n: int):
+    import cupy
+    return cupy.zeros(max(n, 1), cupy.uint32)
+
+
+def quantize_rows(x, dtype, threshold, q, stats, stats_dtype, flags):
+    """x (rows, cols) -> q int8 (rows, cols), stats (rows,) of stats_dtype; flags uint8 (cols,)
+    (zeroed here) marks outlier columns when threshold > 0."""
+    rows, cols = x.shape
+    if flags is not None:
+        flags.fill(0)
+    launch_row_quant(_ptr(x), dtype, _ptr(q), _ptr(stats), stats_dtype, _ptr(flags), rows, cols,
+                     threshold)
+
+
+def zero_cols(q, idx):
+    rows, cols = q.shape
+    launch_zero_cols(_ptr(q), rows, cols, _ptr(idx), int(idx.size))
+
+
+def quantize_global(x, dtype, q, state, transpose):
+    """x (N, K) -> q int8 (N, K) or q^T (K, N), state (1,) in dtype."""
+    N, K = x.shape
+    if N * K == 0:
+        state.fill(0)
+        return
+    ws = _zeros_u32(1)
+    launch_absmax_global(_ptr(x), dtype, N * K, _ptr(ws))
+    if transpose:
+        launch_quant_transpose(_ptr(x), dtype, _ptr(ws), _ptr(q), _ptr(state), N, K, False)
+    else:
+        launch_quant_global(_ptr(x), dtype, _ptr(ws), _ptr(q), _ptr(state), N * K)
+
+
+def quantize_columns(x, dtype, threshold, q, transpose, state=None, col_stats=None):
+    """Per-column quantization of x (rows, cols): q^T (cols, rows) with state (cols,) in dtype
+    (transpose=True; quantize_columnwise_and_transpose) or q (rows, cols) with float32
+    col_stats (cols,) (transpose=False; int8_double_quant's CAt)."""
+    import cupy
+    rows, cols = x.shape
+    ws = _zeros_u32(cols)
+    launch_col_absmax(_ptr(x), dtype, rows, cols, threshold, _ptr(ws))
+    if transpose:
+        if rows == 0 and cols > 0:
+            state.fill(0)
+        launch_quant_transpose(_ptr(x), dtype, _ptr(ws), _ptr(q), _ptr(state), rows, cols, True)
+    else:
+        launch_quant_cols(_ptr(x), dtype, _ptr(ws), threshold, _ptr(q), rows, cols)
+        if cols:
+            col_stats[...] = ws[:cols].view(cupy.float32)
+
+
+def dequant_rows(q, stats, stats_dtype, out, out_dtype):
+    rows, cols = q.shape
+    launch_dequant_rows(_ptr(q), _ptr(stats), stats_dtype, _ptr(out), out_dtype, rows, cols)
+
+
+def mm_dequant(C, r, c, bias, bias_dtype, out, out_dtype):
+    rows, cols = C.shape
+    launch_mm_dequant(_ptr(C), _ptr(r), _ptr(c), _ptr(bias), bias_dtype, _ptr(out), out_dtype, rows, cols)
+
+
+def gemm(a, bt, r, r_dtype, c, c_dtype, c_global, bias, bias_dtype, out, out_dtype):
+    M, K = a.shape
+    N = bt.shape[0]
+    if K == 0 and out_dtype == "int32":
+        out.fill(0)
+        return
+    launch_gemm(_ptr(a), _ptr(bt), M, N, K, _ptr(out), out_dtype, _ptr(r), r_dtype, _ptr(c),
+                c_dtype, c_global, _ptr(bias), bias_dtype)
+
+
+# --- torch hot paths: raw pointers, torch's current stream, torch allocations --------------
+
+def _tname(t) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def _stream_of(t):
+    import torch
+    return t.device.index, torch.cuda.current_stream(t.device).cuda_stream
+
+
+def int8_matmul_dequant_torch(a, bt, row_scale, col_scale, bias=None, out_dtype=None, col_global=False):
+    """out (M, N) = ((f32(a @ bt^T) * row_scale) * col_scale) * K (+ bias) for torch CUDA
+    tensors: a int8 (M, K) contiguous, bt int8 (N, K) contiguous (the (N, K) weight itself;
+    for b = W.t() pass b.t()), row_scale (M,), col_scale (N,) or (1,) with col_global, any
+    float dtypes; out_dtype defaults to row_scale's dtype. The caller has validated."""
+    import torch
+    M, K = a.shape
+    N = bt.shape[0]
+    out_dtype = out_dtype or row_scale.dtype
+    out = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    dev, stream = _stream_of(a)
+    with _on_stream(dev, stream):
+        launch_gemm(a.data_ptr(), bt.data_ptr(), M, N, K, out.data_ptr(), _tname(out),
+                    row_scale.data_ptr(), _tname(row_scale), col_scale.data_ptr(), _tname(col_scale),
+                    col_global, _ptr(bias), None if bias is None else _tname(bias))
+    return out
+
+
+def int8_linear_matmul_torch(A, B):
+    """int32 (M, N) = A (M, K) @ B (N, K)^T for contiguous int8 torch CUDA tensors."""
+    import torch
+    M, K = A.shape
+    N = B.shape[0]
+    out = torch.empty((M, N), dtype=torch.int32, device=A.device)
+    dev, stream = _stream_of(A)
+    with _on_stream(dev, stream):
+        if K == 0:
+            out.zero_()
+        else:
+            launch_gemm(A.data_ptr(), B.data_ptr(), M, N, K, out.data_ptr(), "int32")
+    return out
+
+
+def quantize_rowwise_torch(x, stats_dtype=None, threshold: float = 0.0):
+    """(q int8 (M, K), stats (M,)) for a contiguous 2-D torch CUDA tensor; stats in x's dtype
+    (SwitchBack) or ``stats_dtype`` (torch.float32 for LLM.int8()). With threshold > 0 also
+    returns the uint8 (K,) outlier-column flags (no host sync; the caller compacts them)."""
+    import torch
+    M, K = x.shape
+    q = torch.empty((M, K), dtype=torch.int8, device=x.device)
+    stats = torch.empty((M,), dtype=stats_dtype or x.dtype, device=x.device)
+    flags = torch.zeros((K,), dtype=torch.uint8, device=x.device) if threshold > 0 else None
+    dev, stream = _stream_of(x)
+    with _on_stream(dev, stream):
+        launch_row_quant(x.data_ptr(), _tname(x), q.data_ptr(), stats.data_ptr(), _tname(stats),
+                         _ptr(flags), M, K, threshold)
+    return (q, stats) if flags is None else (q, stats, flags)
+
+
+def quantize_global_torch(w, transpose: bool = False):
+    """(q int8 (N, K) or q^T (K, N), state (1,) in w's dtype) for a contiguous 2-D tensor."""
+    import torch
+    N, K = w.shape
+    q = torch.empty((K, N) if transpose else (N, K), dtype=torch.int8, device=w.device)
+    state = torch.zeros((1,), dtype=w.dtype, device=w.device)
+    ws = torch.zeros((1,), dtype=torch.int32, device=w.device)
+    dev, stream = _stream_of(w)
+    with _on_stream(dev, stream):
+        launch_absmax_global(w.data_ptr(), _tname(w), N * K, ws.data_ptr())
+        if transpose:
+            launch_quant_transpose(w.data_ptr(), _tname(w), ws.data_ptr(), q.data_ptr(),
+                                   state.data_ptr(), N, K, False)
+        else:
+            launch_quant_global(w.data_ptr(), _tname(w), ws.data_ptr(), q.data_ptr(),
+                                state.data_ptr(), N * K)
+    return q, state
+
+
+def quantize_columnwise_and_transpose_torch(w):
+    """(q^T int8 (K, N), state (K,) in w's dtype) for a contiguous 2-D tensor w (N, K)."""
+    import torch
+    N, K = w.shape
+    q = torch.empty((K, N), dtype=torch.int8, device=w.device)
+    state = torch.zeros((K,), dtype=w.dtype, device=w.device)
+    ws = torch.zeros((max(K, 1),), dtype=torch.int32, device=w.device)
+    dev, stream = _stream_of(w)
+    with _on_stream(dev, stream):
+        launch_col_absmax(w.data_ptr(), _tname(w), N, K, 0.0, ws.data_ptr())
+        launch_quant_transpose(w.data_ptr(), _tname(w), ws.data_ptr(), q.data_ptr(),
+                               state.data_ptr(), N, K, True)
+    return q, state
+
+
+def dequantize_rowwise_torch(q, state, out_dtype=None):
+    """f32(q) * state[:, None] * f32(1/127) in state's dtype (or out_dtype), q int8 (M, K)."""
+    import torch
+    M, K = q.shape
+    out = torch.empty((M, K), dtype=out_dtype or state.dtype, device=q.device)
+    dev, stream = _stream_of(q)
+    with _on_stream(dev, stream):
+        launch_dequant_rows(q.data_ptr(), state.data_ptr(), _tname(state), out.data_ptr(),
+                            _tname(out), M, K)
+    return out

@@ -1,0 +1,622 @@
+// INT8 quantizers, dequantizers and the int8 GEMM with a fused dequantizing epilogue.
+// Reference: reference/int8.py. Launcher: _cupy.py.
+//
+// Storage types: DT / SDT / ODT / BDT are 0 = float32, 1 = float16, 2 = bfloat16 (common.cuh);
+// BDT = -1 means "no bias"; ODT = 3 is int32 (the GEMM's raw product). The quantizer rule is
+// q = clamp(rint(f32(x) * f32(127 / m)), -127, 127) with NaN products giving 0 (quant8 below);
+// every multiply is __fmul_rn and every add __fadd_rn, so no multiply-add is contracted and the
+// kernels match the NumPy oracle bit for bit.
+//
+// row_quant<DT, SDT, NV, THRESH>           one CTA per row (grid-stride over rows)
+//   in:  x (rows, cols) DT row-major; threshold (THRESH: |x| >= threshold is an outlier)
+//   out: q int8 (rows, cols); stats (rows,) SDT = row absmax without outliers; flags u8 (cols,)
+//        set to 1 for columns holding an outlier (THRESH only; the caller zeroes them first).
+//   Each thread caches NV 16-byte vectors of its row in registers, so the row is read from
+//   memory once (columns beyond NV * VEC * blockDim are read twice). Traffic: ES + 1 bytes
+//   per element.
+// absmax_global<DT>                        grid-stride NaN-propagating absmax of the whole
+//   array, one atomicMax per CTA on the float's bits (|x| bits order like the floats; NaN's
+//   bits sort above +Inf). out: u32 (1,) zeroed by the caller.
+// col_absmax<DT, THRESH>                   blocks (32, 8): 32 column vectors x 8 row lanes over
+//   a slab of rows; reduce in shared memory, one atomicMax per column and CTA.
+// quant_global<DT, SDT>                    q = quant8(x, 127 / absmax) elementwise, walking the
+//   array in reverse so that the tail the absmax pass read last is still in L2.
+// quant_transpose<DT, SDT, PER_COL>        64 x 64 tiles: coalesced 16-byte loads of x (N, K),
+//   codes into shared memory, coalesced 16-byte stores of q^T (K, N). PER_COL: per-column
+//   absmax (columnwise_and_transpose) else one global absmax. Also writes the state (SDT).
+// quant_cols<DT, THRESH>                   q = quant8(x, 127 / colmax[col]) elementwise, not
+//   transposed (int8_double_quant's CAt); outliers get code 0.
+// zero_cols                                q[:, idx[j]] = 0 for the outlier columns.
+// dequant_rows<SDT, ODT>                   out = f32(q) * stats[row] * f32(1/127), rounded to ODT.
+// mm_dequant<ODT, BDT>                     out = f32(C) * r[row] * c[col] * K (+ bias[col]).
+// int8_gemm<ODT, RDT, CDT, BDT, CGLOBAL, ALIGNED>
+//   in:  A int8 (M, K) row-major (lda = K), B int8 (N, K) row-major (ldb = K): out = A @ B^T.
+//        row_scale (M,) RDT, col_scale (N,) CDT or one value (CGLOBAL), bias (N,) BDT.
+//   out: (M, N) ODT: ((f32(acc) * r) * c) * K (+ bias), or the int32 acc itself (ODT = 3).
+//   CTA tile 128 x 128 x 64, 8 warps each 64 x 32 (4 x 4 mma.m16n8k32 s8 tiles, 64 int32
+//   accumulators per thread; <= 128 registers so 2 CTAs fit an SM), a 4-deep cp.async
+//   pipeline (ALIGNED: K % 16 == 0 and 16-byte aligned bases) or synchronous byte loads with
+//   bounds (any K), zero-filled past M, N, K. 64 KB of dynamic shared memory.
+//   Shared tiles are 64-byte rows whose 16-byte chunks are XOR-swizzled with (row >> 1) & 3,
+//   so each ldmatrix (8 rows x 16 bytes) hits all 32 banks once. The epilogue works on the
+//   accumulator registers and writes each output once; the int32 product never reaches memory.
+#include "common.cuh"
+
+typedef signed char i8;
+
+#define QK_RCP127 __int_as_float(0x3c010204)   // f32(1/127)
+#define QK_KDEQ __int_as_float(0x38820610)     // f32(1/(127*127))
+
+__device__ __forceinline__ int quant8(float x, float scale) {
+  float y = __fmul_rn(x, scale);
+  if (y != y) return 0;
+  int q = __float2int_rn(y);                   // half to even; +-Inf saturate
+  return max(-127, min(127, q));
+}
+
+__device__ __forceinline__ float scale_of(float m) { return __fdiv_rn(127.0f, m); }
+
+// NaN-propagating max over a CTA (all threads get the result); `red` holds 32 floats.
+__device__ __forceinline__ float block_max(float m, float* red) {
+#pragma unroll
+  for (int off = 16; off >= 1; off /= 2) m = nan_max(__shfl_xor_sync(0xffffffffu, m, off), m);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int nwarps = (blockDim.x + 31) >> 5;
+  if (lane == 0) red[warp] = m;
+  __syncthreads();
+  if (warp == 0) {
+    m = lane < nwarps ? red[lane] : 0.0f;
+#pragma unroll
+    for (int off = 16; off >= 1; off /= 2) m = nan_max(__shfl_xor_sync(0xffffffffu, m, off), m);
+    if (lane == 0) red[0] = m;
+  }
+  __syncthreads();
+  m = red[0];
+  __syncthreads();
+  return m;
+}
+
+template <int DT>
+__device__ __forceinline__ float ld1(const typename Storage<DT>::type* p) { return to_f32<DT>(p[0]); }
+
+// VEC elements (one 16-byte vector) from an aligned address.
+template <int DT, int VEC>
+__device__ __forceinline__ void ld_vec(const typename Storage<DT>::type* p, float (&v)[VEC]) {
+  typedef typename Storage<DT>::type T;
+  uint4 w = __ldg(reinterpret_cast<const uint4*>(p));
+  const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) v[j] = to_f32<DT>(e[j]);
+}
+
+// VEC int8 codes (4 or 8 bytes) to an aligned address.
+template <int VEC>
+__device__ __forceinline__ void st_codes(i8* p, const int (&c)[VEC]) {
+  u32 w[VEC / 4];
+#pragma unroll
+  for (int k = 0; k < VEC / 4; ++k)
+    w[k] = (u32)(c[4 * k] & 0xff) | ((u32)(c[4 * k + 1] & 0xff) << 8) |
+           ((u32)(c[4 * k + 2] & 0xff) << 16) | ((u32)(c[4 * k + 3] & 0xff) << 24);
+  if (VEC == 8) *reinterpret_cast<uint2*>(p) = make_uint2(w[0], w[VEC / 4 - 1]);
+  else *reinterpret_cast<u32*>(p) = w[0];
+}
+
+// ------------------------------------------------------------------------------------------
+template <int DT, int SDT, int NV, bool THRESH>
+__global__ void __launch_bounds__(1024)
+row_quant(const typename Storage<DT>::type* __restrict__ x, i8* __restrict__ q,
+          typename Storage<SDT>::type* __restrict__ stats, u8* __restrict__ flags,
+          int rows, int cols, float threshold, int vec_ok) {
+  typedef typename Storage<DT>::type T;
+  constexpr int VEC = 16 / Storage<DT>::bytes;
+  constexpr int PER = NV * VEC;
+  __shared__ float red[32];
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const int cached = PER * nt;  // columns held in registers
+  for (int row = blockIdx.x; row < rows; row += gridDim.x) {
+    const T* xr = x + (i64)row * cols;
+    i8* qr = q + (i64)row * cols;
+    float v[PER];
+    float m = 0.0f;
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      if (vec_ok) {
+        const int c0 = (i * nt + tid) * VEC;
+        float w[VEC];
+        if (c0 < cols) ld_vec<DT, VEC>(xr + c0, w);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) v[i * VEC + j] = c0 < cols ? w[j] : 0.0f;
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const int c = (i * VEC + j) * nt + tid;
+          v[i * VEC + j] = c < cols ? ld1<DT>(xr + c) : 0.0f;
+        }
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < PER; ++e) {
+      const float a = fabsf(v[e]);
+      if (THRESH && a >= threshold) {
+        const int c = vec_ok ? ((e / VEC) * nt + tid) * VEC + (e % VEC) : e * nt + tid;
+        if (c < cols) flags[c] = 1;
+      } else {
+        m = nan_max(a, m);
+      }
+    }
+    for (int c = cached + tid; c < cols; c += nt) {  // rows longer than the register cache
+      const float a = fabsf(ld1<DT>(xr + c));
+      if (THRESH && a >= threshold) flags[c] = 1;
+      else m = nan_max(a, m);
+    }
+    m = block_max(m, red);
+    const float s = scale_of(m);
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      int code[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float val = v[i * VEC + j];
+        code[j] = (THRESH && fabsf(val) >= threshold) ? 0 : quant8(val, s);
+      }
+      if (vec_ok) {
+        const int c0 = (i * nt + tid) * VEC;
+        if (c0 < cols) st_codes<VEC>(qr + c0, code);
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const int c = (i * VEC + j) * nt + tid;
+          if (c < cols) qr[c] = (i8)code[j];
+        }
+      }
+    }
+    for (int c = cached + tid; c < cols; c += nt) {
+      const float val = ld1<DT>(xr + c);
+      qr[c] = (i8)((THRESH && fabsf(val) >= threshold) ? 0 : quant8(val, s));
+    }
+    if (tid == 0) stats[row] = from_f32<SDT>(m);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+template <int DT>
+__global__ void __launch_bounds__(256)
+absmax_global(const typename Storage<DT>::type* __restrict__ x, i64 n, u32* __restrict__ out, int vec_ok) {
+  constexpr int VEC = 16 / Storage<DT>::bytes;
+  __shared__ float red[32];
+  float m = 0.0f;
+  const i64 stride = (i64)gridDim.x * blockDim.x;
+  const i64 first = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (vec_ok) {
+    const i64 nvec = n / VEC;
+    i64 t = first;
+    for (; t + stride < nvec; t += 2 * stride) {  // two independent loads in flight
+      float a[VEC], b[VEC];
+      ld_vec<DT, VEC>(x + t * VEC, a);
+      ld_vec<DT, VEC>(x + (t + stride) * VEC, b);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) m = nan_max(fabsf(b[j]), nan_max(fabsf(a[j]), m));
+    }
+    for (; t < nvec; t += stride) {
+      float a[VEC];
+      ld_vec<DT, VEC>(x + t * VEC, a);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) m = nan_max(fabsf(a[j]), m);
+    }
+    for (i64 i = nvec * VEC + first; i < n; i += stride) m = nan_max(fabsf(ld1<DT>(x + i)), m);
+  } else {
+    for (i64 i = first; i < n; i += stride) m = nan_max(fabsf(ld1<DT>(x + i)), m);
+  }
+  m = block_max(m, red);
+  if (threadIdx.x == 0) atomicMax(out, __float_as_uint(m));
+}
+
+// ------------------------------------------------------------------------------------------
+template <int DT, bool THRESH>
+__global__ void __launch_bounds__(256)
+col_absmax(const typename Storage<DT>::type* __restrict__ x, int rows, int cols, float threshold,
+           int rows_per_cta, u32* __restrict__ out, int vec_ok) {
+  constexpr int VEC = 16 / Storage<DT>::bytes;
+  __shared__ float red[8][32 * VEC];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int c0 = (blockIdx.x * 32 + tx) * VEC;
+  const int r0 = blockIdx.y * rows_per_cta;
+  const int r1 = min(rows, r0 + rows_per_cta);
+  float m[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) m[j] = 0.0f;
+  if (c0 < cols) {
+#pragma unroll 4
+    for (int r = r0 + ty; r < r1; r += 8) {  // unrolled: 4 independent 16-byte loads in flight
+      float v[VEC];
+      const typename Storage<DT>::type* p = x + (i64)r * cols + c0;
+      if (vec_ok) {
+        ld_vec<DT, VEC>(p, v);
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) v[j] = c0 + j < cols ? ld1<DT>(p + j) : 0.0f;
+      }
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float a = fabsf(v[j]);
+        if (!(THRESH && a >= threshold)) m[j] = nan_max(a, m[j]);
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) red[ty][tx * VEC + j] = m[j];
+  __syncthreads();
+  for (int i = ty * 32 + tx; i < 32 * VEC; i += 256) {
+    float a = red[0][i];
+#pragma unroll
+    for (int k = 1; k < 8; ++k) a = nan_max(red[k][i], a);
+    const int c = blockIdx.x * 32 * VEC + i;
+    if (c < cols) atomicMax(out + c, __float_as_uint(a));
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+template <int DT, int SDT>
+__global__ void __launch_bounds__(256)
+quant_global(const typename Storage<DT>::type* __restrict__ x, const u32* __restrict__ absmax_bits,
+             i8* __restrict__ q, typename Storage<SDT>::type* __restrict__ state, i64 n, int vec_ok) {
+  constexpr int VEC = 16 / Storage<DT>::bytes;
+  const float m = __uint_as_float(absmax_bits[0]);
+  const float s = scale_of(m);
+  const i64 stride = (i64)gridDim.x * blockDim.x;
+  const i64 first = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (first == 0) state[0] = from_f32<SDT>(m);
+  if (vec_ok) {
+    const i64 nvec = n / VEC;
+    for (i64 t = nvec - 1 - first; t >= 0; t -= stride) {  // reverse: L2 still holds the tail
+      float v[VEC];
+      int c[VEC];
+      ld_vec<DT, VEC>(x + t * VEC, v);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) c[j] = quant8(v[j], s);
+      st_codes<VEC>(q + t * VEC, c);
+    }
+    for (i64 i = nvec * VEC + first; i < n; i += stride) q[i] = (i8)quant8(ld1<DT>(x + i), s);
+  } else {
+    for (i64 i = n - 1 - first; i >= 0; i -= stride) q[i] = (i8)quant8(ld1<DT>(x + i), s);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+#define QT_TILE 64
+#define QT_RL 68  // shared row length in bytes: 4-byte aligned, 2-way conflicts at most on reads
+template <int DT, int SDT, bool PER_COL>
+__global__ void __launch_bounds__(256)
+quant_transpose(const typename Storage<DT>::type* __restrict__ x, const u32* __restrict__ absmax_bits,
+                i8* __restrict__ qT, typename Storage<SDT>::type* __restrict__ state, int N, int K,
+                int vec_in, int vec_out) {
+  typedef typename Storage<DT>::type T;
+  constexpr int VEC = 16 / Storage<DT>::bytes;
+  constexpr int VPR = QT_TILE / VEC;  // vectors per tile row
+  __shared__ __align__(16) u8 tile[QT_TILE * QT_RL];
+  __shared__ float scale[QT_TILE];
+  const int tid = threadIdx.x;
+  // reverse tile order: the absmax pass read the end of x last
+  const int tiles_k = (K + QT_TILE - 1) / QT_TILE;
+  const int tiles = tiles_k * gridDim.y;
+  const int lin = tiles - 1 - (blockIdx.y * tiles_k + blockIdx.x);
+  const int k0 = (lin % tiles_k) * QT_TILE, n0 = (lin / tiles_k) * QT_TILE;
+  if (tid < QT_TILE) {
+    const float m = __uint_as_float(absmax_bits[PER_COL ? min(k0 + tid, K - 1) : 0]);
+    scale[tid] = scale_of(m);
+    if (PER_COL && n0 == 0 && k0 + tid < K) state[k0 + tid] = from_f32<SDT>(m);
+    if (!PER_COL && lin == 0 && tid == 0) state[0] = from_f32<SDT>(m);
+  }
+  __syncthreads();
+  for (int e = tid; e < QT_TILE * VPR; e += 256) {
+    const int r = e / VPR, kv = (e % VPR) * VEC;
+    const int n = n0 + r, k = k0 + kv;
+    float v[VEC];
+    const T* p = x + (i64)n * K + k;
+    if (vec_in && n < N && k < K) {
+      ld_vec<DT, VEC>(p, v);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) v[j] = (n < N && k + j < K) ? ld1<DT>(p + j) : 0.0f;
+    }
+    u32 w[VEC / 4];
+#pragma unroll
+    for (int j4 = 0; j4 < VEC / 4; ++j4) {
+      u32 word = 0;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int jj = j4 * 4 + j;
+        word |= (u32)(quant8(v[jj], scale[PER_COL ? kv + jj : 0]) & 0xff) << (8 * j);
+      }
+      w[j4] = word;
+    }
+#pragma unroll
+    for (int j4 = 0; j4 < VEC / 4; ++j4)
+      *reinterpret_cast<u32*>(tile + r * QT_RL + kv + 4 * j4) = w[j4];
+  }
+  __syncthreads();
+  // q^T row k0 + kk, columns n0 + 16 c .. +15: gather 16 codes down a tile column
+  const int kk = tid >> 2, c = tid & 3;
+  const int k = k0 + kk, n = n0 + c * 16;
+  if (k < K && n < N) {
+    u32 w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int i = 0; i < 16; ++i) w[i >> 2] |= (u32)tile[(c * 16 + i) * QT_RL + kk] << (8 * (i & 3));
+    i8* dst = qT + (i64)k * N + n;
+    if (vec_out && n + 16 <= N) {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+    } else {
+      for (int i = 0; i < 16 && n + i < N; ++i) dst[i] = (i8)(w[i >> 2] >> (8 * (i & 3)));
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+template <int DT, bool THRESH>
+__global__ void __launch_bounds__(256)
+quant_cols(const typename Storage<DT>::type* __restrict__ x, const u32* __restrict__ colmax_bits,
+           float threshold, i8* __restrict__ q, int rows, int cols) {
+  const i64 n = (i64)rows * cols;
+  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+    const int c = (int)(i % cols);
+    const float v = ld1<DT>(x + i);
+    const float s = scale_of(__uint_as_float(__ldg(colmax_bits + c)));
+    q[i] = (i8)((THRESH && fabsf(v) >= threshold) ? 0 : quant8(v, s));
+  }
+}
+
+__global__ void __launch_bounds__(256)
+zero_cols(i8* __restrict__ q, int rows, int cols, const long long* __restrict__ idx, int nidx) {
+  const i64 n = (i64)rows * nidx;
+  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
+    q[(i / nidx) * cols + idx[i % nidx]] = 0;
+}
+
+// ------------------------------------------------------------------------------------------
+template <int SDT, int ODT>
+__global__ void __launch_bounds__(256)
+dequant_rows(const i8* __restrict__ q, const typename Storage<SDT>::type* __restrict__ stats,
+             typename Storage<ODT>::type* __restrict__ out, int rows, int cols, int vec_ok) {
+  constexpr int V = 16;
+  const i64 n = (i64)rows * cols;
+  const float k = QK_RCP127;
+  const i64 stride = (i64)gridDim.x * blockDim.x;
+  for (i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x; t * V < n; t += stride) {
+    const i64 i = t * V;
+    if (vec_ok) {  // cols % 16 == 0: one row per vector
+      const float s = to_f32<SDT>(stats[i / cols]);
+      uint4 w = __ldg(reinterpret_cast<const uint4*>(q + i));
+      const i8* c = reinterpret_cast<const i8*>(&w);
+      float o[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) o[j] = __fmul_rn(__fmul_rn((float)c[j], s), k);
+      store_vec<ODT, V>(out + i, o);
+    } else {
+      for (int j = 0; j < V && i + j < n; ++j) {
+        const float s = to_f32<SDT>(stats[(i + j) / cols]);
+        out[i + j] = from_f32<ODT>(__fmul_rn(__fmul_rn((float)q[i + j], s), k));
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+template <int BDT> struct Bias {
+  __device__ static __forceinline__ float add(float v, const void* b, int col) {
+    return __fadd_rn(v, to_f32<BDT>(reinterpret_cast<const typename Storage<BDT>::type*>(b)[col]));
+  }
+};
+template <> struct Bias<-1> {
+  __device__ static __forceinline__ float add(float v, const void*, int) { return v; }
+};
+
+template <int ODT, int BDT>
+__global__ void __launch_bounds__(256)
+mm_dequant(const int* __restrict__ C, const float* __restrict__ r, const float* __restrict__ c,
+           const void* __restrict__ bias, typename Storage<ODT>::type* __restrict__ out,
+           int rows, int cols) {
+  const i64 n = (i64)rows * cols;
+  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+    const int row = (int)(i / cols), col = (int)(i % cols);
+    float v = __fmul_rn(__fmul_rn(__fmul_rn((float)C[i], __ldg(r + row)), __ldg(c + col)), QK_KDEQ);
+    out[i] = from_f32<ODT>(Bias<BDT>::add(v, bias, col));
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// The GEMM.
+#define G_BM 128
+#define G_BN 128
+#define G_BK 64
+#define G_STAGES 4
+#define G_THREADS 256
+#define G_TILE_BYTES (G_BM * G_BK)                 // one operand's tile: 128 rows x 64 bytes
+#define G_STAGE_BYTES (2 * G_TILE_BYTES)
+#define G_SMEM (G_STAGES * G_STAGE_BYTES)           // 64 KB
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {  // shared-window address, header-free
+  u32 r;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+  return r;
+}
+
+// byte offset of 16-byte chunk `chunk` (0..3) of tile row `row`
+__device__ __forceinline__ int swz(int row, int chunk) { return row * G_BK + ((chunk ^ ((row >> 1) & 3)) << 4); }
+
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+               :: "r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N)); }
+
+__device__ __forceinline__ void ldsm_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+
+__device__ __forceinline__ void mma_s8(int (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
+               "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Load one operand's 128 x 64 tile (rows row0.., k0..) of a (rows, K) row-major int8 matrix.
+template <bool ALIGNED>
+__device__ __forceinline__ void load_tile(u8* tile, const i8* __restrict__ g, int rows, int K,
+                                          int row0, int k0) {
+#pragma unroll
+  for (int i = 0; i < (G_BM * G_BK / 16) / G_THREADS; ++i) {
+    const int e = threadIdx.x + i * G_THREADS;
+    const int r = e >> 2, ch = e & 3;
+    const int gr = row0 + r, gk = k0 + ch * 16;
+    if (ALIGNED) {
+      const bool valid = gr < rows && gk < K;  // K % 16 == 0: a chunk is all in or all out
+      const i8* src = valid ? g + (i64)gr * K + gk : g;
+      cp_async16(smem_u32(tile + swz(r, ch)), src, valid);
+    } else {
+      u32 w[4] = {0u, 0u, 0u, 0u};
+      if (gr < rows) {
+        const u8* src = reinterpret_cast<const u8*>(g + (i64)gr * K);
+#pragma unroll
+        for (int j = 0; j < 16; ++j)
+          if (gk + j < K) w[j >> 2] |= (u32)src[gk + j] << (8 * (j & 3));
+      }
+      *reinterpret_cast<uint4*>(tile + swz(r, ch)) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  }
+}
+
+template <int ODT> struct GemmOut { typedef typename Storage<ODT>::type type; };
+template <> struct GemmOut<3> { typedef int type; };
+
+template <int ODT, int RDT, int CDT, int BDT, bool CGLOBAL>
+__device__ __forceinline__ void store_pair(typename GemmOut<ODT>::type* __restrict__ out, int M, int N,
+                                           int row, int col, int a0, int a1,
+                                           const void* __restrict__ rs, const void* __restrict__ cs,
+                                           const void* __restrict__ bias, bool vec_out) {
+  if (row >= M || col >= N) return;
+  const bool pair = col + 1 < N;
+  if constexpr (ODT == 3) {  // the raw int32 product
+    int* p = out + (i64)row * N + col;
+    if (vec_out && pair) {
+      *reinterpret_cast<int2*>(p) = make_int2(a0, a1);
+    } else {
+      p[0] = a0;
+      if (pair) p[1] = a1;
+    }
+  } else {
+    typedef typename Storage<CDT>::type CT;
+    const float r = to_f32<RDT>(reinterpret_cast<const typename Storage<RDT>::type*>(rs)[row]);
+    const int col1 = pair ? col + 1 : col;
+    const float c0 = to_f32<CDT>(reinterpret_cast<const CT*>(cs)[CGLOBAL ? 0 : col]);
+    const float c1 = to_f32<CDT>(reinterpret_cast<const CT*>(cs)[CGLOBAL ? 0 : col1]);
+    const float v0 = Bias<BDT>::add(__fmul_rn(__fmul_rn(__fmul_rn((float)a0, r), c0), QK_KDEQ), bias, col);
+    const float v1 = Bias<BDT>::add(__fmul_rn(__fmul_rn(__fmul_rn((float)a1, r), c1), QK_KDEQ), bias, col1);
+    typename Storage<ODT>::type* p = out + (i64)row * N + col;
+    if (vec_out && pair) {
+      if constexpr (ODT == QK_DT_F32) {
+        *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
+      } else {
+        *reinterpret_cast<u32*>(p) = (u32)from_f32<ODT>(v0) | ((u32)from_f32<ODT>(v1) << 16);
+      }
+    } else {
+      p[0] = from_f32<ODT>(v0);
+      if (pair) p[1] = from_f32<ODT>(v1);
+    }
+  }
+}
+
+template <int ODT, int RDT, int CDT, int BDT, bool CGLOBAL, bool ALIGNED>
+__global__ void __launch_bounds__(G_THREADS, 2)
+int8_gemm(const i8* __restrict__ A, const i8* __restrict__ B, int M, int N, int K,
+          const void* __restrict__ row_scale, const void* __restrict__ col_scale,
+          const void* __restrict__ bias, typename GemmOut<ODT>::type* __restrict__ out, int vec_out) {
+  extern __shared__ __align__(128) u8 smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int warp_m = warp & 1, warp_n = warp >> 1;  // 2 x 4 warps of 64 x 32
+
+  // grouped raster: 8 M-tiles share each B panel while it is in L2
+  const int tiles_m = (M + G_BM - 1) / G_BM, tiles_n = (N + G_BN - 1) / G_BN;
+  const int per_group = 8 * tiles_n;
+  const int pid = blockIdx.x;
+  const int first_m = (pid / per_group) * 8;
+  const int gsize = min(tiles_m - first_m, 8);
+  const int tm = first_m + (pid % per_group) % gsize;
+  const int tn = (pid % per_group) / gsize;
+  const int m0 = tm * G_BM, n0 = tn * G_BN;
+
+  int acc[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[i][j][k] = 0;
+
+  const int KT = (K + G_BK - 1) / G_BK;
+#pragma unroll
+  for (int s = 0; s < G_STAGES - 1; ++s) {
+    if (s < KT) {
+      load_tile<ALIGNED>(smem + s * G_STAGE_BYTES, A, M, K, m0, s * G_BK);
+      load_tile<ALIGNED>(smem + s * G_STAGE_BYTES + G_TILE_BYTES, B, N, K, n0, s * G_BK);
+    }
+    cp_async_commit();
+  }
+
+  for (int kt = 0; kt < KT; ++kt) {
+    cp_async_wait<G_STAGES - 2>();
+    __syncthreads();  // tile kt has landed; every warp is done with tile kt - 1
+    const int nk = kt + G_STAGES - 1;
+    if (nk < KT) {
+      u8* st = smem + (nk % G_STAGES) * G_STAGE_BYTES;
+      load_tile<ALIGNED>(st, A, M, K, m0, nk * G_BK);
+      load_tile<ALIGNED>(st + G_TILE_BYTES, B, N, K, n0, nk * G_BK);
+    }
+    cp_async_commit();
+
+    const u8* sa = smem + (kt % G_STAGES) * G_STAGE_BYTES;
+    const u8* sb = sa + G_TILE_BYTES;
+#pragma unroll
+    for (int kk = 0; kk < G_BK / 32; ++kk) {
+      u32 a[4][4], b[4][2];
+      // A: matrices (rows 0-7, k 0-15), (rows 8-15, k 0-15), (rows 0-7, k 16-31), (rows 8-15, k 16-31)
+      // = a0..a3 of the m16n8k32 row-major fragment; lane l addresses row l & 15, chunk l >> 4.
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi) {
+        const int row = warp_m * 64 + mi * 16 + (lane & 15);
+        ldsm_x4(smem_u32(sa + swz(row, kk * 2 + (lane >> 4))), a[mi][0], a[mi][1], a[mi][2], a[mi][3]);
+      }
+      // B (N, K rows): matrices (n 0-7, k 0-15), (n 0-7, k 16-31), (n 8-15, k 0-15), (n 8-15, k 16-31)
+      // = b0, b1 of n-tile 2 nj and b0, b1 of n-tile 2 nj + 1.
+#pragma unroll
+      for (int nj = 0; nj < 2; ++nj) {
+        const int mt = lane >> 3;
+        const int row = warp_n * 32 + nj * 16 + (mt >> 1) * 8 + (lane & 7);
+        ldsm_x4(smem_u32(sb + swz(row, kk * 2 + (mt & 1))),
+                b[2 * nj][0], b[2 * nj][1], b[2 * nj + 1][0], b[2 * nj + 1][1]);
+      }
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) mma_s8(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
+    }
+  }
+  cp_async_wait<0>();
+
+  // accumulator (mi, ni, i): row g (+8 for i >= 2), column 2 t (+1 for odd i), g = lane / 4, t = lane % 4
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni) {
+      const int row = m0 + warp_m * 64 + mi * 16 + g;
+      const int col = n0 + warp_n * 32 + ni * 8 + 2 * t;
+      store_pair<ODT, RDT, CDT, BDT, CGLOBAL>(out, M, N, row, col, acc[mi][ni][0], acc[mi][ni][1],
+                                              row_scale, col_scale, bias, vec_out);
+      store_pair<ODT, RDT, CDT, BDT, CGLOBAL>(out, M, N, row + 8, col, acc[mi][ni][2], acc[mi][ni][3],
+                                              row_scale, col_scale, bias, vec_out);
+    }
+}

@@ -1,0 +1,261 @@
+"""Linear8bitLt and Int8Params (SPEC.md sections 5 and 9): the LLM.int8() forward against its
+definition, bitsandbytes checkpoints both ways, memory, training, errors."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from qkernels.int8 import int8_vectorwise_dequant, int8_vectorwise_quant
+from torch_ops.linear8bit import Int8Params, Linear8bitLt
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+IN, OUT = 128, 64
+
+try:
+    import bitsandbytes as bnb
+except Exception:  # pragma: no cover
+    bnb = None
+needs_bnb = pytest.mark.skipif(bnb is None, reason="bitsandbytes not importable")
+
+
+def _linear(dtype=torch.float16, seed=0, in_f=IN, out_f=OUT):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(in_f, out_f).to(dtype)
+
+
+def _ours(linear, threshold=0.0, has_fp16_weights=False, device="cpu"):
+    layer = Linear8bitLt(linear.in_features, linear.out_features, has_fp16_weights=has_fp16_weights,
+                         threshold=threshold)
+    layer.load_state_dict(linear.state_dict())
+    return layer.to(device)
+
+
+def _x(dtype, rows=6, seed=1, outlier_col=5):
+    torch.manual_seed(seed)
+    x = torch.randn(rows, IN).to(dtype)
+    if outlier_col is not None:
+        x[:, outlier_col] *= 25  # |x| >= 6 in most rows: an outlier column for threshold 6
+    return x
+
+
+def _definition(x, CB, SCB, bias, threshold):
+    """SPEC 9's forward in float64, from the int8 codes our quantizer produced."""
+    CA, SCA, cols = int8_vectorwise_quant(x, threshold)
+    out = (CA.double() @ CB.double().T) * SCA.double()[:, None] * SCB.double()[None, :] / (127 * 127)
+    out = out + bias.double()
+    if cols is not None and cols.numel():
+        w = int8_vectorwise_dequant(CB[:, cols].contiguous(), SCB).double()
+        out = out + x[:, cols].double() @ w.T
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_forward_is_the_definition(dtype, threshold):
+    """The output is SPEC 9's computation on the int8 codes, rounded once to x's dtype (the
+    error against the float64 evaluation is at most one rounding: 2^-8 relative for bf16)."""
+    layer = _ours(_linear(), threshold)
+    x = _x(dtype)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (6, OUT)
+    ref = _definition(x, layer.weight.CB, layer.weight.SCB, layer.bias.detach(), threshold)
+    eps = {torch.float16: 2 ** -11, torch.bfloat16: 2 ** -8, torch.float32: 2 ** -20}[dtype]
+    assert ((y.double() - ref).abs() <= eps * ref.abs() + 1e-6).all()
+    if threshold:
+        _, _, cols = int8_vectorwise_quant(x, threshold)
+        assert 5 in cols.tolist()
+
+
+def test_outlier_decomposition_is_more_accurate():
+    lin = _linear(torch.float32)
+    x = _x(torch.float32)
+    exact = x.double() @ lin.weight.double().T + lin.bias.double()
+    err = {t: (_ours(lin, t)(x).double() - exact).abs().max().item() for t in (0.0, 6.0)}
+    assert err[6.0] < err[0.0] / 2
+
+
+def test_input_gradient_inference_mode():
+    """has_fp16_weights=False: dx = dout @ (CB * SCB / 127), within 2x of torch's own rounding."""
+    layer = _ours(_linear(torch.float16), 6.0)
+    x = _x(torch.float16).requires_grad_()
+    y = layer(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    w = int8_vectorwise_dequant(layer.weight.CB, layer.weight.SCB)
+    ref = g.double() @ w.double()
+    assert (x.grad.double() - ref).abs().max() <= 2 * ((g @ w.half()).double() - ref).abs().max()
+    assert layer.weight.grad is None and layer.bias.grad is not None
+
+
+def test_training_weight_gradient_and_refresh():
+    """has_fp16_weights=True: dW is the int8 product, close to dout^T @ x (quantization error
+    of two 8-bit factors: a few percent in norm), and the int8 copy follows weight updates."""
+    lin = _linear(torch.float32, seed=2)
+    layer = _ours(lin, 6.0, has_fp16_weights=True)
+    x = _x(torch.float32, rows=64)
+    y = layer(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref = g.double().T @ x.double()
+    assert ((layer.weight.grad.double() - ref).norm() / ref.norm()).item() < 0.03
+    y0 = layer(x).detach()
+    with torch.no_grad():
+        layer.weight.mul_(2)
+    layer.eval()
+    assert not torch.equal(layer(x), y0)  # no stale int8 copy (bnb's eval-mode bug)
+
+
+def test_memory_inference():
+    layer = _ours(_linear(torch.float16, in_f=1024, out_f=512))
+    assert layer.quantized_bytes() / (1024 * 512) <= 1.01
+    assert layer.weight.dtype == torch.int8 and layer.weight.CB.data_ptr() == layer.weight.data_ptr()
+
+
+def test_quantized_on_move_and_moves_keep_codes():
+    layer = Linear8bitLt(IN, OUT, has_fp16_weights=False)
+    with pytest.raises(RuntimeError, match="not quantized yet"):
+        layer(torch.randn(1, IN))
+    layer.load_state_dict(_linear().state_dict())
+    layer.to("cpu")
+    CB, SCB = layer.weight.CB.clone(), layer.weight.SCB.clone()
+    weight = layer.weight
+    layer.cpu().half().to(torch.float32)
+    assert layer.weight is weight and torch.equal(layer.weight.CB, CB) and torch.equal(layer.weight.SCB, SCB)
+    clone = copy.deepcopy(layer)
+    assert isinstance(clone.weight, Int8Params) and torch.equal(clone(_x(torch.float16)), layer(_x(torch.float16)))
+    rebuilt = Int8Params(layer.weight.data, **layer.weight.__dict__)
+    assert rebuilt.SCB is layer.weight.SCB and rebuilt.quantized
+
+
+# --- bitsandbytes interchange ----------------------------------------------------------------
+
+def _bnb_layer(linear, threshold):
+    layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, has_fp16_weights=False,
+                                threshold=threshold)
+    layer.load_state_dict(linear.state_dict())
+    return layer.to("cpu")
+
+
+@needs_bnb
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_bnb_checkpoint_loads_here(threshold):
+    """bnb's int8 checkpoint loads strictly into a fresh layer (bnb itself refuses that),
+    keeps its exact CB/SCB, and reproduces bnb's eval-mode output within 1 fp16 ulp (bnb-CPU's
+    dequantization constant differs by 1.8e-5 relative, SPEC 5)."""
+    lin = _linear(seed=3)
+    b = _bnb_layer(lin, threshold).eval()
+    sd = b.state_dict()
+    assert set(sd) == {"weight", "bias", "SCB", "weight_format"}
+    ours = Linear8bitLt(IN, OUT, has_fp16_weights=False, threshold=threshold)
+    ours.load_state_dict(sd, strict=True)
+    assert torch.equal(ours.weight.CB, sd["weight"]) and torch.equal(ours.weight.SCB, sd["SCB"])
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    x = _x(torch.float16)
+    with torch.no_grad():
+        yb, yo = b(x), ours(x)
+    ulp = torch.finfo(torch.float16).eps * yb.float().abs().clamp(min=2 ** -14)
+    assert ((yb.float() - yo.float()).abs() <= 1.01 * ulp + 1e-3 * threshold).all()
+
+
+@needs_bnb
+def test_our_checkpoint_loads_in_bnb(tmp_path):
+    st = pytest.importorskip("safetensors.torch")
+    load_file, save_file = st.load_file, st.save_file
+    lin = _linear(seed=4)
+    ours = _ours(lin)
+    save_file(ours.state_dict(), tmp_path / "int8.safetensors")
+    sd = load_file(tmp_path / "int8.safetensors")
+    b = _bnb_layer(_linear(seed=99), 0.0)  # bnb loads only into an already-quantized layer
+    b.load_state_dict(sd)
+    assert torch.equal(b.weight.data, ours.weight.CB) and torch.equal(b.weight.SCB, ours.weight.SCB)
+    x = _x(torch.float16, outlier_col=None)
+    with torch.no_grad():
+        yb, yo = b.eval()(x), ours(x)
+    ulp = torch.finfo(torch.float16).eps * yb.float().abs().clamp(min=2 ** -14)
+    assert ((yb.float() - yo.float()).abs() <= 1.01 * ulp).all()
+    fresh = Linear8bitLt(IN, OUT, has_fp16_weights=False)
+    fresh.load_state_dict(sd, strict=True)
+    assert torch.equal(fresh(x), yo)
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+def _unchanged_after(layer, sd, match, exc=RuntimeError):
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(exc, match=match):
+        layer.load_state_dict(sd)
+    after = layer.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_load_errors_name_the_key_and_change_nothing():
+    sd = _ours(_linear(seed=5)).state_dict()
+    target = _ours(_linear(seed=6))
+    no_scb = {k: v for k, v in sd.items() if k != "SCB"}
+    _unchanged_after(target, no_scb, "SCB")
+    _unchanged_after(Linear8bitLt(IN, OUT, has_fp16_weights=False), no_scb, "SCB")
+    _unchanged_after(_ours(_linear(seed=6, in_f=IN + 64)), sd, "weight: size mismatch")
+    bad_scb = dict(sd, SCB=torch.ones(OUT + 1))
+    _unchanged_after(target, bad_scb, "SCB")
+    _unchanged_after(target, dict(sd, weight_format=torch.tensor(1, dtype=torch.uint8)),
+                     "weight_format", ValueError)
+    _unchanged_after(target, dict(sd, weight_format="col_turing"), "weight_format", ValueError)
+    target.load_state_dict(dict(sd, weight_format="row"))  # accepted, as is a missing key
+    target.load_state_dict({k: v for k, v in sd.items() if k != "weight_format"})
+
+
+def test_bad_arguments_and_frozen_weight():
+    with pytest.raises(ValueError, match="threshold"):
+        Linear8bitLt(IN, OUT, threshold=-1.0)
+    layer = _ours(_linear(seed=7))
+    with pytest.raises(ValueError, match="in_features=128"):
+        layer(torch.randn(2, IN - 1, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="frozen"):
+        layer.weight.requires_grad_(True)
+
+
+# --- GPU --------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+@pytest.mark.parametrize("rows", [1, 16, 300])
+def test_gpu_forward_matches_cpu(dtype, threshold, rows):
+    """CUDA (fused int8 GEMM + epilogue) gives the CPU reference's output: same codes, same
+    float32 epilogue; only the outlier matmul (cuBLAS vs NumPy order) may differ in the
+    last bits."""
+    lin = _linear(dtype, seed=8, in_f=512, out_f=384)
+    cpu = _ours(lin, threshold)
+    gpu = copy.deepcopy(cpu).cuda()
+    assert gpu.weight.CB.is_cuda and gpu.weight.SCB.is_cuda
+    torch.manual_seed(9)
+    x = torch.randn(rows, 512).to(dtype)
+    x[:, 7] *= 25
+    y_cpu, y_gpu = cpu(x), gpu(x.cuda()).cpu()
+    if threshold == 0.0:
+        assert torch.equal(y_cpu, y_gpu)
+    else:
+        assert torch.allclose(y_cpu.float(), y_gpu.float(), rtol=2 * torch.finfo(dtype).eps, atol=1e-3)
+    xg = x.cuda().requires_grad_()
+    gpu(xg).sum().backward()
+    assert xg.grad.shape == xg.shape
+
+
+@pytest.mark.gpu
+@needs_bnb
+def test_gpu_bnb_interchange():
+    lin = _linear(seed=10, in_f=1024, out_f=512)
+    b = bnb.nn.Linear8bitLt(1024, 512, has_fp16_weights=False, threshold=6.0)
+    b.load_state_dict(lin.state_dict())
+    b = b.cuda().eval()
+    ours = Linear8bitLt(1024, 512, has_fp16_weights=False, threshold=6.0, device="cuda")
+    ours.load_state_dict(b.state_dict(), strict=True)
+    torch.manual_seed(11)
+    x = torch.randn(8, 1024, dtype=torch.float16, device="cuda")
+    x[:, 3] *= 25
+    with torch.no_grad():
+        yb, yo = b(x), ours(x)
+    assert torch.allclose(yb.float(), yo.float(), rtol=2e-3, atol=2e-2)

@@ -1,0 +1,196 @@
+"""replace_linear (model conversion, skip list, progress, memory report) and LoRA / QLoRA."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+from torch_ops.linear4bit import Linear4bit
+from torch_ops.linear8bit import Linear8bitLt
+from torch_ops.lora import LoRA, add_lora
+from torch_ops.replace import model_bytes, replace_linear
+
+
+class TinyLM(nn.Module):
+    def __init__(self, d=128, hidden=256, vocab=96):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d)) for _ in range(2))
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, tokens):
+        h = self.emb(tokens)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.lm_head(h)
+
+
+def _model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return TinyLM().to(dtype)
+
+
+def _cos(a, b):
+    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+@pytest.mark.parametrize("kind,cls,min_ratio", [("nf4", Linear4bit, 3.0), ("fp4", Linear4bit, 3.0),
+                                                ("int8", Linear8bitLt, 1.8), ("int8-lt", Linear8bitLt, 1.8)])
+def test_replace_linear_converts_skips_and_reports(kind, cls, min_ratio, capsys):
+    model = _model(torch.bfloat16)
+    tokens = torch.randint(0, 96, (2, 5))
+    ref = model(tokens).detach()
+    linear_bytes = sum(m.weight.numel() * 2 for n, m in model.named_modules()
+                       if isinstance(m, nn.Linear) and n != "lm_head")
+    report = replace_linear(model, kind, skip=("lm_head",))
+    assert report.replaced == ["blocks.0.0", "blocks.0.2", "blocks.1.0", "blocks.1.2"]
+    assert report.skipped == ["lm_head"] and type(model.lm_head) is nn.Linear
+    assert all(isinstance(model.blocks[i][j], cls) for i in (0, 1) for j in (0, 2))
+    saved = report.bytes_before - report.bytes_after
+    assert saved >= linear_bytes * (1 - 1 / min_ratio)
+    assert report.bytes_after == model_bytes(model)
+    assert "replace_linear: 4 nn.Linear" in capsys.readouterr().err
+    out = model(tokens)
+    assert out.dtype == torch.bfloat16 and _cos(out, ref) > 0.99
+
+
+def test_replace_linear_progress_bar_and_errors(capsys):
+    replace_linear(_model(), "nf4", progress=True, verbose=False)
+    assert "replace_linear -> nf4" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="kind must be one of.*got 'int3'"):
+        replace_linear(_model(), "int3")
+
+
+@pytest.mark.parametrize("kind,module", [("switchback", "torch_ops.switchback"), ("fp8", "torch_ops.fp8")])
+def test_replace_linear_training_kinds(kind, module):
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} not present")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    x = torch.randn(4, 64)
+    ref = model(x).detach()
+    weight = model[0].weight
+    report = replace_linear(model, kind, skip=(), verbose=False)
+    assert report.replaced == ["0", "2"] and type(model[0]).__module__ == module
+    assert model[0].weight is not weight and torch.equal(model[0].weight, weight)
+    out = model(x)
+    assert out.shape == ref.shape and _cos(out, ref) > 0.98
+    out.pow(2).mean().backward()
+    assert model[0].weight.grad is not None
+
+
+def test_fresh_lora_is_the_identity_and_validates():
+    base = Linear4bit.from_linear(nn.Linear(128, 64), quant_type="nf4")
+    lora = LoRA(base, rank=4, alpha=8)
+    x = torch.randn(3, 128)
+    assert torch.equal(lora(x), base(x))
+    assert [n for n, p in lora.named_parameters() if p.requires_grad] == ["lora_A.weight", "lora_B.weight"]
+    with pytest.raises(ValueError, match="rank"):
+        LoRA(base, rank=0)
+    with pytest.raises(TypeError, match="in_features"):
+        LoRA(nn.ReLU())
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_qlora_training_changes_only_adapters(kind):
+    """The QLoRA recipe: quantize, add adapters, train. Loss goes down; the quantized weights,
+    their state and every non-adapter parameter are bit-for-bit unchanged."""
+    torch.manual_seed(0)
+    model = TinyLM(d=64, hidden=128, vocab=32)
+    replace_linear(model, kind, verbose=False)
+    wrapped = add_lora(model, rank=8, alpha=16, dropout=0.0)
+    assert len(wrapped) == 4
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) == 8
+    opt = torch.optim.AdamW(trainable, lr=2e-2)
+    tokens = torch.randint(0, 32, (4, 8))
+    target = torch.roll(tokens, 1, dims=1)
+    losses = []
+    for _ in range(15):
+        loss = nn.functional.cross_entropy(model(tokens).flatten(0, 1), target.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    after = model.state_dict()
+    for k, v in frozen.items():
+        assert torch.equal(after[k], v), k
+
+
+# --- accuracy on a small pretrained model shipped inside a PyPI package -----------------------
+
+class ONet(nn.Module):
+    """MTCNN's output network (facenet-pytorch ships its trained weights in the wheel:
+    facenet_pytorch/data/onet.pt); 48x48 face crops -> (face prob (2), box (4), landmarks (10)).
+    Its Linear layers: dense5 1152 -> 256, dense6_{1,2,3} 256 -> 2, 4, 10."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 32, 3), nn.PReLU(32)
+        self.conv2, self.prelu2 = nn.Conv2d(32, 64, 3), nn.PReLU(64)
+        self.conv3, self.prelu3 = nn.Conv2d(64, 64, 3), nn.PReLU(64)
+        self.conv4, self.prelu4 = nn.Conv2d(64, 128, 2), nn.PReLU(128)
+        self.dense5, self.prelu5 = nn.Linear(1152, 256), nn.PReLU(256)
+        self.dense6_1, self.dense6_2, self.dense6_3 = nn.Linear(256, 2), nn.Linear(256, 4), nn.Linear(256, 10)
+
+    def forward(self, x):
+        pool = nn.functional.max_pool2d
+        x = pool(self.prelu1(self.conv1(x)), 3, 2, ceil_mode=True)
+        x = pool(self.prelu2(self.conv2(x)), 3, 2, ceil_mode=True)
+        x = pool(self.prelu3(self.conv3(x)), 2, 2, ceil_mode=True)
+        x = self.prelu4(self.conv4(x))
+        x = self.prelu5(self.dense5(x.permute(0, 3, 2, 1).reshape(x.shape[0], -1)))
+        return torch.cat([self.dense6_1(x).softmax(1), self.dense6_2(x), self.dense6_3(x)], 1)
+
+
+def _onet():
+    spec = importlib.util.find_spec("facenet_pytorch")  # located, not imported (needs torchvision)
+    if spec is None:
+        pytest.skip("facenet-pytorch not installed (pip install --no-deps facenet-pytorch==2.6.0)")
+    import os
+    model = ONet()
+    path = os.path.join(spec.submodule_search_locations[0], "data", "onet.pt")
+    model.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind,bound", [("nf4", 0.999), ("int8", 0.9999)])
+def test_pretrained_model_outputs_stay_close(kind, bound):
+    """Cosine similarity of the quantized model's outputs to fp32's on 32 random crops;
+    bitsandbytes' layers side by side (train mode on CPU: its eval kernels need out % 32 == 0,
+    and its CPU int8 path then skips activation quantization, so only the NF4 number is
+    like for like: ours must match it to 1e-4)."""
+    import copy
+    model = _onet()
+    torch.manual_seed(0)
+    x = torch.rand(32, 3, 48, 48) * 2 - 1
+    with torch.no_grad():
+        ref = model(x)
+        quant = copy.deepcopy(model)
+        replace_linear(quant, kind, skip=(), verbose=False)
+        ours = _cos(quant(x), ref)
+    assert ours > bound
+    try:
+        import bitsandbytes as bnb
+    except Exception:
+        return
+    theirs = copy.deepcopy(model)
+    for name in ("dense5", "dense6_1", "dense6_2", "dense6_3"):
+        old = getattr(theirs, name)
+        if kind == "nf4":
+            layer = bnb.nn.Linear4bit(old.in_features, old.out_features, quant_type="nf4")
+        else:
+            layer = bnb.nn.Linear8bitLt(old.in_features, old.out_features, has_fp16_weights=False,
+                                        threshold=6.0 if kind == "int8-lt" else 0.0)
+        layer.load_state_dict(old.state_dict())
+        setattr(theirs, name, layer.to("cpu"))
+    with torch.no_grad():
+        bnb_cos = _cos(theirs.train()(x), ref)
+    assert bnb_cos > bound
+    if kind == "nf4":
+        assert abs(ours - bnb_cos) < 1e-4

@@ -1,0 +1,415 @@
+"""FP8 linear layers: bitsandbytes' simulated-FP8 research layers and a native FP8 path.
+
+    layer = LinearFP8Mixed(1024, 4096)                 # instead of nn.Linear(1024, 4096)
+    y = matmul_fp8_mixed(x, layer.weight.t())          # the bare function (bias not added)
+
+Simulated (SPEC.md section 8): the operands of each matmul are quantized and dequantized
+("qdq") through 8-bit codebooks, E4M3 forward and E5M2 for gradients, then multiplied in
+the activation dtype. qdq_blockwise runs through qkernels.quantize_blockwise (NumPy on
+CPU, CuPy on CUDA); qdq_global (one block spanning the tensor) is the NumPy reference
+(reference/fp8.py) on CPU and the same float32 math in torch ops on CUDA, bit-identical.
+Codebooks live on the host and are copied once per device on first use.
+
+Native (``LinearFP8Mixed(..., native=True)``, ``SwitchBackLinear(..., quant_dtype="fp8")``):
+real float8 tensor-core GEMMs through ``torch._scaled_mm`` with row-wise float32 scales,
+float8_e4m3fn activations and weights, float8_e5m2 output gradients; needs a CUDA GPU of
+compute capability >= 8.9 (Ada, Hopper) and feature counts divisible by 16.
+
+The quantized primitives are ``torch.library`` custom ops (namespace ``qkernels``) with
+fake kernels, so ``torch.compile(fullgraph=True)`` traces these layers without a break.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import qkernels
+from reference import fp8 as ref
+from reference.codebooks import fp8_map, midpoints
+from ._checks import check_linear_input, compute_dtype
+
+__all__ = ["matmul_fp8_mixed", "matmul_fp8_global", "LinearFP8Mixed", "LinearFP8Global",
+           "qdq_global", "qdq_blockwise", "fp8_block_sizes", "check_native_fp8"]
+
+fp8_block_sizes = ref.fp8_block_sizes
+
+# --- codebooks: named host arrays; device copies made once per (name, device) ------------
+
+_CODES: dict[str, np.ndarray] = {"e4m3": fp8_map(4, 3), "e5m2": fp8_map(5, 2)}
+_DEVICE_TABLES: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
+
+
+def code_name(code) -> str:
+    """A name for a codebook: None -> "e4m3"; a name is checked; a (256,) tensor or array is
+    registered under a name derived from its bytes (one host copy, at the call site)."""
+    if code is None:
+        return "e4m3"
+    if isinstance(code, str):
+        if code not in _CODES:
+            raise ValueError(f"unknown codebook name {code!r}; known: {', '.join(_CODES)}")
+        return code
+    host = code.detach().cpu().numpy() if isinstance(code, Tensor) else np.asarray(code)
+    host = np.ascontiguousarray(host, np.float32)
+    if host.shape != (256,) or not np.all(np.isfinite(host)) or np.any(np.diff(host) < 0):
+        raise ValueError(f"code must be a sorted, finite (256,) codebook; got shape {host.shape}")
+    for name, c in _CODES.items():
+        if np.array_equal(c, host):
+            return name
+    name = "custom_" + hashlib.sha1(host.tobytes()).hexdigest()[:16]
+    _CODES.setdefault(name, host)
+    return name
+
+
+def code_tensor(name: str, device) -> Tensor:
+    """The codebook ``name`` as a float32 (256,) tensor on ``device`` (cached)."""
+    return _tables(name, torch.device(device))[0]
+
+
+def _tables(name: str, device: torch.device) -> tuple[Tensor, Tensor]:
+    key = (name, str(device))
+    if key not in _DEVICE_TABLES:
+        code = _CODES[name]
+        _DEVICE_TABLES[key] = (torch.from_numpy(code.copy()).to(device),
+                               torch.from_numpy(midpoints(code).copy()).to(device))
+    return _DEVICE_TABLES[key]
+
+
+# --- custom ops: quantize-dequantize ---------------------------------------------------------
+
+def _qdq_global_torch(x: Tensor, code: Tensor, mid: Tensor) -> Tensor:
+    """SPEC.md 2 with one block, in torch float32 ops (IEEE on CPU and CUDA alike)."""
+    xf = x.reshape(-1).float()
+    absmax = torch.maximum(xf.max(), -xf.min()) + 0.0       # NaN propagates
+    y = xf * torch.reciprocal(absmax)
+    y = torch.where(torch.isnan(y), torch.zeros_like(y), y)
+    c = torch.searchsorted(mid, y)                          # #{mid < y}, ties to the lower
+    return (code[c] * absmax).to(x.dtype).reshape(x.shape)
+
+
+@torch.library.custom_op("qkernels::qdq_global", mutates_args=())
+def qdq_global(x: Tensor, code: str) -> Tensor:
+    """Global quantize-dequantize of x (any shape, float16/bfloat16/float32) with the named
+    codebook: one absmax over the whole tensor; returns x's dtype and shape, contiguous."""
+    if x.numel() == 0:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    if x.device.type == "cpu":
+        out = ref.qdq_global_f32(_host_f32(x), _CODES[code])
+        return _from_f32(out, x)
+    code_t, mid = _tables(code, x.device)
+    return _qdq_global_torch(x, code_t, mid)
+
+
+@torch.library.custom_op("qkernels::qdq_blockwise", mutates_args=())
+def qdq_blockwise(x: Tensor, code: str, blocksize: int) -> Tensor:
+    """Blockwise quantize-dequantize of x (flattened, blocks of ``blocksize`` consecutive
+    elements, 64..4096) through qkernels.quantize_blockwise; x's dtype and shape."""
+    if x.numel() == 0:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    codes, state = qkernels.quantize_blockwise(x.detach(), code=_CODES[code], blocksize=blocksize)
+    return qkernels.dequantize_blockwise(codes, state).reshape(x.shape)
+
+
+@qdq_global.register_fake
+def _(x, code):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@qdq_blockwise.register_fake
+def _(x, code, blocksize):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _host_f32(x: Tensor) -> np.ndarray:
+    return x.detach().reshape(-1).float().numpy()
+
+
+def _from_f32(values: np.ndarray, like: Tensor) -> Tensor:
+    return torch.from_numpy(values).to(like.dtype).reshape(like.shape)
+
+
+# --- simulated FP8 matmuls ---------------------------------------------------------------------
+
+class MatMulFP8Mixed(torch.autograd.Function):
+    """A (..., K) @ B (K, N). Forward ``qdq(A, fw, bsz) @ qdq_global(B, fw)``; backward
+    ``dA = qdq(G, bw, bsz2) @ qdq_global(B)^T``, ``dB = A^T @ G`` in full precision."""
+
+    @staticmethod
+    def forward(ctx, A, B, fw: str, bw: str, bsz: int, bsz2: int):
+        fp8A = qdq_blockwise(A, fw, bsz)
+        fp8B = qdq_global(B, fw)
+        ctx.bw, ctx.bsz2 = bw, bsz2
+        ctx.save_for_backward(A, fp8B)
+        return torch.matmul(fp8A, fp8B.to(A.dtype))
+
+    @staticmethod
+    def backward(ctx, G):
+        A, fp8B = ctx.saved_tensors
+        dA = dB = None
+        if ctx.needs_input_grad[0]:
+            Gq = qdq_blockwise(G, ctx.bw, ctx.bsz2)
+            dA = torch.matmul(Gq, fp8B.t().to(Gq.dtype)).to(A.dtype)
+        if ctx.needs_input_grad[1]:
+            A2, G2 = A.reshape(-1, A.shape[-1]), G.reshape(-1, G.shape[-1])
+            dB = torch.matmul(A2.t().to(G.dtype), G2).to(fp8B.dtype)
+        return dA, dB, None, None, None, None
+
+
+class MatMulFP8Global(torch.autograd.Function):
+    """As MatMulFP8Mixed with global scaling everywhere; ``dB = qdq_global(A)^T @ Gq``."""
+
+    @staticmethod
+    def forward(ctx, A, B, fw: str, bw: str):
+        fp8A = qdq_global(A, fw)
+        fp8B = qdq_global(B, fw)
+        ctx.bw = bw
+        ctx.save_for_backward(fp8A, fp8B)  # qdq_global(A^T) = qdq_global(A)^T: one scale
+        return torch.matmul(fp8A, fp8B.to(A.dtype))
+
+    @staticmethod
+    def backward(ctx, G):
+        fp8A, fp8B = ctx.saved_tensors
+        Gq = qdq_global(G, ctx.bw)
+        dA = dB = None
+        if ctx.needs_input_grad[0]:
+            dA = torch.matmul(Gq, fp8B.t().to(Gq.dtype)).to(fp8A.dtype)
+        if ctx.needs_input_grad[1]:
+            A2, G2 = fp8A.reshape(-1, fp8A.shape[-1]), Gq.reshape(-1, Gq.shape[-1])
+            dB = torch.matmul(A2.t().to(Gq.dtype), G2).to(fp8B.dtype)
+        return dA, dB, None, None
+
+
+def _matmul_args(A, B, fw_code, bw_code, out, bsz, bsz2):
+    if out is not None:
+        raise ValueError("out= is not supported (bitsandbytes ignores it); pass out=None")
+    if A.shape[-1] != B.shape[0]:
+        raise ValueError(f"A (..., K) and B (K, N) must agree in K; got {tuple(A.shape)} and "
+                         f"{tuple(B.shape)}")
+    if bsz == -1 or bsz2 == -1:
+        bsz, bsz2 = fp8_block_sizes(A.shape[-1], B.shape[1])
+    bw = "e5m2" if bw_code is None else code_name(bw_code)
+    return code_name(fw_code), bw, bsz, bsz2
+
+
+def matmul_fp8_mixed(A: Tensor, B: Tensor, fw_code=None, bw_code=None, out=None,
+                     bsz: int = -1, bsz2: int = -1) -> Tensor:
+    """Simulated-FP8 ``A @ B`` with blockwise scaling of A: A (..., K), B (K, N) (usually
+    ``weight.t()``), same float dtype; codes default to E4M3 (forward) / E5M2 (backward);
+    bsz / bsz2 = -1 choose SPEC's block sizes from K and N. Returns (..., N) in A's dtype."""
+    fw, bw, bsz, bsz2 = _matmul_args(A, B, fw_code, bw_code, out, bsz, bsz2)
+    if A.numel() == 0 or B.numel() == 0:
+        return torch.matmul(A, B.to(A.dtype))  # empty: right shape, zero gradients
+    return MatMulFP8Mixed.apply(A, B, fw, bw, bsz, bsz2)
+
+
+def matmul_fp8_global(A: Tensor, B: Tensor, fw_code=None, bw_code=None, out=None,
+                      bsz: int = -1, bsz2: int = -1) -> Tensor:
+    """Simulated-FP8 ``A @ B`` with one global scale per operand; as matmul_fp8_mixed."""
+    fw, bw, _, _ = _matmul_args(A, B, fw_code, bw_code, out, bsz, bsz2)
+    if A.numel() == 0 or B.numel() == 0:
+        return torch.matmul(A, B.to(A.dtype))
+    return MatMulFP8Global.apply(A, B, fw, bw)
+
+
+# --- native FP8 (torch._scaled_mm) -------------------------------------------------------------
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+_FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
+
+
+def check_native_fp8(x: Tensor, in_features: int, out_features: int, what: str) -> None:
+    """Raise a clear error unless x lives on a GPU with FP8 tensor cores and the feature
+    counts suit torch._scaled_mm."""
+    if x.device.type != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError(f"{what} needs a CUDA GPU with FP8 tensor cores (compute capability "
+                           f">= 8.9: Ada or Hopper, e.g. H100); the input is on {x.device}. "
+                           f"Use the simulated path (native=False / quant_dtype='int8') elsewhere.")
+    if in_features % 16 or out_features % 16:
+        raise ValueError(f"{what} needs in_features and out_features divisible by 16 "
+                         f"(torch._scaled_mm); got {in_features} and {out_features}")
+    if torch.compiler.is_compiling():
+        return  # the eager call checked the device; its queries are no graph material
+    cap = torch.cuda.get_device_capability(x.device)
+    if cap < (8, 9):
+        raise RuntimeError(f"{what} needs a GPU with FP8 tensor cores (compute capability >= 8.9, "
+                           f"e.g. H100); {torch.cuda.get_device_name(x.device)} has {cap[0]}.{cap[1]}")
+
+
+def fp8_rowwise(x: Tensor, fp8_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Row-wise float8 quantization of x (M, K), any strides: (q (M, K) fp8_dtype contiguous,
+    scale (M, 1) float32)
+    with ``x ~= q * scale``, ``scale = rowmax / fp8_max`` (1 for a zero row; NaN for a NaN
+    row, whose output row becomes NaN)."""
+    amax = x.abs().amax(dim=1, keepdim=True).float()
+    fmax = _FP8_MAX[fp8_dtype]
+    scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
+    scale = torch.where(torch.isnan(amax), amax, scale)
+    q = (x.float() / scale).clamp(-fmax, fmax).to(fp8_dtype)
+    return q.contiguous(), scale
+
+
+def fp8_global(x: Tensor, fp8_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Tensor-wise float8 quantization: (q of x's shape, scale (1, 1) float32)."""
+    amax = x.abs().amax().float().reshape(1, 1)
+    fmax = _FP8_MAX[fp8_dtype]
+    scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
+    return (x.float() / scale).clamp(-fmax, fmax).to(fp8_dtype).contiguous(), scale
+
+
+_fallback_warned: set = set()
+
+
+@torch.library.custom_op("qkernels::fp8_scaled_mm", mutates_args=())
+def fp8_scaled_mm(a: Tensor, b_nk: Tensor, scale_a: Tensor, scale_b: Tensor,
+                  out_dtype: torch.dtype) -> Tensor:
+    """``(a * scale_a) @ (b_nk * scale_b^T)^T`` for float8 a (M, K) row-major and b_nk (N, K)
+    row-major, scale_a (M, 1) and scale_b (N, 1) float32; out (M, N) in out_dtype.
+
+    One torch._scaled_mm with row-wise scales (float32 accumulation). Where this torch build
+    refuses a combination (an e5m2 operand, a non-bf16 output with row-wise scales), the
+    product is formed in bfloat16 instead and a warning says so once."""
+    try:
+        return torch._scaled_mm(a, b_nk.t(), scale_a, scale_b.t(), out_dtype=out_dtype)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+    if out_dtype != torch.bfloat16:
+        try:
+            y = torch._scaled_mm(a, b_nk.t(), scale_a, scale_b.t(), out_dtype=torch.bfloat16)
+            return y.to(out_dtype)
+        except RuntimeError:
+            pass
+    key = (a.dtype, b_nk.dtype, out_dtype)
+    if key not in _fallback_warned:
+        _fallback_warned.add(key)
+        import warnings
+        warnings.warn(f"torch._scaled_mm refused {a.dtype} x {b_nk.dtype} -> {out_dtype} with "
+                      f"row-wise scales ({first}); using a bfloat16 GEMM for it", RuntimeWarning)
+    af = (a.float() * scale_a).to(torch.bfloat16)
+    bf = (b_nk.float() * scale_b).to(torch.bfloat16)
+    return (af @ bf.t()).to(out_dtype)
+
+
+@fp8_scaled_mm.register_fake
+def _(a, b_nk, scale_a, scale_b, out_dtype):
+    return a.new_empty((a.shape[0], b_nk.shape[0]), dtype=out_dtype)
+
+
+class FP8NativeLinearFunction(torch.autograd.Function):
+    """Native-FP8 linear on X (M, K), W (N, K) of one float dtype, bias (N,) or None.
+
+    Forward: ``Y = fp8(X, e4m3, per row) @ fp8(W, e4m3, per output row or global)^T + bias``.
+    Backward: ``dX = fp8(G, e5m2, per row) @ fp8(W^T, e4m3, per input column or global)^T``;
+    ``dW = G^T @ X`` in X's dtype (from the saved e4m3 X when ``mem_efficient``);
+    ``dbias = sum(G, 0)``."""
+
+    @staticmethod
+    def forward(ctx, X, W, bias, w_rowwise: bool, mem_efficient: bool):
+        Xq, sX = fp8_rowwise(X, E4M3)
+        if w_rowwise:
+            Wq, sW = fp8_rowwise(W, E4M3)
+        else:
+            Wq, sW = fp8_global(W, E4M3)
+            sW = sW.expand(W.shape[0], 1).contiguous()
+        Y = fp8_scaled_mm(Xq, Wq, sX, sW, X.dtype)
+        if bias is not None:
+            Y = Y + bias.to(Y.dtype)
+        ctx.w_rowwise, ctx.mem_efficient, ctx.has_bias = w_rowwise, mem_efficient, bias is not None
+        ctx.x_dtype = X.dtype
+        if mem_efficient:
+            ctx.save_for_backward(Xq, sX, W)
+        else:
+            ctx.save_for_backward(X, W)
+        return Y
+
+    @staticmethod
+    def backward(ctx, G):
+        if ctx.mem_efficient:
+            Xq, sX, W = ctx.saved_tensors
+        else:
+            X, W = ctx.saved_tensors
+        G = G.contiguous()
+        dX = dW = dbias = None
+        if ctx.needs_input_grad[0]:
+            Gq, sG = fp8_rowwise(G, E5M2)
+            if ctx.w_rowwise:
+                WtQ, sWt = fp8_rowwise(W.t(), E4M3)        # per input channel: (K, N)
+            else:
+                WtQ, sWt = fp8_global(W.t(), E4M3)
+                sWt = sWt.expand(W.shape[1], 1).contiguous()
+            dX = fp8_scaled_mm(Gq, WtQ, sG, sWt, G.dtype)
+        if ctx.needs_input_grad[1]:
+            Xh = (Xq.float() * sX).to(ctx.x_dtype) if ctx.mem_efficient else X
+            dW = torch.matmul(G.t(), Xh.to(G.dtype)).to(W.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dbias = G.sum(0)
+        return dX, dW, dbias, None, None
+
+
+def linear_fp8_native(x: Tensor, weight: Tensor, bias: Tensor | None, w_rowwise: bool = True,
+                      mem_efficient: bool = False) -> Tensor:
+    """Native-FP8 ``F.linear``: x (*, K), weight (N, K), bias (N,); returns (*, N) in the
+    compute dtype. See FP8NativeLinearFunction."""
+    N, K = weight.shape
+    check_native_fp8(x, K, N, "native FP8")
+    dt = compute_dtype(x)
+    X = x.reshape(-1, K).to(dt)
+    b = None if bias is None else bias.to(dt)
+    Y = FP8NativeLinearFunction.apply(X, weight.to(dt), b, w_rowwise, mem_efficient)
+    return Y.reshape(*x.shape[:-1], N)
+
+
+# --- layers ----------------------------------------------------------------------------------
+
+class _LinearFP8(nn.Linear):
+    """nn.Linear's parameters and state_dict; the matmul simulated in FP8 (or native)."""
+
+    _matmul = None  # set by subclasses
+
+    def __init__(self, input_features: int, output_features: int, bias: bool = True,
+                 native: bool = False, device=None, dtype=None):
+        super().__init__(input_features, output_features, bias, device=device, dtype=dtype)
+        self.bsz, self.bsz2 = fp8_block_sizes(input_features, output_features)
+        self.native = bool(native)
+
+    @property
+    def fw_code(self) -> Tensor:
+        """The E4M3 forward codebook on the weight's device (created once per device)."""
+        return code_tensor("e4m3", self.weight.device)
+
+    @property
+    def bw_code(self) -> Tensor:
+        """The E5M2 backward codebook on the weight's device."""
+        return code_tensor("e5m2", self.weight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        name = type(self).__name__
+        check_linear_input(x, self.in_features, self.weight, name)
+        if self.native:
+            return linear_fp8_native(x, self.weight, self.bias, w_rowwise=True)
+        dt = compute_dtype(x)
+        W = self.weight.to(dt)
+        out = type(self)._matmul(x.to(dt), W.t(), "e4m3", "e5m2", None, self.bsz, self.bsz2)
+        if self.bias is not None:
+            out = out + self.bias.to(dt)
+        return out
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", native=True" if self.native else "")
+
+
+class LinearFP8Mixed(_LinearFP8):
+    """``LinearFP8Mixed(input_features, output_features, bias=True, native=False)``: a drop-in
+    nn.Linear whose forward is matmul_fp8_mixed (blockwise E4M3 activations, global E4M3
+    weight, blockwise E5M2 output gradient; weight gradient in full precision). With
+    ``native=True`` the GEMMs run in float8 on the tensor cores (see module docstring)."""
+
+    _matmul = staticmethod(matmul_fp8_mixed)
+
+
+class LinearFP8Global(_LinearFP8):
+    """``LinearFP8Global(input_features, output_features, bias=True, native=False)``: as
+    LinearFP8Mixed with one global scale per operand (matmul_fp8_global)."""
+
+    _matmul = staticmethod(matmul_fp8_global)

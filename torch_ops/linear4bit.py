@@ -1,0 +1,397 @@
+"""4-bit linear layers: ``Params4bit``, ``Linear4bit``, ``LinearNF4``, ``LinearFP4``
+(SPEC.md sections 3, 4 and 10; bitsandbytes' names, arguments and state_dict keys).
+
+When quantization happens: **when the weight is moved to a device** (``layer.to(device)``,
+``.cuda()``, ``.cpu()``, ``model.to(...)``), as in bitsandbytes, or when a float
+checkpoint is loaded into an already-quantized layer. A freshly constructed layer holds a
+float weight; its forward raises until it has been moved (or a quantized checkpoint
+loaded). Moving a quantized layer moves the packed bytes and the QuantState together and
+never re-quantizes.
+
+Formats: the weight (out, in) is stored as ``quantize_4bit(W, blocksize=64, quant_type,
+compress_statistics, quant_storage)``: packed uint8 ``(ceil(out*in/2), 1)`` (or the same
+bytes viewed as quant_storage) plus a QuantState (absmax float32 (nblocks,), or uint8 codes
+with a nested state when compress_statistics). ``state_dict()`` holds ``weight`` (packed),
+``bias`` and ``weight.`` + every key of ``quant_state.as_dict(packed=True)``: exactly the
+keys bitsandbytes writes, so checkpoints (torch.save or safetensors) go both ways.
+``load_state_dict(strict=True)`` works on a freshly constructed layer (bitsandbytes #1946).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+from reference import fourbit as ref4
+from reference.state import QuantState
+from ._checks import check_linear_input
+from ._layers import (LoadReport, apply_to_quantized_weight, check_bias, layer_keys, move_state,
+                      plain, state_device, tensor_bytes)
+
+__all__ = ["Params4bit", "Linear4bit", "LinearNF4", "LinearFP4", "MatMul4bit"]
+
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _fourbit():
+    from qkernels import fourbit
+    return fourbit
+
+
+def _check_quant_type(quant_type) -> str:
+    if quant_type not in ref4.QUANT_TYPES:
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4'; got {quant_type!r}")
+    return quant_type
+
+
+def _rebuild_params4bit(data, requires_grad, attrs):
+    return Params4bit(data, requires_grad, **attrs)
+
+
+class Params4bit(nn.Parameter):
+    """A 4-bit weight: a torch.nn.Parameter over the packed payload carrying its QuantState.
+
+    ``Params4bit(data=None, requires_grad=False, quant_state=None, blocksize=64,
+    compress_statistics=True, quant_type="fp4", quant_storage=torch.uint8, module=None,
+    bnb_quantized=False, **extra)``: bitsandbytes' constructor and attribute names (all in
+    ``__dict__``), so ``Params4bit(data, **old.__dict__)`` (accelerate, peft) rebuilds it;
+    extra keyword attributes (e.g. ``_is_hf_initialized``) are kept.
+
+    Before quantization ``data`` is the float weight (out, in). ``.to(device)`` / ``.cuda()``
+    / ``.cpu()`` quantize it there (bnb_quantized becomes True, data becomes packed uint8
+    ``(ceil(n/2), 1)`` or quant_storage). On a quantized weight they move the bytes and
+    the state and ignore any dtype (the payload is codes, not numbers). A quantized weight
+    is frozen: ``requires_grad_(True)`` raises.
+    """
+
+    def __new__(cls, data=None, requires_grad=False, quant_state=None, blocksize=None,
+                compress_statistics=True, quant_type="fp4", quant_storage=torch.uint8,
+                module=None, bnb_quantized=False, **extra):
+        if data is None:
+            data = torch.empty(0)
+        # integer payloads cannot require grad (torch refuses); a rebuild passing True is fine
+        self = torch.Tensor._make_subclass(cls, data, requires_grad and data.is_floating_point())
+        self.blocksize = 64 if blocksize is None else int(blocksize)
+        self.compress_statistics = bool(compress_statistics)
+        self.quant_type = quant_type
+        self.quant_state = quant_state
+        self.quant_storage = quant_storage
+        self.bnb_quantized = bool(bnb_quantized)
+        self.module = module
+        for k, v in extra.items():
+            setattr(self, k, v)
+        return self
+
+    # -- bitsandbytes' accessors ----------------------------------------------------------
+    @property
+    def absmax(self):
+        return None if self.quant_state is None else self.quant_state.absmax
+
+    @property
+    def code(self):
+        return None if self.quant_state is None else self.quant_state.code
+
+    @classmethod
+    def from_prequantized(cls, data: torch.Tensor, quantized_stats: dict, requires_grad=False,
+                          device="cuda", module=None, **kwargs) -> "Params4bit":
+        """bitsandbytes' constructor from a checkpoint: packed ``data`` and the
+        ``weight.``-stripped (or prefixed) QuantState items (``QuantState.from_dict``)."""
+        state = QuantState.from_dict(quantized_stats)
+        self = cls(data.to(device), requires_grad, quant_state=move_state(state, device),
+                   blocksize=state.blocksize, compress_statistics=state.nested,
+                   quant_type=state.quant_type, quant_storage=data.dtype, module=module,
+                   bnb_quantized=True, **kwargs)
+        return self
+
+    # -- moving and quantizing ------------------------------------------------------------
+    def _rewrap(self, data, **changes) -> "Params4bit":
+        attrs = {**self.__dict__, **changes}
+        return Params4bit(data, self.requires_grad and data.is_floating_point(), **attrs)
+
+    def _quantize(self, device, dtype=None) -> "Params4bit":
+        w = self.data.to(device=device, dtype=dtype or self.data.dtype).contiguous()
+        if w.dtype not in _FLOAT:
+            raise TypeError(f"Params4bit: cannot quantize a {w.dtype} weight; it must be "
+                            "float16, bfloat16 or float32 (a packed weight needs its quant_state)")
+        _check_quant_type(self.quant_type)
+        packed, state = _fourbit().quantize_4bit(
+            w, blocksize=self.blocksize, quant_type=self.quant_type,
+            compress_statistics=self.compress_statistics, quant_storage=self.quant_storage)
+        return self._rewrap(packed, quant_state=state, bnb_quantized=True)
+
+    def to(self, *args, **kwargs):
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is None:  # a dtype-only conversion: no move, so no quantization
+            if self.bnb_quantized:
+                return self
+            return self._rewrap(self.data.to(dtype=dtype or self.data.dtype))
+        device = torch.device(device)
+        if not self.bnb_quantized:
+            if device.type == "meta":
+                return self._rewrap(self.data.to(device=device, dtype=dtype or self.data.dtype))
+            return self._quantize(device, dtype if dtype in _FLOAT else None)
+        data = self.data.to(device, non_blocking=non_blocking)
+        return self._rewrap(data, quant_state=move_state(self.quant_state, device, non_blocking))
+
+    def cuda(self, device=None, non_blocking=False):
+        device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device or "cuda")
+        return self.to(device, non_blocking=non_blocking)
+
+    def cpu(self):
+        return self.to("cpu")
+
+    def _applied(self, fn) -> "Params4bit":
+        """What ``module._apply(fn)`` makes of this weight: our ``.to``/``.cuda``/``.cpu``
+        give a Params4bit; any other result (``.half()`` on bfloat16-stored bytes, a copy)
+        only contributes its device, never its dtype, once quantized."""
+        out = fn(self)
+        if isinstance(out, Params4bit) or out is self:
+            return out
+        if not self.bnb_quantized:
+            return self._rewrap(out)
+        return self.to(out.device)
+
+    def synced_state(self) -> QuantState:
+        """The QuantState on the payload's device (moved, and kept, if a bare ``.data``
+        assignment left it behind)."""
+        state = self.quant_state
+        if state is not None and state_device(state) != self.device:
+            state = self.quant_state = move_state(state, self.device)
+        return state
+
+    def requires_grad_(self, requires_grad=True):
+        if requires_grad and self.bnb_quantized:
+            raise RuntimeError("Params4bit: a quantized 4-bit weight is frozen and cannot require "
+                               "grad; train an adapter on top (torch_ops.LoRA) instead")
+        return super().requires_grad_(requires_grad)
+
+    # -- copies ----------------------------------------------------------------------------
+    def __deepcopy__(self, memo):
+        new = Params4bit(self.data.clone(memory_format=torch.preserve_format), self.requires_grad)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+    def __reduce_ex__(self, protocol):
+        return _rebuild_params4bit, (self.data, self.requires_grad, dict(self.__dict__))
+
+    def __repr__(self):
+        if not self.bnb_quantized:
+            return f"Params4bit(not quantized yet, {self.quant_type}):\n{super().__repr__()}"
+        s = self.quant_state
+        return (f"Params4bit({s.quant_type}, shape={tuple(s.shape)}, blocksize={s.blocksize}, "
+                f"nested={s.nested}, storage={self.dtype}, device={self.device})")
+
+
+class MatMul4bit(torch.autograd.Function):
+    """``out = x @ dequantize_4bit(packed, state).T + bias`` (qkernels.fourbit.matmul_4bit).
+
+    x (..., in) in the compute dtype; packed: the payload (frozen); bias (out,) in x's dtype
+    or None. Backward: ``dx = dout @ W`` with W dequantized in dout's dtype; ``dbias =
+    sum(dout)``; a packed weight that requires grad is an error (it has no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, packed, state, bias):
+        ctx.state = state
+        ctx.save_for_backward(packed)
+        ctx.x_shape = x.shape
+        with torch.no_grad():
+            return _fourbit().matmul_4bit(x, plain(packed), state, None if bias is None else bias.detach())
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.needs_input_grad[1]:
+            raise RuntimeError("backward into a frozen quantized weight: Linear4bit.weight holds "
+                               "packed 4-bit codes and has no gradient; keep weight.requires_grad="
+                               "False and train adapters (torch_ops.LoRA)")
+        (packed,) = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        dx = dbias = None
+        if ctx.needs_input_grad[0]:
+            w = _fourbit().dequantize_4bit(plain(packed), ctx.state, out_dtype=grad.dtype)
+            dx = (g2 @ w).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            dbias = g2.sum(0)
+        return dx, None, None, dbias
+
+
+class Linear4bit(nn.Linear):
+    """``Linear4bit(input_features, output_features, bias=True, compute_dtype=None,
+    compress_statistics=True, quant_type="fp4", quant_storage=torch.uint8, device=None,
+    *, blocksize=64)``: an nn.Linear whose weight is a frozen 4-bit ``Params4bit``.
+
+    Input (*, input_features) float16 / bfloat16 / float32 -> output (*, output_features) in
+    the input's dtype. The matmul runs in ``compute_dtype``, or in the input's dtype when it
+    is None (following each input; bitsandbytes fixes it from the first); the fused small-
+    batch kernel accumulates in float32 on CUDA, the CPU path is the NumPy reference
+    (float32). Gradients reach the input (QLoRA); the bias is trainable and never cast in
+    place. Quantization happens on move to a device (module docstring).
+    """
+
+    def __init__(self, input_features, output_features, bias=True, compute_dtype=None,
+                 compress_statistics=True, quant_type="fp4", quant_storage=torch.uint8,
+                 device=None, *, blocksize=64):
+        _check_quant_type(quant_type)
+        ref4.check_blocksize(blocksize)
+        ref4.check_storage(quant_storage)
+        if compute_dtype is not None and compute_dtype not in _FLOAT:
+            raise ValueError(f"compute_dtype must be None, torch.float16, torch.bfloat16 or "
+                             f"torch.float32; got {compute_dtype!r}")
+        super().__init__(input_features, output_features, bias, device=device)
+        self.weight = Params4bit(self.weight.data, requires_grad=False, blocksize=blocksize,
+                                 compress_statistics=compress_statistics, quant_type=quant_type,
+                                 quant_storage=quant_storage)
+        self.compute_dtype = compute_dtype
+        self.quant_storage = quant_storage
+        self._warned_f32 = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **options) -> "Linear4bit":
+        """A quantized copy of ``linear`` on its device (its float weight is not copied
+        first; the quantized bytes are new). ``options``: this class's keyword arguments."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    device="meta", **options)
+        layer.weight = layer.weight._rewrap(linear.weight.data)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.data, requires_grad=linear.bias.requires_grad)
+        if linear.weight.device.type != "meta":
+            layer.to(linear.weight.device)
+        return layer
+
+    def _apply(self, fn, recurse=True):
+        return apply_to_quantized_weight(self, fn, recurse, super()._apply)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        check_linear_input(x, self.in_features, w, type(self).__name__)
+        if not w.bnb_quantized:
+            raise RuntimeError(f"{type(self).__name__}: the weight is not quantized yet; it is "
+                               "quantized when the layer is moved to a device (layer.to(device), "
+                               ".cuda(), .cpu()) or loaded from a quantized checkpoint")
+        state = w.synced_state()
+        cd = self.compute_dtype or x.dtype
+        if cd == torch.float32 and x.dtype != torch.float32 and not self._warned_f32:
+            warnings.warn(f"{type(self).__name__}: compute_dtype=torch.float32 with {x.dtype} input "
+                          "runs a slow float32 matmul; leave compute_dtype=None to follow the "
+                          "input", stacklevel=2)
+            self._warned_f32 = True
+        bias = None if self.bias is None else self.bias.to(cd)
+        out = MatMul4bit.apply(x.to(cd), w, state, bias)
+        return out.to(x.dtype)
+
+    # -- state_dict -------------------------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        w = self.weight
+        if not w.bnb_quantized:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = w if keep_vars else plain(w)
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        for k, v in w.synced_state().as_dict(packed=True).items():
+            destination[prefix + "weight." + k] = v.detach() if isinstance(v, torch.Tensor) else v
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        sd = layer_keys(state_dict, prefix)
+        report = LoadReport(prefix)
+        new_weight = self._checked_weight(sd, report)
+        new_bias = check_bias(report, sd, self.bias, self.out_features)
+        known = {"weight", "bias"}
+        report.unexpected += [k for k in sd if k not in known and not k.startswith("weight.")]
+        if not report.ok(strict):
+            report.hand_over(missing_keys, unexpected_keys, error_msgs)
+            return
+        report.hand_over(missing_keys, unexpected_keys, error_msgs)
+        with torch.no_grad():
+            if new_weight is not None:
+                self.weight.data = new_weight.data
+                self.weight.__dict__.update(new_weight.__dict__)
+            if new_bias is not None:
+                self.bias.copy_(new_bias)
+
+    def _checked_weight(self, sd: dict, report: LoadReport):
+        """The Params4bit the checkpoint describes, on this layer's device, or None (with
+        the problem recorded)."""
+        if "weight" not in sd:
+            report.missing.append("weight")
+            return None
+        data = sd["weight"]
+        out_in = (self.out_features, self.in_features)
+        qitems = {k[len("weight."):]: v for k, v in sd.items() if k.startswith("weight.")}
+        device = self.weight.device
+        if not qitems:
+            if not data.is_floating_point():
+                report.error("weight", f"a packed {data.dtype} weight needs its quantization keys "
+                             "(weight.absmax, weight.quant_map, weight.quant_state.bitsandbytes__"
+                             f"{self.weight.quant_type}); none found")
+                report.missing += ["weight.absmax", "weight.quant_map",
+                                   f"weight.quant_state.bitsandbytes__{self.weight.quant_type}"]
+                return None
+            if tuple(data.shape) != out_in:
+                report.error("weight", f"size mismatch: checkpoint has {tuple(data.shape)}, the "
+                             f"layer expects {out_in}")
+                return None
+            if data.dtype not in _FLOAT:
+                report.error("weight", f"must be float16, bfloat16 or float32; got {data.dtype}")
+                return None
+            fresh = self.weight._rewrap(data.detach().to(device), quant_state=None, bnb_quantized=False)
+            return fresh.to(device) if self.weight.bnb_quantized else fresh
+        try:
+            state = QuantState.from_dict(qitems)
+            ref4.check_4bit_state(state, tuple(data.shape), str(data.dtype).replace("torch.", ""))
+        except (ValueError, TypeError, KeyError) as e:
+            report.error("weight", f"invalid quantization keys: {e}")
+            return None
+        if tuple(state.shape) != out_in:
+            report.error("weight", f"size mismatch: the checkpoint's quantized weight has shape "
+                         f"{tuple(state.shape)}, the layer expects {out_in}")
+            return None
+        if state.quant_type != self.weight.quant_type:
+            report.error(f"weight.quant_state.bitsandbytes__{state.quant_type}",
+                         f"the checkpoint is {state.quant_type} but this {type(self).__name__} is "
+                         f"{self.weight.quant_type}; construct it with quant_type="
+                         f"{state.quant_type!r}")
+            return None
+        want_absmax = torch.uint8 if state.nested else torch.float32
+        if state.absmax.dtype != want_absmax or state.code.dtype != torch.float32:
+            report.error("weight.absmax", f"expected {want_absmax} absmax and a float32 quant_map; "
+                         f"got {state.absmax.dtype} and {state.code.dtype}")
+            return None
+        if device.type == "meta":
+            device = data.device
+        return self.weight._rewrap(data.detach().to(device), quant_state=move_state(state, device),
+                                   blocksize=state.blocksize, compress_statistics=state.nested,
+                                   quant_storage=data.dtype, bnb_quantized=True)
+
+    def quantized_bytes(self) -> int:
+        """Bytes held by the weight (payload + QuantState tensors), excluding the bias."""
+        w = self.weight
+        if not w.bnb_quantized:
+            return tensor_bytes(w)
+        s = w.quant_state
+        extra = () if s.state2 is None else (s.state2.absmax, s.state2.code, s.offset)
+        return tensor_bytes(w, s.absmax, s.code, *extra)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", quant_type={self.weight.quant_type}, compute_dtype="
+                f"{self.compute_dtype}, quantized={self.weight.bnb_quantized}")
+
+
+class LinearNF4(Linear4bit):
+    """Linear4bit with quant_type="nf4" (the QLoRA format)."""
+
+    def __init__(self, input_features, output_features, bias=True, compute_dtype=None,
+                 compress_statistics=True, quant_storage=torch.uint8, device=None, *, blocksize=64):
+        super().__init__(input_features, output_features, bias, compute_dtype, compress_statistics,
+                         "nf4", quant_storage, device, blocksize=blocksize)
+
+
+class LinearFP4(Linear4bit):
+    """Linear4bit with quant_type="fp4"."""
+
+    def __init__(self, input_features, output_features, bias=True, compute_dtype=None,
+                 compress_statistics=True, quant_storage=torch.uint8, device=None, *, blocksize=64):
+        super().__init__(input_features, output_features, bias, compute_dtype, compress_statistics,
+                         "fp4", quant_storage, device, blocksize=blocksize)
