@@ -214,6 +214,32 @@ class Call:
         return cuda.to_device(host)
 
 
+def contiguous(A):
+    """A itself when C-contiguous, else a contiguous copy in A's own library and device."""
+    if is_contiguous(A):
+        return A
+    kind = kind_of(A)
+    if kind == "torch":
+        return A.contiguous()
+    if kind == "cupy":
+        import cupy
+        return cupy.ascontiguousarray(A)
+    if kind == "numba":
+        from numba import cuda
+        return cuda.to_device(np.ascontiguousarray(A.copy_to_host()))
+    return np.ascontiguousarray(A)
+
+
+def run(call: "Call", impl, *args, **kwargs):
+    """Call a backend implementation; GPU backends run in the caller's device and stream."""
+    if call.backend == "cupy":
+        with call.cupy_context():
+            return impl(*args, **kwargs)
+    if call.backend == "numba":
+        return impl(*args, stream=call.numba_stream(), **kwargs)
+    return impl(*args, **kwargs)
+
+
 _streams: dict = {}
 _constants: dict = {}
 

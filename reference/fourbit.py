@@ -41,7 +41,7 @@ import warnings
 
 import numpy as np
 
-from .blockwise import dequantize_blockwise_f32, quantize_blockwise, unnest_absmax
+from .blockwise import quantize_blockwise, unnest_absmax
 from .codebooks import fp4_map, midpoints, nf4_map
 from .dtypes import check_float_dtype, dtype_name, from_float32, to_float32
 from .state import QuantState

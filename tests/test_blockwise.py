@@ -9,7 +9,6 @@ from hypothesis import given, strategies as st
 import qkernels
 from reference import blockwise as ref
 from reference.codebooks import get_code, midpoints
-from reference.dtypes import bf16_bits_to_float32
 from tests.conftest import gpu_backends
 from tests.strategies import as_numpy, as_torch, float_arrays
 
@@ -151,7 +150,6 @@ def test_torch_cpu_in_torch_out():
 @pytest.mark.parametrize("backend", gpu_backends() or ["cupy"])
 @given(xd=float_arrays(specials=True), blocksize=blocksizes)
 def test_gpu_backend_matches_reference(backend, xd, blocksize):
-    import torch
     x32, dtype = xd
     want_codes, want_state = ref.quantize_blockwise(as_numpy(x32, dtype), blocksize=blocksize)
     want_out = ref.dequantize_blockwise(want_codes, want_state, out_dtype="float32")
@@ -169,7 +167,6 @@ def test_gpu_backend_matches_reference(backend, xd, blocksize):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", gpu_backends() or ["cupy"])
 def test_gpu_large_misaligned_and_host_inputs(backend):
-    import torch
     rng = np.random.default_rng(4)
     x32 = rng.standard_normal(3 * 4096 * 17 + 1001).astype(np.float32)
     for dtype in ("float16", "bfloat16", "float32"):

@@ -15,7 +15,7 @@ from reference.codebooks import dynamic_map
 from reference.dtypes import bf16_bits_to_float32, dtype_name, float32_to_bf16_bits
 from reference.state import QuantState
 from .._backend import choose, lazy
-from .._interop import Call, device_of, dtype_of, is_contiguous, kind_of
+from .._interop import Call, device_of, dtype_of, kind_of, contiguous as _contiguous, run as _run
 
 __all__ = ["quantize_blockwise", "dequantize_blockwise"]
 
@@ -42,27 +42,8 @@ _DEQUANTIZE = {
 }
 
 
-def _contiguous(A):
-    if is_contiguous(A):
-        return A
-    kind = kind_of(A)
-    if kind == "torch":
-        return A.contiguous()
-    if kind == "cupy":
-        import cupy
-        return cupy.ascontiguousarray(A)
-    return np.ascontiguousarray(A)
 
 
-def _run(call: Call, impl, *args):
-    """Launch ``impl`` inside the caller's device/stream context for the GPU backends."""
-    if call.backend == "cupy":
-        with call.cupy_context():
-            impl(*args)
-    elif call.backend == "numba":
-        impl(*args, stream=call.numba_stream())
-    else:
-        impl(*args)
 
 
 def quantize_blockwise(A, code=None, blocksize: int = 4096, nested: bool = False):

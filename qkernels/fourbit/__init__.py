@@ -21,7 +21,8 @@ from reference.blockwise import dequantize_blockwise_f32
 from reference.dtypes import bf16_bits_to_float32, dtype_name, float32_to_bf16_bits
 from reference.state import QuantState
 from .._backend import choose, lazy
-from .._interop import Call, _to_numpy, device_of, dtype_of, is_contiguous, kind_of
+from .._interop import (Call, _to_numpy, device_of, dtype_of, kind_of, contiguous as _contiguous,
+                       run as _run)
 
 __all__ = ["quantize_4bit", "dequantize_4bit", "quantize_nf4", "quantize_fp4",
            "dequantize_nf4", "dequantize_fp4", "matmul_4bit", "FUSED_MAX_ROWS"]
@@ -60,27 +61,8 @@ _DEQUANTIZE = {
 }
 
 
-def _contiguous(A):
-    if is_contiguous(A):
-        return A
-    kind = kind_of(A)
-    if kind == "torch":
-        return A.contiguous()
-    if kind == "cupy":
-        import cupy
-        return cupy.ascontiguousarray(A)
-    return np.ascontiguousarray(A)
 
 
-def _run(call: Call, impl, *args):
-    """Launch ``impl`` inside the caller's device/stream context for the GPU backends."""
-    if call.backend == "cupy":
-        with call.cupy_context():
-            impl(*args)
-    elif call.backend == "numba":
-        impl(*args, stream=call.numba_stream())
-    else:
-        impl(*args)
 
 
 def _flat_bytes(call: Call, packed):

@@ -28,7 +28,8 @@ import numpy as np
 from reference import int8 as ref
 from reference.dtypes import bf16_bits_to_float32, check_float_dtype, dtype_name, float32_to_bf16_bits
 from .._backend import choose, lazy
-from .._interop import Call, device_of, dtype_of, is_contiguous, kind_of, shape_of
+from .._interop import (Call, device_of, dtype_of, kind_of, shape_of, contiguous as _contiguous,
+                       run as _run)
 
 __all__ = [
     "quantize_rowwise", "quantize_global", "quantize_global_transpose",
@@ -146,29 +147,8 @@ _GEMM = {  # no Numba GEMM: under use_backend("numba") the GEMMs run on cupy, el
 
 # --- helpers -------------------------------------------------------------------------------
 
-def _run(call: Call, impl, *args, **kwargs):
-    """Launch ``impl`` inside the caller's device/stream context for the GPU backends."""
-    if call.backend == "cupy":
-        with call.cupy_context():
-            return impl(*args, **kwargs)
-    if call.backend == "numba":
-        return impl(*args, stream=call.numba_stream(), **kwargs)
-    return impl(*args, **kwargs)
 
 
-def _contiguous(A):
-    if is_contiguous(A):
-        return A
-    kind = kind_of(A)
-    if kind == "torch":
-        return A.contiguous()
-    if kind == "cupy":
-        import cupy
-        return cupy.ascontiguousarray(A)
-    if kind == "numba":
-        from numba import cuda
-        return cuda.to_device(np.ascontiguousarray(A.copy_to_host()))
-    return np.ascontiguousarray(A)
 
 
 def _transpose(b):
