@@ -10,6 +10,36 @@ if not hasattr(np, "row_stack"):  # numba-cuda 0.30 still calls np.row_stack (go
 from numba import config, cuda, float32, int32, uint32  # noqa: E402
 
 if config.ENABLE_CUDASIM:
+    import sys
+    import threading
+    import traceback
+
+    from numba.core import types as _types
+    from numba.np import numpy_support as _numpy_support
+    from numba.cuda.simulator import kernelapi as _kernelapi
+
+    # The simulator creates a block's shared array on first use without a lock: two threads
+    # that both find it missing each make their own, and a reduction over it then sees only
+    # part of the block (an intermittent wrong absmax). Same keying as the simulator's (the
+    # calling file and line), with the lookup-and-create serialized.
+    _shared_lock = threading.Lock()
+
+    def _shared_array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory / unsupported
+            return _unlocked_shared_array(self, shape, dtype, alignment)
+        if isinstance(dtype, _types.Type):
+            dtype = _numpy_support.as_dtype(dtype)
+        caller = tuple(traceback.extract_stack(sys._getframe(1), limit=1)[-1])[0:2]
+        with _shared_lock:
+            res = self._allocations.get(caller)
+            if res is None:
+                res = self._allocations[caller] = np.empty(shape, dtype)
+        return res
+
+    if _kernelapi.FakeCUDAShared.array.__name__ != "_shared_array":
+        _unlocked_shared_array = _kernelapi.FakeCUDAShared.array
+        _kernelapi.FakeCUDAShared.array = _shared_array
+
     def float_bits(y):
         return int(np.float32(y).view(np.uint32))
 

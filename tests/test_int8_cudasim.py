@@ -63,11 +63,6 @@ def test_numba_row_quant_matches_reference(rows, cols, dtype, threshold, seed, s
                                   ref.int8_vectorwise_dequant(q.copy_to_host(), s0))
 
 
-# An open defect, not a tolerance: once (rows=3, cols=9, bfloat16, seed=280418676, specials)
-# the global absmax under the simulator missed the input's NaN and the codes came out
-# nonzero; the same case passes on every rerun. Kept running (non-strict xfail) until the
-# race is found, so that CI still reports it.
-@pytest.mark.xfail(strict=False, reason="intermittent under the CUDA simulator; see comment")
 @given(st.integers(1, 3), st.integers(1, 40), st.sampled_from(DTYPES), st.integers(0, 2**31),
        st.booleans())
 def test_numba_global_and_columnwise_match_reference(rows, cols, dtype, seed, specials):
