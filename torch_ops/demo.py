@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import statistics
@@ -148,6 +149,16 @@ def evaluate(model, data: CharData, cfg) -> float:
     return statistics.mean(losses)
 
 
+def train_step(model, opt, x, y) -> torch.Tensor:
+    """One optimizer step on next-character cross-entropy; returns the loss (no host sync)."""
+    logits = model(x)
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
 def train(name: str, model, opt, data: CharData, cfg) -> Result:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -156,11 +167,7 @@ def train(name: str, model, opt, data: CharData, cfg) -> Result:
         x, y = data.batch("train", cfg.batch, cfg.seq, gen)
         x, y = x.to(cfg.device), y.to(cfg.device)
         t0 = time.perf_counter()
-        logits = model(x)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = train_step(model, opt, x, y)
         if cfg.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -314,6 +321,10 @@ def main(argv=None) -> int:
     print(f"\nwall time {wall:.0f} s")
     with open(os.path.join(args.out, "demo.md"), "w") as f:
         f.write(f"# qkernels demo on {device}\n\n{table}\n\nwall time {wall:.0f} s\n")
+    with open(os.path.join(args.out, "demo.json"), "w") as f:  # the same numbers, with the curves
+        json.dump({"device": str(device), "backend": backend, "steps": cfg.steps, "wall_s": wall,
+                   "results": [dataclasses.asdict(r) for r in results]}, f)
     png = plot(results, os.path.join(args.out, "demo_loss.png"))
-    print(f"table: {os.path.join(args.out, 'demo.md')}; plot: {png or '(matplotlib not installed)'}")
+    print(f"table: {os.path.join(args.out, 'demo.md')} (numbers and loss curves: demo.json); "
+          f"plot: {png or '(matplotlib not installed)'}")
     return 0

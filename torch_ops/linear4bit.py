@@ -265,6 +265,9 @@ class Linear4bit(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
+        if not isinstance(w, Params4bit):  # converted by torch_ops.fsdp4bit.prepare_for_fsdp
+            from .fsdp4bit import linear_forward
+            return linear_forward(self, x)
         check_linear_input(x, self.in_features, w, type(self).__name__)
         if not w.bnb_quantized:
             raise RuntimeError(f"{type(self).__name__}: the weight is not quantized yet; it is "
@@ -284,6 +287,12 @@ class Linear4bit(nn.Linear):
     # -- state_dict -------------------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         w = self.weight
+        if not isinstance(w, Params4bit):  # converted by torch_ops.fsdp4bit.prepare_for_fsdp
+            raise NotImplementedError(
+                f"{type(self).__name__}.state_dict() after torch_ops.fsdp4bit.prepare_for_fsdp: "
+                "the base 4-bit weights are frozen, so save them before conversion and save "
+                "the trained adapters (LoRA lora_A / lora_B) with "
+                "torch.distributed.checkpoint.state_dict.get_model_state_dict on their modules")
         if not w.bnb_quantized:
             return super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "weight"] = w if keep_vars else plain(w)
@@ -375,8 +384,10 @@ class Linear4bit(nn.Linear):
         return tensor_bytes(w, s.absmax, s.code, *extra)
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", quant_type={self.weight.quant_type}, compute_dtype="
-                f"{self.compute_dtype}, quantized={self.weight.bnb_quantized}")
+        w = getattr(self.weight, "_local_tensor", self.weight)  # FSDP2: the DTensor's shard
+        quantized = getattr(w, "bnb_quantized", True)  # a prepare_for_fsdp weight is quantized
+        return (super().extra_repr() + f", quant_type={getattr(w, 'quant_type', '?')}, "
+                f"compute_dtype={self.compute_dtype}, quantized={quantized}")
 
 
 class LinearNF4(Linear4bit):

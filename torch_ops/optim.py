@@ -9,6 +9,13 @@ the NumPy reference (reference/optim.py), in place through zero-copy NumPy views
 with fewer than ``min_8bit_size`` elements (counted globally: a DTensor's full shape under
 FSDP2, never the local shard) keep float32 state.
 
+Under FSDP2 each rank updates its shard with that shard's state (about 1/world of the
+bytes). A parameter whose rows are whole 256-element blocks (hidden sizes that are multiples
+of 256) has its blocks split with its rows, so the update equals the single-process one and
+``state_dict()`` returns the state as DTensors that torch.distributed.checkpoint reshards
+(torch_ops.distributed); other sharded 8-bit parameters warn once and cannot be saved
+sharded. percentile_clipping and max_unorm need global norms: refused for sharded tensors.
+
 Non-finite gradients (``nonfinite=``): "skip" (default) applies SPEC's rule, in the kernel,
 without a host synchronization: an element whose gradient is NaN or +-Inf keeps its
 parameter value and its moments are reset to 0, so no block's state is poisoned; the
@@ -124,6 +131,37 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def _global_numel(p: torch.Tensor) -> int:
     """The parameter's full element count: a DTensor's global shape, not its shard."""
     return math.prod(p.shape)
+
+
+def _state_bits(p: torch.Tensor, config: dict) -> int:
+    """8 or 32: the state precision ``config`` gives p (by its global size)."""
+    return 32 if _global_numel(p) < config["min_8bit_size"] else config["optim_bits"]
+
+
+def _is_sharded(p: torch.Tensor) -> bool:
+    """A DTensor split across ranks (FSDP2's Shard(0)), not merely replicated."""
+    return hasattr(p, "placements") and any(pl.is_shard() for pl in p.placements)
+
+
+def _block_rows(p: torch.Tensor) -> int | None:
+    """Blocks per row of a sharded parameter when every row holds whole 256-element blocks,
+    else None. Only then do a shard's blocks line up with the unsharded tensor's (so the
+    8-bit update equals the single-process one) and can absmax be saved as a (rows, blocks
+    per row) DTensor sharded like the parameter, which torch.distributed.checkpoint can
+    reshard to any world size."""
+    if p.dim() < 1 or p.shape[0] == 0:
+        return None
+    row = _global_numel(p) // p.shape[0]
+    return row // ref.BLOCKSIZE if row % ref.BLOCKSIZE == 0 else None
+
+
+def _as_dtensor(local: torch.Tensor, p: torch.Tensor, shape) -> torch.Tensor:
+    """``local`` (this rank's piece, same row split as parameter p) as a DTensor of global
+    ``shape`` with p's mesh and placements."""
+    from torch.distributed.tensor import DTensor
+    stride = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
+                              shape=torch.Size(shape), stride=tuple(stride))
 
 
 def _host_view(t: torch.Tensor) -> np.ndarray:
@@ -274,10 +312,24 @@ class Optimizer8bit(torch.optim.Optimizer):
     def init_state(self, group: dict, p: torch.Tensor, gindex: int, pindex: int) -> None:
         config = self.get_config(gindex, pindex, group)
         local = _local(p)
-        bits = 32 if _global_numel(p) < config["min_8bit_size"] else config["optim_bits"]
+        bits = _state_bits(p, config)
         if bits == 8 and config["max_unorm"] > 0:
             raise ValueError(f"max_unorm applies to 32-bit state only; parameter "
                              f"[{gindex}][{pindex}] would get 8-bit state")
+        if _is_sharded(p):
+            where = f"parameter [{gindex}][{pindex}] (shape {tuple(p.shape)})"
+            if config["percentile_clipping"] < 100 or config["max_unorm"] > 0:
+                raise NotImplementedError(
+                    f"{where} is sharded (FSDP2): percentile_clipping and max_unorm need the "
+                    "global gradient norm, which this optimizer does not all-reduce; clip with "
+                    "torch.nn.utils.clip_grad_norm_ (it handles DTensors) instead")
+            if bits == 8 and _block_rows(p) is None:
+                warnings.warn(f"{where} is sharded (FSDP2) and its rows are not whole 256-element "
+                              "blocks: its 8-bit state is blocked per shard, so it differs slightly "
+                              "from a single-process run and cannot be saved with "
+                              "torch.distributed.checkpoint (keep it 32-bit with "
+                              "GlobalOptimManager.override_config(p, 'optim_bits', 32))",
+                              RuntimeWarning, stacklevel=4)
         state = self.state[p]
         state["step"] = 0
         if bits == 8:
@@ -294,6 +346,18 @@ class Optimizer8bit(torch.optim.Optimizer):
             state["gnorm_vec"] = torch.zeros(100, dtype=torch.float32, device=local.device)
         if config["max_unorm"] > 0:
             state["unorm_vec"] = torch.zeros(1, dtype=torch.float32, device=local.device)
+
+    @torch.no_grad()
+    def initialize_states(self) -> None:
+        """Create, as the first step would, the state of every trainable parameter that has
+        none yet (moments zero, step 0): a template for loading a checkpoint into."""
+        if not self.initialized:
+            self._apply_module_overrides()
+            self.initialized = True
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.requires_grad and not self.state.get(p):
+                    self.init_state(group, p, gi, pi)
 
     # --- the step ------------------------------------------------------------------------
     @torch.no_grad()
@@ -504,15 +568,37 @@ class Optimizer8bit(torch.optim.Optimizer):
         """torch's format, with every state tensor wrapped under ``__bnb_optimizer_quant_state__``
         (bitsandbytes' layout, so FSDP's gathering skips them); ``step`` stays outside."""
         sd = super().state_dict()
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         states = {}
         for index, st in sd["state"].items():
             st = dict(st)
+            if _is_sharded(params[index]):
+                st = self._sharded_state(st, params[index], index)
             wrapped = {k: st.pop(k) for k in list(st) if k in _WRAPPED}
             if wrapped:
                 st[QUANT_STATE_KEY] = wrapped
             states[index] = st
         sd["state"] = states
         return sd
+
+    @staticmethod
+    def _sharded_state(st: dict, p: torch.Tensor, index) -> dict:
+        """An FSDP2 parameter's state as DTensors sharded like it, for
+        torch.distributed.checkpoint: state1/state2 with the parameter's shape, absmax1/2 as
+        (rows, blocks per row); codebooks and norms stay plain (identical on every rank)."""
+        out = dict(st)
+        for k in ("state1", "state2"):
+            out[k] = _as_dtensor(st[k], p, p.shape)
+        if "absmax1" in st:
+            per_row = _block_rows(p)
+            if per_row is None:
+                raise ValueError(f"optimizer state of parameter {index} (shape {tuple(p.shape)}) "
+                                 "cannot be saved sharded: its rows are not whole 256-element "
+                                 "blocks, so its 8-bit absmax does not split with the rows; keep "
+                                 "it 32-bit (GlobalOptimManager.override_config(p, 'optim_bits', 32))")
+            for k in ("absmax1", "absmax2"):
+                out[k] = _as_dtensor(st[k].view(-1, per_row), p, (p.shape[0], per_row))
+        return out
 
     def load_state_dict(self, state_dict: dict, move_to_device: bool = True) -> None:
         """Load a state from ``state_dict()`` here or from bitsandbytes (wrapped or not);
@@ -528,6 +614,10 @@ class Optimizer8bit(torch.optim.Optimizer):
                                  f"parameters; this optimizer's has {len(g['params'])}")
         id_map = dict(zip(chain.from_iterable(s["params"] for s in saved),
                           chain.from_iterable(g["params"] for g in groups)))
+        position = {id(p): (gi, pi) for gi, g in enumerate(groups) for pi, p in enumerate(g["params"])}
+        if not self.initialized:
+            self._apply_module_overrides()
+            self.initialized = True
         self.state.clear()
         for index, st in state_dict["state"].items():
             if index not in id_map:
@@ -535,18 +625,27 @@ class Optimizer8bit(torch.optim.Optimizer):
             p = id_map[index]
             st = dict(st)
             st.update(st.pop(QUANT_STATE_KEY, {}))
-            self.state[p] = self._checked_state(st, p, index, move_to_device)
+            gi, pi = position[id(p)]
+            config = self.get_config(gi, pi, groups[gi])
+            bits = _state_bits(p, config)
+            self.state[p] = self._checked_state(st, p, index, move_to_device, bits)
         for g, s in zip(groups, saved):
             for k, v in s.items():
                 if k != "params":
                     g[k] = tuple(v) if k == "betas" else v
 
-    def _checked_state(self, st: dict, p: torch.Tensor, index, move: bool) -> dict:
+    def _checked_state(self, st: dict, p: torch.Tensor, index, move: bool, bits: int) -> dict:
         local = _local(p)
         n = local.numel()
         if "state1" not in st or "state2" not in st or "step" not in st:
             raise ValueError(f"state of parameter {index} lacks step/state1/state2; got {sorted(st)}")
+        st = {k: _local(v) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
         eight = st["state1"].dtype == torch.uint8
+        if eight != (bits == 8):
+            raise ValueError(f"state of parameter {index} (shape {tuple(p.shape)}) was saved "
+                             f"{'8' if eight else '32'}-bit but this optimizer's configuration "
+                             f"(optim_bits, min_8bit_size, GlobalOptimManager overrides) gives it "
+                             f"{bits}-bit state; load it with the configuration it was saved with")
         want = {"state1": (torch.uint8 if eight else torch.float32, n),
                 "state2": (torch.uint8 if eight else torch.float32, n)}
         if eight:
@@ -564,6 +663,8 @@ class Optimizer8bit(torch.optim.Optimizer):
                 out[k] = int(v.item()) if isinstance(v, torch.Tensor) else int(v)
             elif isinstance(v, torch.Tensor):
                 v = v.to(local.device) if move else v
+                if k in ("absmax1", "absmax2"):
+                    v = v.reshape(-1).contiguous()
                 if k in ("state1", "state2"):
                     v = v.reshape(local.shape).contiguous()
                     if self.is_paged and v.device.type == "cuda" and v.numel() >= _PAGED_MIN_NUMEL:

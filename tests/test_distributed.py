@@ -1,0 +1,129 @@
+"""8-bit optimizers under torch.distributed on CPU (gloo, 2 processes): the distributed check
+at its tiny size (DDP, FSDP2, checkpoints resharded, QLoRA), and the bad inputs: ranks with
+different configurations, 8-bit state loaded where the configuration says 32-bit, sharded
+8-bit state that cannot be saved."""
+import datetime
+import os
+import socket
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, *args):
+    """Run fn(rank, port, *args) on 2 gloo ranks; re-raises the first rank's failure. Forked,
+    not spawned: the ranks inherit the imported torch instead of importing it again (~30 s
+    here); each runs single-threaded (see _init), so no OpenMP pool crosses the fork."""
+    from torch.distributed.fsdp import fully_shard  # noqa: F401  imported before the fork
+    mp.start_processes(fn, args=(_free_port(), *args), nprocs=2, join=True, start_method="fork")
+
+
+def _init(rank, port):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=120))
+
+
+def test_the_distributed_check_passes_on_two_cpu_ranks(tmp_path):
+    """benchmarks/distributed.py under torchrun exits 0 only when every check passed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), "-m", "benchmarks.distributed", "--size", "tiny",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = (tmp_path / "distributed-cpu-tiny.md").read_text()
+    assert "FAIL" not in report
+    for part in ("ddp: final parameters", "fsdp2: optimizer state per rank", "resumed on 2 ranks",
+                 "resumed on 1 process", "qlora: only the"):
+        assert part in report, report
+
+
+def _bad_inputs(rank, port, folder):
+    """Both bad inputs in one spawn (each spawn costs two torch imports)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from torch_ops.distributed import check_same_config, save_checkpoint
+    from torch_ops.optim import AdamW8bit
+    _init(rank, port)
+    try:
+        # ranks given different configurations: a ValueError on every rank, naming the key
+        try:
+            check_same_config({"d": 256, "layers": 2 + rank}, "model configuration")
+        except ValueError as exc:
+            assert "layers: rank 0 2 vs rank 1 3" in str(exc), str(exc)
+        else:
+            raise AssertionError("no error for different configurations")
+        check_same_config({"d": 256, "layers": 2}, "model configuration")  # equal: passes
+
+        # sharded 8-bit state whose blocks do not follow the rows: warned, then refused at save
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(300, 100, bias=False)   # rows of 300: not whole 256-blocks
+        fully_shard(layer, mesh=init_device_mesh("cpu", (2,)))
+        opt = AdamW8bit(layer.parameters())
+        layer(torch.randn(4, 300)).sum().backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        assert any("not whole 256-element blocks" in str(w.message) for w in caught)
+        try:
+            save_checkpoint(folder, layer, opt)
+        except ValueError as exc:
+            assert "cannot be saved sharded" in str(exc), str(exc)
+        else:
+            raise AssertionError("sharded 8-bit state with unaligned blocks was saved")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_different_configs_and_unsaveable_sharded_state_raise_on_every_rank(tmp_path):
+    _spawn(_bad_inputs, str(tmp_path / "ckpt"))
+
+
+def test_checkpoint_precision_mismatch_is_named(tmp_path):
+    """8-bit state saved, then loaded where GlobalOptimManager says 32-bit: a clear error
+    from load_checkpoint (before reading) and from load_state_dict."""
+    from torch_ops.distributed import load_checkpoint, save_checkpoint
+    from torch_ops.optim import AdamW8bit, GlobalOptimManager
+
+    def model_and_opt(override):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.Linear(64, 256))
+        mng = GlobalOptimManager.get_instance()
+        mng.initialize()
+        if override:
+            mng.register_parameters(model.parameters())
+            mng.override_config(model[0].weight, "optim_bits", 32)
+        return model, AdamW8bit(model.parameters(), lr=1e-3)
+
+    model, opt = model_and_opt(False)
+    model(torch.randn(2, 256)).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path / "ckpt", model, opt, extra={"steps": 1})
+    saved = opt.state_dict()
+
+    model, opt = model_and_opt(False)      # same configuration: loads, equal state
+    assert load_checkpoint(tmp_path / "ckpt", model, opt) == {"steps": 1}
+    assert torch.equal(opt.state[model[0].weight]["state1"], saved["state"][0][
+        "__bnb_optimizer_quant_state__"]["state1"])
+
+    model, opt = model_and_opt(True)
+    with pytest.raises(ValueError, match=r"parameter '0.weight'.*saved 8-bit.*gives it 32-bit"):
+        load_checkpoint(tmp_path / "ckpt", model, opt)
+    model, opt = model_and_opt(True)
+    with pytest.raises(ValueError, match=r"saved 8-bit but.*gives it 32-bit"):
+        opt.load_state_dict(saved)
+    GlobalOptimManager.get_instance().initialize()
