@@ -79,3 +79,18 @@ def test_public_api_under_numba_backend():
     np.testing.assert_array_equal(packed.view(np.uint8).reshape(-1)[:want.size], want.reshape(-1))
     np.testing.assert_array_equal(state.absmax, wstate.absmax)
     np.testing.assert_array_equal(out, ref.dequantize_4bit(want, wstate))
+
+
+def test_public_api_nested_state_under_numba_backend():
+    """Double quantization through qkernels.fourbit on the Numba backend: the nested absmax
+    is dequantized into a workspace the public API allocates (not the launcher)."""
+    import qkernels
+    import qkernels.fourbit as qf
+    from reference import fourbit as ref
+    x = np.random.default_rng(2).standard_normal((5, 64)).astype(np.float32)
+    want, wstate = ref.quantize_4bit(x, 32, "fp4", compress_statistics=True)
+    with qkernels.use_backend("numba"):
+        packed, state = qf.quantize_4bit(x, 32, "fp4", compress_statistics=True)
+        out = qf.dequantize_4bit(packed, state)
+    np.testing.assert_array_equal(np.asarray(packed).reshape(-1), want.reshape(-1))
+    np.testing.assert_array_equal(out, ref.dequantize_4bit(want, wstate))

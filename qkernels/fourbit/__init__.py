@@ -222,8 +222,13 @@ def dequantize_4bit(packed, state: QuantState, out_dtype=None):
     call = Call(packed, backend)
     absmax, nested = _absmax_args(call, state)
     out = call.empty((n,), name)
+    extra = {}
+    if nested is not None and backend == "numba":
+        # Numba dequantizes the nested absmax in a pass of its own: its float32 workspace is
+        # allocated here, by the caller's allocator (torch's under a CUDA graph capture)
+        extra["workspace"] = call.empty((int(np.prod(state.absmax.shape)),), "float32")
     _run(call, impl, _flat_bytes(call, packed), call.arg(state.code).reshape(-1), absmax,
-         int(state.blocksize), name, out, nested)
+         int(state.blocksize), name, out, nested, **extra)
     return call.result(out, name).reshape(tuple(state.shape))
 
 

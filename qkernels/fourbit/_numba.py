@@ -117,16 +117,19 @@ def quantize_4bit(x, dtype: str, quant_type: str, blocksize: int, packed, absmax
 
 
 def dequantize_4bit(packed, code, absmax, blocksize: int, dtype: str, out, nested=None, stream=0,
-                    threads: int = 256):
+                    threads: int = 256, workspace=None):
     """packed uint8 (>= ceil(n/2),), code float32 (16,), absmax float32 (nblocks,) -> out (n,).
-    ``nested = (qabsmax, code2, absmax2, offset (1,))`` replaces absmax (pass None)."""
+    ``nested = (qabsmax, code2, absmax2, offset (1,))`` replaces absmax (pass None); its
+    float32 absmax is dequantized into ``workspace`` (nblocks,) first (allocated here when
+    None, which a CUDA graph capture does not allow: qkernels.fourbit passes one)."""
     n = out.shape[0]
     if n == 0:
         return
     if nested is not None:
         from ..blockwise import _numba as blockwise_numba
         qabs, code2, absmax2, offset = nested
-        absmax = cuda.device_array(qabs.shape[0], np.float32, stream=stream)
+        absmax = workspace if workspace is not None else \
+            cuda.device_array(qabs.shape[0], np.float32, stream=stream)
         blockwise_numba.dequantize_blockwise(qabs, code2, absmax2, 256, "float32", absmax,
                                              stream=stream, threads=threads)
         grid = min(-(-absmax.shape[0] // threads), 65535)
