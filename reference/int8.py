@@ -256,6 +256,8 @@ def matmul_int32(a: np.ndarray, bt: np.ndarray) -> np.ndarray:
     magnitude, so any summation order is exact; the chunks add up in int64."""
     M, K = a.shape
     N = bt.shape[0]
+    if K <= _KCHUNK:  # one chunk: the float32 result is exact and within int32 already
+        return (a.astype(np.float32) @ bt.astype(np.float32).T).astype(np.int32)
     out = np.zeros((M, N), np.int64)
     for k in range(0, K, _KCHUNK):
         a32 = a[:, k:k + _KCHUNK].astype(np.float32)
