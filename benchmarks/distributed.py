@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 import pathlib
 import resource
@@ -93,6 +94,9 @@ def _peak_bytes(device) -> int:
 
 
 def _reset_peak(device):
+    """Start a peak-memory window: earlier parts' models (FSDP hooks hold reference cycles)
+    are collected first, so that they do not count against this one."""
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -277,6 +281,7 @@ def part_qlora(vocab, cfg, batches, device, rank, world, mesh):
     times = train(model, opt, batches, device, rank, world)
     out = dict(ms=_median_ms(times), peak=_peak_bytes(device), state=state_bytes(opt),
                trainable=trainable, params=_adapters(model))
+    del model, opt  # the one-process reference below must not carry the sharded run's memory
     if rank == 0:
         _reset_peak(device)
         ref = build()
