@@ -127,3 +127,42 @@ def test_checkpoint_precision_mismatch_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"saved 8-bit but.*gives it 32-bit"):
         opt.load_state_dict(saved)
     GlobalOptimManager.get_instance().initialize()
+
+
+def test_ddp_checkpoint_loads_into_a_plain_model(tmp_path):
+    """Names are the model's own (DDP's ``module.`` dropped): a checkpoint written from a DDP
+    model (one gloo rank) loads into the plain model in a process without a process group,
+    parameters and 8-bit state equal."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from torch_ops.distributed import load_checkpoint, save_checkpoint
+    from torch_ops.optim import AdamW8bit
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.Linear(64, 256))
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                            world_size=1)
+    try:
+        ddp = DDP(model())
+        opt = AdamW8bit(ddp.parameters(), lr=1e-2)
+        for _ in range(2):
+            ddp(torch.randn(3, 256)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        save_checkpoint(tmp_path / "ckpt", ddp, opt)
+    finally:
+        dist.destroy_process_group()
+    plain = model()
+    opt2 = AdamW8bit(plain.parameters(), lr=1e-2)
+    load_checkpoint(tmp_path / "ckpt", plain, opt2)
+    for a, b in zip(ddp.module.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
+    for pa, pb in zip(ddp.module.parameters(), plain.parameters()):
+        sa, sb = opt.state[pa], opt2.state[pb]
+        assert sa["step"] == sb["step"] == 2 and sa.keys() == sb.keys()
+        assert (sa["state1"].dtype == torch.uint8) == (pa.numel() >= 4096)  # weights 8-bit
+        for k in ("state1", "state2", "absmax1", "absmax2"):
+            if k in sa:
+                assert torch.equal(sa[k], sb[k]), k

@@ -41,6 +41,11 @@ def _distributed() -> bool:
 
 
 def _names(model: torch.nn.Module) -> dict[int, str]:
+    """Parameter names as the model's own (a DDP wrapper's ``module.`` prefix dropped, as
+    get_model_state_dict does), so checkpoints move between DDP, FSDP2 and plain models."""
+    from torch.nn.parallel import DistributedDataParallel
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
     return {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
 
 
