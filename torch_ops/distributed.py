@@ -135,6 +135,7 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer=None, *, no_dist: bo
 def _check_optimizer_layout(template: dict, meta: dict, path) -> None:
     """Each parameter's saved state1 must have the dtype (8-bit uint8 or 32-bit float32) and
     the global size of this optimizer's, before DCP reads (and would cast) anything."""
+    bits = {torch.uint8: 8, torch.float32: 32}
     for name, st in template["state"].items():
         key = f"optim.state.{name}.state1"
         if key not in meta:
@@ -142,7 +143,6 @@ def _check_optimizer_layout(template: dict, meta: dict, path) -> None:
         saved = meta[key]
         want_dtype = st["state1"].dtype
         saved_dtype = saved.properties.dtype
-        bits = {torch.uint8: 8, torch.float32: 32}
         if saved_dtype != want_dtype:
             raise ValueError(f"parameter {name!r}: its optimizer state was saved "
                              f"{bits.get(saved_dtype, saved_dtype)}-bit but this optimizer's "
