@@ -16,6 +16,9 @@ Parts:
 - ckpt:  FSDP2 training saved halfway with torch.distributed.checkpoint (torch_ops.distributed)
          then resumed on 2 ranks (must equal the uninterrupted run bit for bit) and on 1
          (rank 0 alone, resharded; compared with the uninterrupted run within the tolerance).
+         On GPUs this part trains with deterministic algorithms and the math attention
+         kernel, and repeats the uninterrupted run as a control: without that, flash
+         attention's atomics alone made the 2-rank resume differ by 1.4e-4 (H200, 100m).
 - qlora: every block Linear a LinearNF4 with LoRA adapters (torch_ops.add_lora), sharded with
          fully_shard after torch_ops.fsdp4bit.prepare_for_fsdp; loss and adapter gradients
          against the single-process model, then a few AdamW8bit steps on the adapters.
@@ -37,6 +40,7 @@ printed as a markdown table by rank 0 and written to ``<out>/distributed-<device
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import os
@@ -211,8 +215,33 @@ def part_fsdp2(vocab, cfg, batches, device, rank, world, mesh):
                 ms=_median_ms(times), peak=_peak_bytes(device))
 
 
+@contextlib.contextmanager
+def _deterministic(device):
+    """Bit-reproducible GPU training, for comparing a resumed run with an uninterrupted one:
+    torch's deterministic algorithms (cuBLAS needs CUBLAS_WORKSPACE_CONFIG, set in main) and
+    the math attention kernel (flash attention's backward accumulates dQ with atomics, so two
+    identical steps can differ in the last bit). CPU training is deterministic already."""
+    if device.type != "cuda":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def part_ckpt(vocab, cfg, batches, device, rank, world, mesh, folder):
-    """Returns (uninterrupted params, 2-rank resume params, 1-rank resume params or None)."""
+    """Returns (uninterrupted params, the same run repeated, 2-rank resume params, 1-rank
+    resume params or None), all trained under _deterministic."""
+    with _deterministic(device):
+        return _ckpt_runs(vocab, cfg, batches, device, rank, world, mesh, folder)
+
+
+def _ckpt_runs(vocab, cfg, batches, device, rank, world, mesh, folder):
     from torch_ops.distributed import load_checkpoint, save_checkpoint
     from torch_ops.optim import AdamW8bit
     half = len(batches) // 2
@@ -222,6 +251,10 @@ def part_ckpt(vocab, cfg, batches, device, rank, world, mesh, folder):
     save_checkpoint(folder, model, opt, extra={"steps": half})
     train(model, opt, batches, device, rank, world, start=half)
     straight = full_params(model)
+    model = shard(_model(vocab, cfg, device), mesh)  # the control: is training reproducible?
+    opt = AdamW8bit(model.parameters(), lr=LR)
+    train(model, opt, batches, device, rank, world)
+    again = full_params(model)
     model = shard(_model(vocab, cfg, device), mesh)
     opt = AdamW8bit(model.parameters(), lr=LR)
     extra = load_checkpoint(folder, model, opt)
@@ -235,7 +268,7 @@ def part_ckpt(vocab, cfg, batches, device, rank, world, mesh, folder):
         train(model, opt, batches, device, start=extra["steps"])
         resumed1 = full_params(model)
     dist.barrier()
-    return straight, resumed2, resumed1
+    return straight, again, resumed2, resumed1
 
 
 def _adapters(model) -> dict[str, torch.Tensor]:
@@ -321,6 +354,8 @@ def main(argv=None) -> int:
 
     from torch_ops.distributed import check_same_config
 
+    if torch.cuda.is_available():  # deterministic cuBLAS for the ckpt part (before any GEMM)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     device = _device()
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -372,9 +407,12 @@ def main(argv=None) -> int:
                              single["ms_per_rank_batch"], None, None))
     if "ckpt" in parts:
         folder = pathlib.Path(args.out) / f"_ckpt_{args.size}"
-        straight, resumed2, resumed1 = part_ckpt(vocab, cfg, batches, device, rank, world, mesh,
-                                                 str(folder))
+        straight, again, resumed2, resumed1 = part_ckpt(vocab, cfg, batches, device, rank, world,
+                                                        mesh, str(folder))
         if rank == 0:
+            d0 = max_diff(straight, again)
+            check(d0 == 0.0, f"ckpt: the uninterrupted run repeated: max |d| = {d0:.3e} (must be 0: "
+                             f"training is reproducible, so the resume comparison below is exact)")
             d2 = max_diff(straight, resumed2)
             check(d2 == 0.0, f"ckpt: saved at step {steps // 2}, resumed on {world} ranks: max |d| "
                              f"vs uninterrupted = {d2:.3e} (must be 0)")
