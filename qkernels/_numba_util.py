@@ -7,7 +7,7 @@ import numpy as np
 if not hasattr(np, "row_stack"):  # numba-cuda 0.30 still calls np.row_stack (gone in NumPy 2.5)
     np.row_stack = np.vstack
 
-from numba import config, cuda, float32, int32, uint32  # noqa: E402
+from numba import config, cuda, float32, int32, uint32, uint64  # noqa: E402
 
 if config.ENABLE_CUDASIM:
     import sys
@@ -45,6 +45,13 @@ if config.ENABLE_CUDASIM:
 
     def bits_float(u):
         return float(np.uint32(u).view(np.float32))
+
+    def f16_bits_to_f32(h):
+        return np.float32(np.uint16(int(h) & 0xFFFF).view(np.float16))
+
+    def f32_to_f16_bits(v):
+        with np.errstate(over="ignore"):
+            return int(np.float16(np.float32(v)).view(np.uint16))
 else:
     from numba.cuda import libdevice
 
@@ -55,6 +62,35 @@ else:
     @cuda.jit(device=True, inline=True)
     def bits_float(u):
         return libdevice.int_as_float(int32(u))
+
+    from llvmlite import ir as _ir
+    from numba import types as _nbtypes
+    from numba.cuda.extending import intrinsic as _intrinsic
+
+    @_intrinsic
+    def f16_bits_to_f32(typingctx, h):
+        """float16 bits (the low 16 bits of an unsigned integer) -> float32: one cvt.f32.f16."""
+        def codegen(context, builder, sig, args):
+            bits = builder.trunc(args[0], _ir.IntType(16))
+            return builder.fpext(builder.bitcast(bits, _ir.HalfType()), _ir.FloatType())
+        return _nbtypes.float32(h), codegen
+
+    @_intrinsic
+    def f32_to_f16_bits(typingctx, v):
+        """float32 -> float16 bits as uint32 (nearest, ties to even): one cvt.rn.f16.f32."""
+        def codegen(context, builder, sig, args):
+            half = builder.fptrunc(args[0], _ir.HalfType())
+            return builder.zext(builder.bitcast(half, _ir.IntType(16)), _ir.IntType(32))
+        return _nbtypes.uint32(_nbtypes.float32), codegen
+
+
+def device_function(fn):
+    """``@cuda.jit(device=True)``, inlined by NVVM (forceinline) rather than into Numba's IR
+    (``inline=True``): compiled once per signature and shared by every kernel variant, which
+    keeps the JIT time of the many variants down."""
+    if config.ENABLE_CUDASIM:
+        return cuda.jit(device=True)(fn)
+    return cuda.jit(device=True, forceinline=True)(fn)
 
 
 @cuda.jit(device=True, inline=True)
@@ -90,14 +126,18 @@ def table_code(table, y, key_offset, rows128):
     return int32(table[i, 1]) + (1 if table[i, 0] < y else 0)
 
 
-@cuda.jit(device=True, inline=True)
-def table_code_split(thresholds, bases, y, key_offset, rows128):
+@device_function
+def table_code_split(thresholds, bases, y, key_lo, key_hi, rows128):
     """table_code with the table's two columns as separate arrays (float32 thresholds,
-    uint8 bases), so that they fit shared memory."""
-    u = float_bits(y)
-    h = int32((u >> 16) & 0x7FFF) - key_offset
-    i = min(max(h, 0), rows128 - 1) + int32(u >> 31) * rows128
-    return int32(bases[i]) + (1 if thresholds[i] < y else 0)
+    uint8 bases), so that they fit shared memory. Unsigned integers only (the table index
+    needs no negative-index fix-up): key_lo = (emin - 1) << 7, key_hi = key_lo + rows128 - 1
+    and rows128 as uint32. Returns the code as uint32."""
+    u = uint32(float_bits(y))
+    h = (u >> uint32(16)) & uint32(0x7FFF)
+    i = min(max(h, key_lo), key_hi) - key_lo
+    if u >> uint32(31):
+        i += rows128
+    return uint32(bases[i]) + (uint32(1) if thresholds[i] < y else uint32(0))
 
 
 # Float32 arithmetic rounded once per operation (never contracted into a fused multiply-add:
@@ -159,3 +199,198 @@ def quant8(v, scale):
         return 0
     y = min(max(y, float32(-127.0)), float32(127.0))
     return int32(round(y))
+
+
+# --- Vectorized access for the blockwise and 4-bit kernels ---------------------------------
+# They move data as uint64 words (8 bytes: WORD_ELEMS[kind] values) instead of one value at a
+# time. ``kind`` is the storage dtype, a compile-time constant of each kernel variant.
+F32, F16, BF16 = 0, 1, 2
+WORD_ELEMS = (2, 4, 4)  # values per uint64 word, by kind
+RAW_DTYPES = (np.uint32, np.uint16, np.uint16)  # one value's raw bits, by kind
+# Shared scratch for group_nan_max: one float per warp; the simulator's shuffle stand-in
+# needs one per thread.
+SCRATCH = 1024 if config.ENABLE_CUDASIM else 32
+
+
+def storage_kind(dtype: str) -> int:
+    return {"float32": F32, "float16": F16, "bfloat16": BF16}[dtype]
+
+
+def raw_view(a, kind: int):
+    """Device array ``a`` of storage ``kind`` as its raw bits (bfloat16 may arrive as int16)."""
+    raw = np.dtype(RAW_DTYPES[kind])
+    return a if a.dtype == raw else a.view(raw)
+
+
+def quantize_shape(kind: int, blocksize: int) -> tuple[int, int]:
+    """(NW words per thread, G threads per quantization block) of the blockwise and 4-bit
+    quantizers: NW = 4 (16 half or 8 float values), 8 in blocks of 4 KB or more, as the
+    CuPy blockwise kernel: several loads in flight per thread, few threads per block (few
+    shuffle steps)."""
+    w = WORD_ELEMS[kind]
+    nw = 8 if blocksize * (4 if kind == F32 else 2) >= 4096 else 4
+    return nw, blocksize // (w * nw)
+
+
+def cta_size(threads: int, group: int, max_threads: int) -> int:
+    """The quantizers' CTA size: ``threads`` clamped to [max(32, group), max_threads] and
+    rounded down to a power of two, so that it is a multiple of the warp and of the group."""
+    threads = max(32, group, min(threads, max_threads))
+    return 1 << (threads.bit_length() - 1)
+
+
+def kernel(max_threads: int):
+    """``@cuda.jit`` promising at most ``max_threads`` threads per block (the compiler then
+    never uses more registers than that allows; the simulator takes no bound)."""
+    if config.ENABLE_CUDASIM:
+        return cuda.jit
+    return cuda.jit(launch_bounds=max_threads)
+
+
+@device_function
+def word_value(word, j, kind):
+    """Value j of uint64 ``word`` of raw storage bits (little-endian) as float32."""
+    if kind == F32:
+        return float32(bits_float(uint32((word >> uint64(32 * j)) & uint64(0xFFFFFFFF))))
+    h = uint32((word >> uint64(16 * j)) & uint64(0xFFFF))
+    if kind == BF16:
+        return float32(bits_float(h << uint32(16)))
+    return float32(f16_bits_to_f32(h))
+
+
+@device_function
+def value_bits(v, kind):
+    """float32 v rounded once to the storage dtype, as its raw bits (uint32)."""
+    if kind == F32:
+        return uint32(float_bits(v))
+    if kind == BF16:
+        return uint32(f32_to_bf16_bits(v))
+    return uint32(f32_to_f16_bits(v))
+
+
+@device_function
+def load_word(xs, xw, vec_ok, wi, per_word):
+    """Word ``wi`` of the raw array ``xs``: values wi * per_word ... as one uint64, zeros past
+    the end. ``xw`` is ``xs``'s whole words as uint64 (used when ``vec_ok``: xs 8-byte aligned)."""
+    i = wi * per_word
+    n = xs.shape[0]
+    if vec_ok and i + per_word <= n:
+        return xw[wi]
+    word = uint64(0)
+    for j in range(per_word):
+        if i + j < n:
+            word |= uint64(xs[i + j]) << uint64(j * (64 // per_word))
+    return word
+
+
+@device_function
+def store_word(outs, ow, vec_ok, wi, word, per_word):
+    """Store uint64 ``word`` as values wi * per_word ... of the raw array ``outs`` (the part
+    before its end); ``ow`` is ``outs``'s whole words as uint64, used when ``vec_ok``."""
+    i = wi * per_word
+    n = outs.shape[0]
+    if vec_ok and i + per_word <= n:
+        ow[wi] = word
+    else:
+        bits = 64 // per_word
+        for j in range(per_word):
+            if i + j < n:
+                outs[i + j] = (word >> uint64(j * bits)) & uint64((1 << bits) - 1)
+
+
+@device_function
+def load_bytes(b, bw, vec_ok, wi, count):
+    """Bytes wi * count ... wi * count + count - 1 of uint8 ``b`` (count = 1, 2 or 4) as one
+    little-endian uint32, zeros past the end; ``bw`` is b's whole groups of ``count`` bytes
+    as one unsigned integer each, used when ``vec_ok``."""
+    i = wi * count
+    n = b.shape[0]
+    if vec_ok and i + count <= n:
+        return uint32(bw[wi])
+    v = uint32(0)
+    for j in range(count):
+        if i + j < n:
+            v |= uint32(b[i + j]) << uint32(8 * j)
+    return v
+
+
+@device_function
+def store_bytes(b, bw, vec_ok, wi, v, count):
+    """Inverse of load_bytes: the ``count`` low bytes of uint32 v to b[wi * count ...],
+    those before b's end."""
+    i = wi * count
+    n = b.shape[0]
+    if vec_ok and i + count <= n:
+        bw[wi] = v
+    else:
+        for j in range(count):
+            if i + j < n:
+                b[i + j] = (v >> uint32(8 * j)) & uint32(0xFF)
+
+
+if config.ENABLE_CUDASIM:
+    @cuda.jit(device=True)
+    def shfl_xor(v, offset, scratch):
+        """Stand-in for a full-warp cuda.shfl_xor_sync (the simulator has no warp
+        operations): through shared memory, so every thread of the block must call it."""
+        t = cuda.threadIdx.x
+        scratch[t] = v
+        cuda.syncthreads()
+        other = scratch[t ^ offset]
+        cuda.syncthreads()
+        return other
+else:
+    @device_function
+    def shfl_xor(v, offset, scratch):
+        return cuda.shfl_xor_sync(0xFFFFFFFF, v, offset)
+
+
+@device_function
+def group_nan_max(m, width, scratch):
+    """NaN-propagating max of float32 ``m`` over each group of ``width`` consecutive threads
+    (threadIdx.x // width; width a power of two dividing a 1-D blockDim.x, itself a multiple
+    of 32), returned to every thread of the group. Warp shuffles within a warp; across warps
+    through ``scratch`` (shared float32, SCRATCH entries) and two barriers, so every thread
+    of the block must call it at the same point."""
+    offset = min(width, 32) // 2
+    while offset > 0:
+        m = nan_max(shfl_xor(m, offset, scratch), m)
+        offset //= 2
+    if width > 32:
+        t = cuda.threadIdx.x
+        if t % 32 == 0:
+            scratch[t // 32] = m
+        cuda.syncthreads()
+        first = (t // width) * (width // 32)
+        m = scratch[first]
+        for w in range(1, width // 32):
+            m = nan_max(scratch[first + w], m)
+        cuda.syncthreads()  # scratch is free again
+    return m
+
+
+# --- host side ---------------------------------------------------------------------------------
+
+def _address(a) -> int:
+    """Device address of a Numba device array (host address under the simulator)."""
+    if config.ENABLE_CUDASIM:
+        return np.asarray(a._ary if hasattr(a, "_ary") else a).ctypes.data
+    return int(a.__cuda_array_interface__["data"][0])
+
+
+_dummies: dict = {}
+
+
+def wide_view(a, wide):
+    """(view, ok): the leading whole groups of 1-D contiguous ``a`` viewed as dtype ``wide``
+    (wider than a's), ok = True, when a's address is aligned to ``wide``; otherwise a one-element
+    placeholder of that dtype and ok = False (the kernels then access ``a`` value by value)."""
+    wide = np.dtype(wide)
+    k = wide.itemsize // a.dtype.itemsize
+    m = a.shape[0] // k * k
+    if m > 0 and _address(a) % wide.itemsize == 0:
+        return (a if m == a.shape[0] else a[:m]).view(wide), True
+    key = (wide.str, 0 if config.ENABLE_CUDASIM else cuda.get_current_device().id)
+    if key not in _dummies:
+        _dummies[key] = cuda.device_array(1, wide)
+    return _dummies[key], False
