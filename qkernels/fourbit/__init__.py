@@ -18,6 +18,7 @@ import numpy as np
 
 from reference import fourbit as ref
 from reference.blockwise import dequantize_blockwise_f32
+from reference.codebooks import dynamic_map
 from reference.dtypes import bf16_bits_to_float32, dtype_name, float32_to_bf16_bits
 from reference.state import QuantState
 from .._backend import choose, lazy
@@ -28,8 +29,10 @@ __all__ = ["quantize_4bit", "dequantize_4bit", "quantize_nf4", "quantize_fp4",
            "dequantize_nf4", "dequantize_fp4", "matmul_4bit", "FUSED_MAX_ROWS"]
 
 # Largest number of rows of x (after flattening leading dims) that the fused kernel takes;
-# above it, dequantize + cuBLAS. To be set from the benchmark's crossover (benchmarks/fourbit.py).
-FUSED_MAX_ROWS = 16
+# above it, dequantize + cuBLAS. The crossover measured on an H200 (benchmarks/fourbit.py,
+# 2026-12-02, 4096x4096, 8192x8192 and 4096x14336 bf16 weights): fused faster at 8 rows on
+# every shape, dequantize + cuBLAS faster at 16.
+FUSED_MAX_ROWS = 8
 
 
 def _numpy_quantize(x, dtype, quant_type, blocksize, packed, absmax, stream=None):
@@ -142,12 +145,32 @@ def quantize_4bit(A, blocksize: int = 64, quant_type: str = "fp4",
     nbytes = -(-ref.packed_bytes(n) // s) * s
     x = call.arg(_contiguous(A)).reshape(-1)
     packed, absmax = call.empty((nbytes,), "uint8"), call.empty((nblocks,), "float32")
-    _run(call, impl, x, name, quant_type, blocksize, packed, absmax)
+    # CUDA data on the CuPy backend nests the statistics in one more launch (nest_absmax_4bit;
+    # the quantize kernel sums the finite absmax values on the way)
+    fused_nest = (compress_statistics and backend == "cupy" and nblocks > 0
+                  and call.kind in ("torch", "cupy") and call.device is not None)
+    if fused_nest:
+        from . import _cupy
+        partials = call.empty((2 * _cupy.max_quantize_ctas(call.device),), "float64")
+        ctas = _run(call, impl, x, name, quant_type, blocksize, packed, absmax, partials=partials)
+    else:
+        _run(call, impl, x, name, quant_type, blocksize, packed, absmax)
     packed = _storage_result(call, packed, storage)
     state = QuantState(absmax=call.result(absmax, "float32"), shape=shape,
                        code=call.from_host(ref.code_4bit(quant_type).copy()), dtype=name,
                        blocksize=blocksize, quant_type=quant_type)
-    if compress_statistics:
+    if fused_nest:
+        nb2 = -(-nblocks // ref.NESTED_BLOCKSIZE)
+        qabs, absmax2 = call.empty((nblocks,), "uint8"), call.empty((nb2,), "float32")
+        offset = call.empty((1,), "float32")
+        _run(call, _cupy.nest_absmax_4bit, absmax, partials, ctas, qabs, absmax2, offset)
+        # what quantize_blockwise(absmax - offset, blocksize=256) returns, and the 0-d offset
+        state.absmax = call.result(qabs, "uint8")
+        state.state2 = QuantState(absmax=call.result(absmax2, "float32"), shape=(nblocks,),
+                                  code=call.from_host(dynamic_map(True)), dtype="float32",
+                                  blocksize=ref.NESTED_BLOCKSIZE)
+        state.offset = call.result(offset, "float32").reshape(())
+    elif compress_statistics:
         from ..blockwise import quantize_blockwise
         absmax = state.absmax
         offset = _finite_mean(absmax, call.kind if device_of(absmax) is not None else "numpy")
@@ -346,14 +369,34 @@ def _matmul_torch(x, packed, state, bias, normal, rows, out_f, in_f):
     if (normal and rows <= FUSED_MAX_ROWS and asked in (None, "cupy") and backend_status("cupy")[0]):
         from . import _cupy
         if _cupy.fused_ok(rows, in_f, xc.data_ptr(), packed_c.data_ptr()):
-            absmax = _absmax_f32(packed_c, state)
+            # one launch: nested statistics are dequantized inside the kernel
             b = None if bias is None else bias.to(x.dtype).contiguous()
-            return _cupy.matmul_4bit_torch(xc, packed_c, absmax.contiguous(), state.code.contiguous(),
-                                           int(state.blocksize), out_f, b)
+            return _cupy.matmul_4bit_torch(xc, packed_c, state.absmax.contiguous(), state.code.contiguous(),
+                                           int(state.blocksize), out_f, b, _nested_args(state, x.device))
     w = dequantize_4bit(packed_c, state, out_dtype=x.dtype)
     if not normal:
         w = w.t()
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def _nested_args(state: QuantState, device):
+    """(code2, absmax2, offset) of a nested state for the fused kernel (torch tensors on
+    ``device``; offset a float32 tensor or a number), or None for plain float32 absmax."""
+    s2 = state.state2
+    if s2 is None:
+        return None
+    import torch
+
+    def f32_on_device(t):  # per-token path: attribute checks before any torch call
+        ok = t.dtype == torch.float32 and t.device == device and t.is_contiguous()
+        return t if ok else t.to(device=device, dtype=torch.float32).contiguous()
+
+    offset = state.offset
+    if isinstance(offset, np.ndarray):
+        offset = float(offset)
+    if not isinstance(offset, (float, int, np.floating)):
+        offset = f32_on_device(offset)
+    return f32_on_device(s2.code), f32_on_device(s2.absmax), offset
 
 
 def _matmul_cupy(x, packed, state, bias, normal, rows, out_f, in_f):
@@ -367,11 +410,21 @@ def _matmul_cupy(x, packed, state, bias, normal, rows, out_f, in_f):
         pk = cupy.ascontiguousarray(packed).reshape(-1).view(cupy.uint8)
         if _cupy.fused_ok(rows, in_f, xc.data.ptr, pk.data.ptr):
             with cupy.cuda.Device(xc.device.id):
-                absmax = cupy.ascontiguousarray(_absmax_f32(packed, state), dtype=cupy.float32)
+                nested = None
+                if state.state2 is None:
+                    absmax = cupy.ascontiguousarray(state.absmax, dtype=cupy.float32)
+                else:
+                    absmax = cupy.ascontiguousarray(state.absmax).reshape(-1)
+                    s2 = state.state2
+                    offset = state.offset
+                    if isinstance(offset, cupy.ndarray):
+                        offset = cupy.ascontiguousarray(offset, dtype=cupy.float32)
+                    nested = (cupy.ascontiguousarray(s2.code, dtype=cupy.float32),
+                              cupy.ascontiguousarray(s2.absmax, dtype=cupy.float32), offset)
                 out = cupy.empty((rows, out_f), dtype=xc.dtype)
                 b = None if bias is None else cupy.ascontiguousarray(bias, dtype=xc.dtype).reshape(-1)
                 _cupy.matmul_4bit(xc.reshape(rows, in_f), pk, absmax, state.code, b, out,
-                                  int(state.blocksize), name)
+                                  int(state.blocksize), name, nested)
             return out.reshape(*x.shape[:-1], out_f)
     w = dequantize_4bit(packed, state, out_dtype=name)
     w = w if normal else w.T

@@ -1,8 +1,11 @@
-"""CuPy launchers for fourbit.cu (kernels quantize_4bit / dequantize_4bit / matmul_4bit).
+"""CuPy launchers for fourbit.cu (kernels quantize_4bit / nest_absmax_4bit /
+dequantize_4bit / matmul_4bit).
 
-``quantize_4bit`` / ``dequantize_4bit`` take CuPy arrays already on the caller's device,
-flat and contiguous, inside the caller's ``Call.cupy_context()`` (device and stream);
-bfloat16 arrives as uint16 bits.
+``quantize_4bit`` / ``nest_absmax_4bit`` / ``dequantize_4bit`` take CuPy arrays already on
+the caller's device, flat and contiguous, inside the caller's ``Call.cupy_context()``
+(device and stream); bfloat16 arrives as uint16 bits. Double quantization on CUDA data is
+two launches: quantize_4bit (which also sums the finite absmax values per CTA) and
+nest_absmax_4bit (offset, then the 8-bit blockwise quantization of absmax - offset).
 
 ``matmul_4bit_torch`` is the per-token hot path for torch layers: torch tensors in, the
 kernel launched with raw pointers on ``torch.cuda.current_stream()`` (no DLPack, no
@@ -19,37 +22,80 @@ from .._interop import _external_stream  # cached per stream pointer
 
 _DT = {"float32": 0, "float16": 1, "bfloat16": 2}
 _QT = {"nf4": 0, "fp4": 1}
-_CTA = 1024
+# Launch shapes of fourbit.cu (its #defines of the same names): the persistent kernels' grids
+# are MIN_CTAS CTAs per SM, which their launch bounds guarantee are resident together.
+_Q4_THREADS, _Q4_MIN_CTAS = 256, 5
+_DQ_THREADS, _DQ_MIN_CTAS, _DQ_UNITS = 256, 8, 4
+_NEST_THREADS = 1024
+_MM_THREADS = 256
 # The fused kernel's row counts (template MT); x with more rows than the largest takes
 # dequantize + GEMM (see qkernels.fourbit.FUSED_MAX_ROWS).
 _MT = (1, 2, 4, 8, 16)
-_MATMUL_WARPS = 8
 
 
 def _aligned(*arrays) -> int:
     return int(all(a.data.ptr % 16 == 0 for a in arrays))
 
 
-def quantize_4bit(x, dtype: str, quant_type: str, blocksize: int, packed, absmax):
+def _quantize_shape(dtype: str, blocksize: int) -> int:
+    """Threads per quantization block (Quantize4Shape<DT, BLOCK>::G in fourbit.cu)."""
+    vec = 4 if dtype == "float32" else 8
+    nv = 4 if blocksize // vec >= 256 else (2 if blocksize // vec >= 8 else 1)
+    return blocksize // (vec * nv)
+
+
+def max_quantize_ctas(device: int) -> int:
+    """The most CTAs quantize_4bit launches (its ``partials`` need this many double2)."""
+    return _Q4_MIN_CTAS * multiprocessor_count(device)
+
+
+def quantize_4bit(x, dtype: str, quant_type: str, blocksize: int, packed, absmax, partials=None):
     """x (n,) -> packed uint8 (>= ceil(n/2),), absmax float32 (nblocks,), in place. Bytes of
-    ``packed`` past ceil(n/2) (quant_storage padding) are zeroed."""
+    ``packed`` past ceil(n/2) (quant_storage padding) are zeroed. ``partials``: float64
+    (>= 2 * max_quantize_ctas,) or None; when given, each CTA writes the (sum, count) of its
+    finite absmax values there for nest_absmax_4bit. Returns the number of CTAs launched."""
     import cupy
     n = x.size
     m = (n + 1) // 2
     if packed.size > m:
         packed[m:] = 0
     if n == 0:
-        return
+        return 0
     device = cupy.cuda.Device().id
     kernel = get_kernel(__package__, "fourbit.cu",
                         f"quantize_4bit<{_DT[dtype]}, {blocksize}, {_QT[quant_type]}>")
-    vec = 16 // x.itemsize
-    group = blocksize // vec
-    cta = max(_CTA, group)
-    groups = cta // group
+    groups = _Q4_THREADS // _quantize_shape(dtype, blocksize)
     tiles = -(-(-(-n // blocksize)) // groups)
-    grid = min(tiles, 2 * multiprocessor_count(device))
-    kernel((grid,), (cta,), (x, packed, absmax, np.int64(n), np.int32(_aligned(x, packed))))
+    grid = min(tiles, max_quantize_ctas(device))
+    kernel((grid,), (_Q4_THREADS,), (x, packed, absmax, np.int64(n), np.int32(_aligned(x, packed)),
+                                     partials if partials is not None else np.uint64(0)))
+    return grid
+
+
+@functools.lru_cache(maxsize=8)
+def _nested_table(device: int):
+    """The signed dynamic map's search table on ``device``: (table, key_offset, rows128)."""
+    import cupy
+    from reference.blockwise import search_table
+    from reference.codebooks import dynamic_map
+    table, emin = search_table(dynamic_map(True))
+    with cupy.cuda.Device(device):
+        return cupy.asarray(table), (emin - 1) << 7, (129 - emin) * 128
+
+
+def nest_absmax_4bit(absmax, partials, ctas: int, qabs, absmax2, offset):
+    """Double quantization after ``quantize_4bit(..., partials)`` launched ``ctas`` CTAs:
+    absmax float32 (nb,) -> qabs uint8 (nb,), absmax2 float32 (ceil(nb/256),), offset
+    float32 (1,): offset = the float64 mean of the finite absmax values, rounded to float32,
+    then quantize_blockwise(absmax - offset, blocksize=256) (reference.fourbit)."""
+    import cupy
+    nb = absmax.size
+    device = cupy.cuda.Device().id
+    table, key_offset, rows128 = _nested_table(device)
+    kernel = get_kernel(__package__, "fourbit.cu", "nest_absmax_4bit<256>")
+    grid = max(1, min(-(-nb // _NEST_THREADS), 2 * multiprocessor_count(device)))
+    kernel((grid,), (_NEST_THREADS,), (absmax, partials, np.int32(ctas), table, np.int32(key_offset),
+                                       np.int32(rows128), qabs, absmax2, offset, np.int64(nb)))
 
 
 def dequantize_4bit(packed, code, absmax, blocksize: int, dtype: str, out, nested=None):
@@ -64,14 +110,27 @@ def dequantize_4bit(packed, code, absmax, blocksize: int, dtype: str, out, neste
     device = cupy.cuda.Device().id
     kernel = get_kernel(__package__, "fourbit.cu",
                         f"dequantize_4bit<{_DT[dtype]}, {blocksize}, {int(nested is not None)}>")
-    threads = 256
-    grid = min(-(-n // (32 * threads)), 8 * multiprocessor_count(device))
+    units = -(-n // (16 // out.itemsize))  # one 16-byte store each
+    grid = min(-(-units // (_DQ_THREADS * _DQ_UNITS)), _DQ_MIN_CTAS * multiprocessor_count(device))
     if nested is None:
         args = (packed, code, absmax, np.uint64(0), np.uint64(0), np.uint64(0))
     else:
         qabs, code2, absmax2, offset = nested
         args = (packed, code, qabs, code2, absmax2, offset)
-    kernel((grid,), (threads,), args + (out, np.int64(n), np.int32(_aligned(packed, out))))
+    # vectorized: 4 (or 2) packed bytes per unit at a 4-byte aligned address, 16-byte stores
+    vec_ok = int(packed.data.ptr % 4 == 0 and out.data.ptr % 16 == 0)
+    kernel((grid,), (_DQ_THREADS,), args + (out, np.int64(n), np.int32(vec_ok)))
+
+
+def _matmul_ctas(mt: int, n_out: int) -> int:
+    """CTAs of matmul_4bit<., mt, .>: one per MatmulShape<mt>::ROWS rows of W."""
+    return -(-n_out // (8 if mt <= 2 else 16))
+
+
+def _launch_shape(device: int, dtype: str, M: int, N: int, nested: bool):
+    """(kernel function, grid, block) of the fused matmul for M rows of x and N of W."""
+    mt = fused_rows(M)
+    return _matmul_function(device, dtype, mt, nested), (_matmul_ctas(mt, N),), (_MM_THREADS,)
 
 
 def fused_rows(m: int) -> int | None:
@@ -82,16 +141,32 @@ def fused_rows(m: int) -> int | None:
     return None
 
 
-def matmul_4bit(x, packed, absmax, code, bias, out, blocksize: int, dtype: str):
-    """CuPy arrays: x (M, K), packed uint8 (N*K/2,), absmax float32, code float32 (16,),
-    bias (N,) or None, out (M, N); K % 32 == 0, M <= 16. Inside the caller's context."""
+def _offset_args(offset):
+    """(pointer, value) kernel arguments of a nested offset: a device float32 array (torch
+    tensor or CuPy array, one element) or a host number."""
+    if isinstance(offset, (float, int, np.floating, np.integer)):
+        return np.uint64(0), np.float32(offset)
+    if isinstance(offset, np.ndarray):
+        return np.uint64(0), np.float32(offset.reshape(-1)[0])
+    ptr = offset.data_ptr() if hasattr(offset, "data_ptr") else offset.data.ptr
+    return np.uint64(ptr), np.float32(0)
+
+
+def matmul_4bit(x, packed, absmax, code, bias, out, blocksize: int, dtype: str, nested=None):
+    """CuPy arrays: x (M, K), packed uint8 (N*K/2,), absmax float32 (or, with ``nested =
+    (code2, absmax2, offset)``, the uint8 nested codes), code float32 (16,), bias (N,) or
+    None, out (M, N); K % 32 == 0, M <= 16. Inside the caller's context."""
     import cupy
     M, K = x.shape
     N = out.shape[1]
     device = cupy.cuda.Device().id
-    fn = _matmul_function(device, dtype, fused_rows(M))
-    fn((-(-N // _MATMUL_WARPS),), (32 * _MATMUL_WARPS,),
-       (x, packed, absmax, code, bias if bias is not None else np.uint64(0), out,
+    fn, grid, block = _launch_shape(device, dtype, M, N, nested is not None)
+    code2, absmax2, offset = nested if nested is not None else (None, None, 0.0)
+    offset_p, offset_v = _offset_args(offset)
+    fn(grid, block,
+       (x, packed, absmax, code, code2 if code2 is not None else np.uint64(0),
+        absmax2 if absmax2 is not None else np.uint64(0), offset_p, offset_v,
+        bias if bias is not None else np.uint64(0), out,
         np.int32(M), np.int32(N), np.int32(K), np.int32(blocksize.bit_length() - 1)),
        0, cupy.cuda.get_current_stream())
 
@@ -99,22 +174,25 @@ def matmul_4bit(x, packed, absmax, code, bias, out, blocksize: int, dtype: str):
 # --- the torch hot path -----------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def _matmul_function(device: int, dtype: str, mt: int):
+def _matmul_function(device: int, dtype: str, mt: int, nested: bool = False):
     """The compiled cupy.cuda.Function (launch: fn(grid, block, args, shared_mem, stream))."""
     import cupy
     with cupy.cuda.Device(device):
-        return get_kernel(__package__, "fourbit.cu", f"matmul_4bit<{_DT[dtype]}, {mt}>").kernel
+        return get_kernel(__package__, "fourbit.cu", f"matmul_4bit<{_DT[dtype]}, {mt}, {int(nested)}>").kernel
 
 
-def matmul_4bit_torch(x, packed, absmax_f32, code, blocksize: int, out_features: int, bias=None):
+def matmul_4bit_torch(x, packed, absmax, code, blocksize: int, out_features: int, bias=None,
+                      nested=None):
     """``x @ W^T + bias`` for a 4-bit weight W (out_features, K), torch CUDA tensors in and out.
 
     x: (..., K) float16/bfloat16/float32, contiguous, at most 16 rows after flattening;
     packed: the weight's packed bytes (any shape/storage dtype, out_features*K/2 bytes);
-    absmax_f32: float32 (out_features*K/blocksize,) (dequantize nested statistics once and
-    cache them); code: float32 (16,); bias: (out_features,) of x's dtype or None.
-    Requires K % 32 == 0 and 16-byte aligned x and packed (callers check with
-    ``fused_ok``). Returns (..., out_features) of x's dtype on torch's current stream.
+    absmax: float32 (out_features*K/blocksize,), or with ``nested = (code2 float32 (256,),
+    absmax2 float32, offset)`` the state's uint8 nested codes (dequantized in the kernel;
+    offset: a float32 device tensor or a number); code: float32 (16,); bias:
+    (out_features,) of x's dtype or None. Requires K % 32 == 0 and 16-byte aligned x and
+    packed (callers check with ``fused_ok``). Returns (..., out_features) of x's dtype on
+    torch's current stream: one kernel launch, no other work.
     """
     import torch
     K = x.shape[-1]
@@ -124,19 +202,22 @@ def matmul_4bit_torch(x, packed, absmax_f32, code, blocksize: int, out_features:
         return out
     dtype = str(x.dtype)[6:]
     device = x.device.index
-    fn = _matmul_function(device, dtype, fused_rows(M))
+    fn, grid, block = _launch_shape(device, dtype, M, out_features, nested is not None)
     stream = _external_stream(torch.cuda.current_stream(device).cuda_stream)
-    args = (np.uint64(x.data_ptr()), np.uint64(packed.data_ptr()), np.uint64(absmax_f32.data_ptr()),
-            np.uint64(code.data_ptr()), np.uint64(bias.data_ptr() if bias is not None else 0),
+    code2, absmax2, offset = nested if nested is not None else (None, None, 0.0)
+    offset_p, offset_v = _offset_args(offset)
+    args = (np.uint64(x.data_ptr()), np.uint64(packed.data_ptr()), np.uint64(absmax.data_ptr()),
+            np.uint64(code.data_ptr()), np.uint64(code2.data_ptr() if code2 is not None else 0),
+            np.uint64(absmax2.data_ptr() if absmax2 is not None else 0), offset_p, offset_v,
+            np.uint64(bias.data_ptr() if bias is not None else 0),
             np.uint64(out.data_ptr()), np.int32(M), np.int32(out_features), np.int32(K),
             np.int32(blocksize.bit_length() - 1))
-    grid = (-(-out_features // _MATMUL_WARPS),)
     if torch.cuda.current_device() != device:
         import cupy
         with cupy.cuda.Device(device):
-            fn(grid, (32 * _MATMUL_WARPS,), args, 0, stream)
+            fn(grid, block, args, 0, stream)
     else:
-        fn(grid, (32 * _MATMUL_WARPS,), args, 0, stream)
+        fn(grid, block, args, 0, stream)
     return out
 
 

@@ -1,96 +1,159 @@
 """Numba CUDA kernels for 4-bit NF4/FP4 quantization. Reference: reference/fourbit.py; the
 CuPy version: fourbit.cu beside this file.
 
-quantize_4bit_kernel: one CUDA block per quantization block. Each thread takes the elements
-start + t, start + t + threads, ... (coalesced), the block reduces the NaN-propagating
-absmax in shared memory (a tree, no warp shuffles, so the CUDA simulator runs it), then
-each thread codes pairs of elements (2p, 2p + 1) and writes packed byte p (high nibble
-first). The code is ``perm[#{s_i < y}]`` over the 15 sorted signed thresholds of
-``reference.fourbit.rank_tables`` (NF4: midpoints, identity perm; FP4: bitsandbytes'
-literals mirrored, see the reference), found by a 4-step binary search.
-dequantize_4bit_kernel: one thread per packed byte, two values out, grid-stride.
+Both kernels move the values as uint64 words of raw storage bits (8 bytes: W = 4 float16 /
+bfloat16 or 2 float32 values; bfloat16 travels as uint16 bits) and the matching W / 2
+packed bytes as one access (uint16 / uint8). Packing: element 2k in the high nibble of byte
+k, 2k + 1 in the low nibble; an odd count pads the last low nibble with the code of 0.0
+(what a zero loaded past n encodes to). The kernel factories below compile one variant per
+storage dtype (and blocksize for the quantizer, nesting for the dequantizer), so that the
+work decomposition and the dtype branches are compile-time constants.
+
+quantize_4bit_kernel
+  in:  xs (n,) raw bits, xw its whole words as uint64; thr float32 (16,) and perm uint8 (16,)
+       of reference.fourbit.rank_tables (thr padded with +inf)
+  out: packed uint8 (ceil(n/2),) (pw: its whole W/2-byte groups); absmax float32 (nblocks,)
+  The blockwise quantizer's decomposition (see blockwise/_numba.py): a group of G threads
+  per quantization block, NW words per thread at word k * G + lane (coalesced), absmax by
+  group_nan_max, persistent grid walking tiles of blockDim / G blocks; each word becomes
+  W / 2 packed bytes in one store. The code is ``perm[#{i : thr_i < y}]`` over the 15 sorted
+  signed thresholds (NF4: midpoints, identity perm; FP4: bitsandbytes' literals mirrored,
+  see the reference), a 4-step binary search in shared memory. Traffic per element: ES bytes
+  read + 1/2 written, plus 4 bytes per block.
+dequantize_4bit_kernel
+  in:  packed uint8 (>= ceil(n/2),), code float32 (16,), absmax float32 (nblocks,) or, when
+       nested, qabsmax uint8 (nblocks,) + code2 float32 (256,) + absmax2 float32
+       (ceil(nblocks / 256),) + offset float32 (1,): scale = f32(f32(code2[q] * absmax2) + offset)
+  out: y (n,) raw bits (ow: whole words) = code[nibble] * scale, rounded once
+  Each thread turns one W/2-byte load of packed bytes into one 8-byte store of W values,
+  U words per iteration (grid-stride; consecutive threads take consecutive words).
+  Traffic per element: 1/2 byte read + ES written.
 """
 from __future__ import annotations
 
 import functools
 
 import numpy as np
-from numba import cuda, float32, int32
+from numba import cuda, float32, uint8, uint32, uint64
 
 from reference.fourbit import rank_tables
-from .._numba_util import f32_to_bf16_bits, load_f32, nan_max
+from .._numba_util import (F32, SCRATCH, WORD_ELEMS, add_rn, cta_size, device_function,
+                           group_nan_max, kernel, load_bytes, load_word, mul_rn, nan_max,
+                           quantize_shape, raw_view, storage_kind, store_bytes, store_word,
+                           value_bits, wide_view, word_value)
 
-MAX_THREADS = 1024
+QUANTIZE_THREADS = 512  # CTA size bound of the quantizer
+DEQUANTIZE_THREADS = 256
+U = 4  # words per thread per iteration of the dequantizer
+NESTED_BLOCK_SHIFT = 8  # nested absmax statistics come in blocks of 256
 
 
-@cuda.jit(device=True, inline=True)
+@device_function
 def rank_code(thr, perm, y):
     """``perm[#{i : thr[i] < y}]`` for 15 sorted thresholds; NaN y is coded as 0.0."""
     if y != y:
         y = float32(0.0)
-    c = 8 if y > thr[7] else 0
-    c += 4 if y > thr[c + 3] else 0
-    c += 2 if y > thr[c + 1] else 0
-    c += 1 if y > thr[c] else 0
-    return perm[c]
+    c = uint32(8) if y > thr[7] else uint32(0)
+    c += uint32(4) if y > thr[c + uint32(3)] else uint32(0)
+    c += uint32(2) if y > thr[c + uint32(1)] else uint32(0)
+    c += uint32(1) if y > thr[c] else uint32(0)
+    return uint32(perm[c])
 
 
-@cuda.jit
-def quantize_4bit_kernel(x, is_bf16, thr, perm, packed, absmax, blocksize):
-    n = x.shape[0]
-    shared_max = cuda.shared.array(MAX_THREADS, float32)
-    t = cuda.threadIdx.x
-    threads = cuda.blockDim.x
-    for qb in range(cuda.blockIdx.x, absmax.shape[0], cuda.gridDim.x):
-        start = qb * blocksize
-        stop = min(start + blocksize, n)
-        m = float32(0.0)
-        for i in range(start + t, stop, threads):
-            m = nan_max(abs(load_f32(x, i, is_bf16)), m)
-        shared_max[t] = m
+@functools.lru_cache(maxsize=None)
+def quantize_4bit_kernel(kind: int, blocksize: int):
+    W = WORD_ELEMS[kind]
+    NW, G = quantize_shape(kind, blocksize)
+    WORDS = blocksize // W  # words per quantization block
+    INF = np.float32(np.inf)
+
+    @kernel(QUANTIZE_THREADS)
+    def quantize_4bit_kernel(xs, xw, pw, vec_ok, thr_g, perm_g, packed, absmax):
+        thr = cuda.shared.array(16, float32)
+        perm = cuda.shared.array(16, uint8)
+        scratch = cuda.shared.array(SCRATCH, float32)
+        t = cuda.threadIdx.x
+        if t < 16:
+            thr[t] = thr_g[t]
+            perm[t] = perm_g[t]
         cuda.syncthreads()
-        step = threads // 2
-        while step > 0:
-            if t < step:
-                shared_max[t] = nan_max(shared_max[t + step], shared_max[t])
-            cuda.syncthreads()
-            step //= 2
-        m = shared_max[0]
-        r = float32(1.0) / m if m != 0 else float32(np.inf)
-        for p in range(start // 2 + t, (stop + 1) // 2, threads):
-            y0 = float32(load_f32(x, 2 * p, is_bf16) * r)
-            y1 = float32(0.0)  # past an odd n: the code of 0.0
-            if 2 * p + 1 < n:
-                y1 = float32(load_f32(x, 2 * p + 1, is_bf16) * r)
-            packed[p] = (rank_code(thr, perm, y0) << 4) | rank_code(thr, perm, y1)
-        if t == 0:
-            absmax[qb] = m
+        nblocks = absmax.shape[0]
+        groups = cuda.blockDim.x // G
+        lane = t % G
+        words = cuda.local.array(NW, uint64)
+        # uniform per CTA: every thread reaches group_nan_max's barriers equally often
+        for tile in range(cuda.blockIdx.x, (nblocks + groups - 1) // groups, cuda.gridDim.x):
+            qb = tile * groups + t // G
+            w0 = qb * WORDS + lane
+            m = float32(0.0)
+            for k in range(NW):
+                words[k] = load_word(xs, xw, vec_ok, w0 + k * G, W)
+                for j in range(W):
+                    m = nan_max(abs(word_value(words[k], j, kind)), m)
+            m = group_nan_max(m, G, scratch)
+            r = float32(1.0) / m if m != 0 else INF
+            for k in range(NW):
+                b = uint32(0)
+                for p in range(W // 2):
+                    hi = rank_code(thr, perm, float32(word_value(words[k], 2 * p, kind) * r))
+                    lo = rank_code(thr, perm, float32(word_value(words[k], 2 * p + 1, kind) * r))
+                    b |= ((hi << uint32(4)) | lo) << uint32(8 * p)
+                store_bytes(packed, pw, vec_ok, w0 + k * G, b, W // 2)
+            if lane == 0 and qb < nblocks:
+                absmax[qb] = m
+
+    return quantize_4bit_kernel
+
+
+@functools.lru_cache(maxsize=None)
+def dequantize_4bit_kernel(kind: int, nested: bool):
+    W = WORD_ELEMS[kind]
+    CODE2 = 256 if nested else 1
+
+    @kernel(DEQUANTIZE_THREADS)
+    def dequantize_4bit_kernel(packed, pw, vec_ok, code_g, absmax, qabs, code2_g, absmax2, offset,
+                               block_shift, outs, ow):
+        code = cuda.shared.array(16, float32)
+        code2 = cuda.shared.array(CODE2, float32)
+        t = cuda.threadIdx.x
+        if t < 16:
+            code[t] = code_g[t]
+        if nested:
+            for i in range(t, 256, cuda.blockDim.x):
+                code2[i] = code2_g[i]
         cuda.syncthreads()
+        nwords = (outs.shape[0] + W - 1) // W
+        stride = cuda.gridsize(1)
+        b = cuda.local.array(U, uint32)
+        s = cuda.local.array(U, float32)
+        for w0 in range(cuda.grid(1), nwords, stride * U):
+            for u in range(U):  # the loads first: U of them in flight
+                wi = w0 + u * stride
+                b[u] = load_bytes(packed, pw, vec_ok, wi, W // 2)
+                s[u] = float32(0.0)
+                if wi < nwords:
+                    qb = (wi * W) >> block_shift
+                    if nested:  # rounded twice, as the reference (no fused multiply-add)
+                        s[u] = add_rn(mul_rn(code2[qabs[qb]], absmax2[qb >> NESTED_BLOCK_SHIFT]),
+                                      offset[0])
+                    else:
+                        s[u] = absmax[qb]
+            for u in range(U):
+                word = uint64(0)
+                for j in range(W):  # value j: the high nibble of its byte when j is even
+                    v = float32(code[(b[u] >> uint32(4 * (j ^ 1))) & uint32(15)] * s[u])
+                    word |= uint64(value_bits(v, kind)) << uint64(j * (64 // W))
+                store_word(outs, ow, vec_ok, w0 + u * stride, word, W)
+
+    return dequantize_4bit_kernel
 
 
-@cuda.jit
-def dequantize_4bit_kernel(packed, code, absmax, blocksize, out, is_bf16):
-    n = out.shape[0]
-    start, stride = cuda.grid(1), cuda.gridsize(1)
-    for p in range(start, (n + 1) // 2, stride):
-        byte = packed[p]
-        for j in range(2):
-            i = 2 * p + j
-            if i < n:
-                nibble = int32(byte >> 4) if j == 0 else int32(byte & 15)
-                v = float32(code[nibble] * absmax[i // blocksize])
-                if is_bf16:
-                    out[i] = f32_to_bf16_bits(v)
-                else:
-                    out[i] = v
-
-
-@cuda.jit
-def add_offset_kernel(a, offset):
-    """a += offset[0] in float32 (the nested absmax's mean)."""
-    start, stride = cuda.grid(1), cuda.gridsize(1)
-    for i in range(start, a.shape[0], stride):
-        a[i] = float32(a[i] + offset[0])
+@functools.lru_cache(maxsize=None)
+def _sm_count() -> int:
+    try:
+        return int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
+    except Exception:  # the simulator's device has no such attribute
+        return 1
 
 
 @functools.lru_cache(maxsize=4)
@@ -99,10 +162,16 @@ def _device_tables(quant_type: str):
     return cuda.to_device(np.append(thr, np.float32(np.inf))), cuda.to_device(perm)
 
 
+def _pair_groups(kind):
+    """Packed bytes of one word (W / 2) as one unsigned integer."""
+    return np.uint16 if WORD_ELEMS[kind] == 4 else np.uint8
+
+
 def quantize_4bit(x, dtype: str, quant_type: str, blocksize: int, packed, absmax, stream=0,
-                  threads: int = 256):
+                  threads: int = QUANTIZE_THREADS):
     """x (n,) Numba device array -> packed uint8 (>= ceil(n/2),), absmax float32, in place;
-    packed bytes past ceil(n/2) (quant_storage padding) are zeroed."""
+    packed bytes past ceil(n/2) (quant_storage padding) are zeroed. ``threads``: CTA size
+    (see cta_size)."""
     n = x.shape[0]
     m = (n + 1) // 2
     if packed.shape[0] > m:
@@ -110,30 +179,40 @@ def quantize_4bit(x, dtype: str, quant_type: str, blocksize: int, packed, absmax
     if n == 0:
         return
     thr, perm = _device_tables(quant_type)
-    threads = min(threads, blocksize)
-    grid = min(absmax.shape[0], 65535)
-    quantize_4bit_kernel[grid, threads, stream](x, dtype == "bfloat16", thr, perm, packed, absmax,
-                                                blocksize)
+    kind = storage_kind(dtype)
+    _, g = quantize_shape(kind, blocksize)
+    threads = cta_size(threads, g, QUANTIZE_THREADS)
+    xs = raw_view(x, kind)
+    xw, x_ok = wide_view(xs, np.uint64)
+    if packed.shape[0] > m:
+        packed = packed[:m]  # the kernel writes whole words' bytes up to its end
+    pw, p_ok = (packed, True) if kind == F32 else wide_view(packed, _pair_groups(kind))
+    grid = min(-(-absmax.shape[0] // (threads // g)), 2048 // threads * _sm_count())
+    k = quantize_4bit_kernel(kind, blocksize)
+    k[grid, threads, stream](xs, xw, pw, x_ok and p_ok, thr, perm, packed, absmax)
 
 
 def dequantize_4bit(packed, code, absmax, blocksize: int, dtype: str, out, nested=None, stream=0,
-                    threads: int = 256, workspace=None):
+                    threads: int = DEQUANTIZE_THREADS, workspace=None):
     """packed uint8 (>= ceil(n/2),), code float32 (16,), absmax float32 (nblocks,) -> out (n,).
-    ``nested = (qabsmax, code2, absmax2, offset (1,))`` replaces absmax (pass None); its
-    float32 absmax is dequantized into ``workspace`` (nblocks,) first (allocated here when
-    None, which a CUDA graph capture does not allow: qkernels.fourbit passes one)."""
+    ``nested = (qabsmax, code2, absmax2, offset (1,))`` replaces absmax (pass None): the
+    kernel dequantizes each block's scale itself (nested blocksize 256). ``workspace`` is
+    accepted for callers that provide one and not needed."""
     n = out.shape[0]
     if n == 0:
         return
-    if nested is not None:
-        from ..blockwise import _numba as blockwise_numba
+    kind = storage_kind(dtype)
+    threads = -(-min(threads, DEQUANTIZE_THREADS) // 32) * 32
+    outs = raw_view(out, kind)
+    ow, o_ok = wide_view(outs, np.uint64)
+    pw, p_ok = (packed, True) if kind == F32 else wide_view(packed, _pair_groups(kind))
+    if nested is None:  # placeholders of the nested arguments' types
+        qabs, code2, absmax2, offset = packed, code, code, code
+    else:
         qabs, code2, absmax2, offset = nested
-        absmax = workspace if workspace is not None else \
-            cuda.device_array(qabs.shape[0], np.float32, stream=stream)
-        blockwise_numba.dequantize_blockwise(qabs, code2, absmax2, 256, "float32", absmax,
-                                             stream=stream, threads=threads)
-        grid = min(-(-absmax.shape[0] // threads), 65535)
-        add_offset_kernel[grid, threads, stream](absmax, offset)
-    grid = min(-(-((n + 1) // 2) // threads), 65535)
-    dequantize_4bit_kernel[grid, threads, stream](packed, code, absmax, blocksize, out,
-                                                  dtype == "bfloat16")
+        absmax = code
+    nwords = -(-n // WORD_ELEMS[kind])
+    grid = min(-(-nwords // (threads * U)), 2048 // threads * _sm_count())
+    k = dequantize_4bit_kernel(kind, nested is not None)
+    k[grid, threads, stream](packed, pw, o_ok and p_ok, code, absmax, qabs, code2, absmax2, offset,
+                             blocksize.bit_length() - 1, outs, ow)
