@@ -27,6 +27,7 @@ unchanged: it unscales the gradients and skips ``step()`` when it found an inf.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from copy import deepcopy
@@ -35,6 +36,7 @@ from itertools import chain
 import numpy as np
 import torch
 
+from qkernels._backend import requested_backend
 from reference import optim as ref
 from reference.codebooks import dynamic_map
 
@@ -272,6 +274,8 @@ class Optimizer8bit(torch.optim.Optimizer):
         self._nonfinite_seen = 0
         self._gpu_seen = 0
         self._loaded_maps: dict = {}     # id(qmap tensor) -> (tensor, host float32 (256,))
+        self._scalars: dict = {}         # (lr, beta1, beta2, eps, wd, step) -> AdamScalars
+        self._streams = None             # device -> current stream handle, during step()
 
     # --- configuration -----------------------------------------------------------------
     def _apply_module_overrides(self) -> None:
@@ -371,38 +375,49 @@ class Optimizer8bit(torch.optim.Optimizer):
             self._apply_module_overrides()
             self.initialized = True
         self._poll_nonfinite(block=False)
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    self.update_step(group, p, gi, pi)
+        self._streams = {}  # device -> torch's current stream handle, looked up once per step
+        try:
+            for gi, group in enumerate(self.param_groups):
+                for pi, p in enumerate(group["params"]):
+                    if p.grad is not None:
+                        self._update_step(group, p, gi, pi)
+        finally:
+            self._streams = None
         self._record_nonfinite()
         return loss
 
     @torch.no_grad()
     def update_step(self, group: dict, p: torch.Tensor, gindex: int, pindex: int) -> None:
-        where = f"param_groups[{gindex}]['params'][{pindex}]"
+        self._update_step(group, p, gindex, pindex)
+
+    def _update_step(self, group: dict, p: torch.Tensor, gindex: int, pindex: int) -> None:
+        # the per-parameter hot path of step(): a few microseconds of Python per tensor
         grad = p.grad
         if grad.is_sparse:
-            raise RuntimeError(f"{where} has a sparse gradient; the 8-bit/32-bit Adam "
-                               f"optimizers need dense gradients (use torch.optim.SparseAdam)")
+            raise RuntimeError(f"{_where(gindex, pindex)} has a sparse gradient; the 8-bit/32-bit "
+                               f"Adam optimizers need dense gradients (use torch.optim.SparseAdam)")
         if grad.dtype != p.dtype:
-            raise TypeError(f"{where}: gradient dtype {grad.dtype} differs from the parameter's {p.dtype}")
-        local, glocal = _local(p), _local(grad).contiguous()
-        if not self.state[p]:
-            self.init_state(group, p, gindex, pindex)
+            raise TypeError(f"{_where(gindex, pindex)}: gradient dtype {grad.dtype} differs from "
+                            f"the parameter's {p.dtype}")
+        local, glocal = _local(p), _local(grad)
+        if not glocal.is_contiguous():
+            glocal = glocal.contiguous()
         state = self.state[p]
+        if not state:
+            self.init_state(group, p, gindex, pindex)
+        device = local.device
         for key in ("state1", "state2", "absmax1", "absmax2"):
-            if key in state and state[key].device != local.device:
-                raise ValueError(f"{where} is on {local.device} but its optimizer state {key} "
-                                 f"is on {state[key].device}; move the model before the first "
+            if key in state and state[key].device != device:
+                raise ValueError(f"{_where(gindex, pindex)} is on {device} but its optimizer state "
+                                 f"{key} is on {state[key].device}; move the model before the first "
                                  f"step, or reload the state with load_state_dict()")
         if self.nonfinite == "raise" and not bool(torch.isfinite(glocal).all()):
-            raise FloatingPointError(f"{where} (shape {tuple(p.shape)}) has a NaN or Inf gradient; "
-                                     f"no parameter or state was changed")
+            raise FloatingPointError(f"{_where(gindex, pindex)} (shape {tuple(p.shape)}) has a NaN "
+                                     f"or Inf gradient; no parameter or state was changed")
         config = self.get_config(gindex, pindex, group)
         state["step"] += 1
         work = local if local.is_contiguous() else local.contiguous()
-        if work.device.type == "cpu":
+        if device.type == "cpu":
             self._update_cpu(work, glocal, state, config)
         else:
             self._update_cuda(work, glocal, state, config)
@@ -440,39 +455,61 @@ class Optimizer8bit(torch.optim.Optimizer):
             self._warn_nonfinite()
 
     def _update_cuda(self, p, g, state, config) -> None:
-        from qkernels._backend import requested_backend
-        s = ref.adam_scalars(config["lr"], config["betas"], config["eps"],
-                             config["weight_decay"], state["step"])
+        s = self._step_scalars(config, state["step"])
         gnorm_scale = None
         if "gnorm_vec" in state:
             gnorm_scale = _percentile_clipping_torch(g, state["gnorm_vec"], state["step"],
                                                      config["percentile_clipping"])
-        counter = self._counter(p.device)
-        stream = torch.cuda.current_stream(p.device).cuda_stream
+        device = p.device
+        counter = self._counter(device)
+        stream = self._current_stream(device)
         s1, s2 = state["state1"], state["state2"]
         if self.is_paged:
             for t in (s1, s2):
                 if getattr(t, "is_paged", False):
                     _prefetch(t, stream)
-        name = str(p.dtype).replace("torch.", "")
-        backend = requested_backend() or "cupy"
-        if backend == "numba":
+        name = _DTYPE_NAMES[p.dtype]
+        if requested_backend() == "numba":
             self._update_numba(p, g, state, config, s, gnorm_scale, counter, name)
             return
-        from qkernels.optim import _cupy
+        launch = _cupy_launchers()
         gptr = 0 if gnorm_scale is None else gnorm_scale.data_ptr()
         if s1.dtype == torch.uint8:
-            _cupy.optimizer_update_8bit_blockwise(
+            launch.optimizer_update_8bit_blockwise(
                 p.data_ptr(), g.data_ptr(), s1.data_ptr(), s2.data_ptr(),
                 state["absmax1"].data_ptr(), state["absmax2"].data_ptr(),
                 *self._host_qmaps(state), p.numel(), name, s, gnorm_scale_ptr=gptr,
-                nonfinite=counter.data_ptr(), device=p.device.index, stream=stream)
+                nonfinite=counter.data_ptr(), device=device.index, stream=stream)
         else:
             uscale = _unorm_scale_torch(p, g, state, config, s) if config["max_unorm"] > 0 else None
-            _cupy.optimizer_update_32bit(
+            launch.optimizer_update_32bit(
                 p.data_ptr(), g.data_ptr(), s1.data_ptr(), s2.data_ptr(), p.numel(), name, s,
                 gnorm_scale_ptr=gptr, update_scale_ptr=0 if uscale is None else uscale.data_ptr(),
-                nonfinite=counter.data_ptr(), device=p.device.index, stream=stream)
+                nonfinite=counter.data_ptr(), device=device.index, stream=stream)
+
+    def _step_scalars(self, config: dict, step: int) -> ref.AdamScalars:
+        """reference.optim.adam_scalars for this step, computed once per step for all the
+        parameters that share their hyper-parameters (plain numbers only are cached)."""
+        lr, betas, eps, wd = config["lr"], config["betas"], config["eps"], config["weight_decay"]
+        key = (lr, *betas, eps, wd, step) if type(betas) is tuple and len(betas) == 2 else ()
+        if key and all(type(k) is float or type(k) is int for k in key):
+            s = self._scalars.get(key)
+            if s is None:
+                if len(self._scalars) >= 64:
+                    self._scalars.clear()
+                s = self._scalars[key] = ref.adam_scalars(lr, betas, eps, wd, step)
+            return s
+        return ref.adam_scalars(lr, betas, eps, wd, step)
+
+    def _current_stream(self, device: torch.device) -> int:
+        """torch's current stream on ``device`` (a handle), looked up once per step()."""
+        streams = self._streams
+        if streams is None:
+            return torch.cuda.current_stream(device).cuda_stream
+        handle = streams.get(device)
+        if handle is None:
+            handle = streams[device] = torch.cuda.current_stream(device).cuda_stream
+        return handle
 
     def _update_numba(self, p, g, state, config, s, gnorm_scale, counter, name) -> None:
         from numba import cuda
@@ -497,7 +534,7 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def _host_qmaps(self, state) -> tuple[np.ndarray, np.ndarray]:
         """Host copies of a state's codebooks: the defaults without a device read; a loaded
-        non-default map is read once and cached."""
+        non-default map is read once and cached (read-only, as the defaults are)."""
         out = []
         for key, signed in (("qmap1", True), ("qmap2", False)):
             t = state[key]
@@ -506,7 +543,9 @@ class Optimizer8bit(torch.optim.Optimizer):
                 continue
             cached = self._loaded_maps.get(id(t))
             if cached is None or cached[0] is not t:
-                cached = self._loaded_maps[id(t)] = (t, t.detach().float().cpu().numpy().reshape(-1))
+                host = t.detach().float().cpu().numpy().reshape(-1).copy()
+                host.setflags(write=False)
+                cached = self._loaded_maps[id(t)] = (t, host)
             out.append(cached[1])
         return out[0], out[1]
 
@@ -682,6 +721,17 @@ class Optimizer8bit(torch.optim.Optimizer):
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _where(gindex: int, pindex: int) -> str:
+    return f"param_groups[{gindex}]['params'][{pindex}]"
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy_launchers():
+    from qkernels.optim import _cupy
+    return _cupy
 
 
 def _percentile_clipping_torch(g: torch.Tensor, gnorm_vec: torch.Tensor, step: int,
