@@ -21,6 +21,7 @@ fake kernels, so ``torch.compile(fullgraph=True)`` traces these layers without a
 from __future__ import annotations
 
 import hashlib
+from typing import Optional
 
 import numpy as np
 import torch
@@ -216,7 +217,9 @@ def matmul_fp8_global(A: Tensor, B: Tensor, fw_code=None, bw_code=None, out=None
 # --- native FP8 (torch._scaled_mm) -------------------------------------------------------------
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+_FP8_NAME = {E4M3: "e4m3", E5M2: "e5m2"}
 _FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
+_FP8_INV_MAX = {dt: float(ref.FP8_INV_MAX[name]) for dt, name in _FP8_NAME.items()}  # f32(1/max)
 
 
 def check_native_fp8(x: Tensor, in_features: int, out_features: int, what: str) -> None:
@@ -237,72 +240,191 @@ def check_native_fp8(x: Tensor, in_features: int, out_features: int, what: str) 
                            f"e.g. H100); {torch.cuda.get_device_name(x.device)} has {cap[0]}.{cap[1]}")
 
 
-def fp8_rowwise(x: Tensor, fp8_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Row-wise float8 quantization of x (M, K), any strides: (q (M, K) fp8_dtype contiguous,
-    scale (M, 1) float32)
-    with ``x ~= q * scale``, ``scale = rowmax / fp8_max`` (1 for a zero row; NaN for a NaN
-    row, whose output row becomes NaN)."""
+# Quantization: reference/fp8.py's rule, ``scale = amax * f32(1/fp8_max)`` (1 for a zero row),
+# ``q = fp8(clamp(x / scale))``. On CUDA the fused kernels of qkernels.fp8 (one read of x, one
+# write of the codes; two reads of w for the per-column scales of a transposed view w.t()), or
+# the same math in torch ops where CuPy cannot run; on the CPU the NumPy reference. All give the
+# same bits. (``amax * f32(1/max)`` is what CUDA torch computes for ``amax / max`` too: it
+# divides by a Python float as a multiply by its float32 reciprocal.)
+
+def _fp8_kernels(x: Tensor):
+    """qkernels.fp8._cupy when x is a CUDA tensor and the CuPy backend may run, else None."""
+    if not x.is_cuda:
+        return None
+    from qkernels._backend import backend_status, requested_backend
+    if requested_backend() not in (None, "cupy") or not backend_status("cupy")[0]:
+        return None
+    from qkernels.fp8 import _cupy
+    return _cupy
+
+
+def _check_quant_input(x: Tensor, fp8_dtype: torch.dtype, what: str) -> None:
+    if fp8_dtype not in _FP8_NAME:
+        raise ValueError(f"{what}: fp8_dtype must be torch.float8_e4m3fn or torch.float8_e5m2; "
+                         f"got {fp8_dtype}")
+    if x.dim() != 2 or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"{what}: x must be a 2-D float16 / bfloat16 / float32 tensor; got "
+                         f"{x.dtype} of shape {tuple(x.shape)}")
+
+
+def _transposed_view(x: Tensor) -> bool:
+    """x is w.t() of a contiguous w (W^T in the backward): quantize it without a copy."""
+    return not x.is_contiguous() and x.t().is_contiguous()
+
+
+def _host_f32(x2: Tensor) -> np.ndarray:
+    return x2.detach().float().numpy()
+
+
+def _fp8_rowwise_torch(x: Tensor, fp8_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    fmax = _FP8_MAX[fp8_dtype]
     amax = x.abs().amax(dim=1, keepdim=True).float()
-    fmax = _FP8_MAX[fp8_dtype]
-    scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
+    scale = torch.where(amax > 0, amax * _FP8_INV_MAX[fp8_dtype], torch.ones_like(amax))
     scale = torch.where(torch.isnan(amax), amax, scale)
-    q = (x.float() / scale).clamp(-fmax, fmax).to(fp8_dtype)
-    return q.contiguous(), scale
-
-
-def fp8_global(x: Tensor, fp8_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Tensor-wise float8 quantization: (q of x's shape, scale (1, 1) float32)."""
-    amax = x.abs().amax().float().reshape(1, 1)
-    fmax = _FP8_MAX[fp8_dtype]
-    scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
     return (x.float() / scale).clamp(-fmax, fmax).to(fp8_dtype).contiguous(), scale
 
 
-_fallback_warned: set = set()
+def _fp8_global_torch(x: Tensor, fp8_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    fmax = _FP8_MAX[fp8_dtype]
+    amax = x.abs().amax().float().reshape(1, 1)
+    scale = torch.where(amax > 0, amax * _FP8_INV_MAX[fp8_dtype], torch.ones_like(amax))
+    return (x.float() / scale).clamp(-fmax, fmax).to(fp8_dtype).contiguous(), scale
+
+
+@torch.library.custom_op("qkernels::fp8_rowwise", mutates_args=())
+def fp8_rowwise(x: Tensor, fp8_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Row-wise float8 quantization of x (M, K) float16/bfloat16/float32, any strides: (q (M, K)
+    fp8_dtype contiguous, scale (M, 1) float32) with ``x ~= q * scale``, ``scale = rowmax *
+    f32(1/fp8_max)`` (1 for a zero row; NaN for a NaN row, whose codes are NaN)."""
+    _check_quant_input(x, fp8_dtype, "fp8_rowwise")
+    kernels = _fp8_kernels(x)
+    if kernels is not None:
+        if _transposed_view(x):
+            return kernels.quantize_columnwise_transpose_torch(x.t(), fp8_dtype)
+        return kernels.quantize_rowwise_torch(x.contiguous(), fp8_dtype)
+    if x.is_cuda:
+        return _fp8_rowwise_torch(x, fp8_dtype)
+    codes, scale = ref.quantize_fp8_rowwise_f32(_host_f32(x), _FP8_NAME[fp8_dtype])
+    return torch.from_numpy(codes).view(fp8_dtype), torch.from_numpy(scale).reshape(-1, 1)
+
+
+@torch.library.custom_op("qkernels::fp8_global", mutates_args=())
+def fp8_global(x: Tensor, fp8_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Tensor-wise float8 quantization of x (N, K), any strides: (q (N, K) fp8_dtype
+    contiguous, scale (1, 1) float32); a NaN in x leaves the scale at 1 (``amax > 0`` fails)."""
+    _check_quant_input(x, fp8_dtype, "fp8_global")
+    kernels = _fp8_kernels(x)
+    if kernels is not None:
+        if _transposed_view(x):
+            return kernels.quantize_global_torch(x.t(), fp8_dtype, transpose=True)
+        return kernels.quantize_global_torch(x.contiguous(), fp8_dtype)
+    if x.is_cuda:
+        return _fp8_global_torch(x, fp8_dtype)
+    codes, scale = ref.quantize_fp8_global_f32(_host_f32(x), _FP8_NAME[fp8_dtype])
+    return torch.from_numpy(codes).view(fp8_dtype), torch.from_numpy(scale).reshape(1, 1)
+
+
+@fp8_rowwise.register_fake
+def _(x, fp8_dtype):
+    return x.new_empty(x.shape, dtype=fp8_dtype), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+
+@fp8_global.register_fake
+def _(x, fp8_dtype):
+    return x.new_empty(x.shape, dtype=fp8_dtype), x.new_empty((1, 1), dtype=torch.float32)
+
+
+# GEMMs. torch._scaled_mm's row-wise path differs by build: CUTLASS (cuBLAS < 12.9) takes an
+# e4m3 or e5m2 ``a``, only an e4m3 ``b`` and, in some versions, only a bfloat16 output; cuBLAS
+# (>= 12.9, Hopper) takes more. fp8_scaled_mm tries the float8 routes below in order the first
+# time it meets a combination and keeps the first that runs (warning once if it is not the
+# direct one): the direct call, the bias added after the GEMM instead of in its epilogue, a
+# bfloat16 output converted to out_dtype, and an e5m2 ``a`` re-encoded as e4m3 (``a * 2^-7``
+# with ``scale_a * 2^7``: exact for every code of magnitude >= 2, i.e. all but those below
+# 2^-15 of the row maximum). Only if no float8 route runs does it form the product in bfloat16.
+_ROUTES: dict = {}
+_BF16_GEMM = "bfloat16 GEMM"
+
+
+def _routes(a_dtype, out_dtype, bias_dtype):
+    """(a as e4m3, GEMM output dtype, bias in the epilogue) candidates, best first."""
+    outs = [out_dtype] + ([torch.bfloat16] if out_dtype != torch.bfloat16 else [])
+    for as_e4m3 in ([False, True] if a_dtype == E5M2 else [False]):
+        for gemm_out in outs:
+            fuse = [True, False] if bias_dtype == gemm_out == out_dtype != torch.float32 else [False]
+            for f in fuse:
+                yield as_e4m3, gemm_out, f
+
+
+def _run_route(route, a, b_nk, scale_a, scale_b, out_dtype, bias):
+    if route == _BF16_GEMM:
+        af = (a.float() * scale_a).to(torch.bfloat16)
+        bf = (b_nk.float() * scale_b).to(torch.bfloat16)
+        y = (af @ bf.t()).to(out_dtype)
+        return y if bias is None else y + bias.to(out_dtype)
+    as_e4m3, gemm_out, fuse = route
+    if as_e4m3:
+        a, scale_a = (a.float() * 2.0 ** -7).to(E4M3), scale_a * 128.0
+    y = torch._scaled_mm(a, b_nk.t(), scale_a, scale_b.t(), bias=bias if fuse else None,
+                         out_dtype=gemm_out)
+    if gemm_out != out_dtype:
+        y = y.to(out_dtype)
+    if bias is not None and not fuse:
+        y = y + bias.to(out_dtype)
+    return y
+
+
+def fp8_scaled_mm_routes() -> dict:
+    """{(device type, a dtype, b dtype, out dtype, bias dtype or None): route} as chosen so far;
+    a route is (a re-encoded as e4m3, GEMM output dtype, bias in the epilogue) or the bfloat16
+    fallback."""
+    return dict(_ROUTES)
 
 
 @torch.library.custom_op("qkernels::fp8_scaled_mm", mutates_args=())
 def fp8_scaled_mm(a: Tensor, b_nk: Tensor, scale_a: Tensor, scale_b: Tensor,
-                  out_dtype: torch.dtype) -> Tensor:
-    """``(a * scale_a) @ (b_nk * scale_b^T)^T`` for float8 a (M, K) row-major and b_nk (N, K)
-    row-major, scale_a (M, 1) and scale_b (N, 1) float32; out (M, N) in out_dtype.
-
-    One torch._scaled_mm with row-wise scales (float32 accumulation). Where this torch build
-    refuses a combination (an e5m2 operand, a non-bf16 output with row-wise scales), the
-    product is formed in bfloat16 instead and a warning says so once."""
-    try:
-        return torch._scaled_mm(a, b_nk.t(), scale_a, scale_b.t(), out_dtype=out_dtype)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-    if out_dtype != torch.bfloat16:
+                  out_dtype: torch.dtype, bias: Optional[Tensor] = None) -> Tensor:
+    """``(a * scale_a) @ (b_nk * scale_b)^T + bias`` for float8 a (M, K) and b_nk (N, K), both
+    row-major, scale_a (M, 1) and scale_b (N, 1) float32, bias (N,) in out_dtype or None; out
+    (M, N) in out_dtype. One torch._scaled_mm with row-wise scales (float32 accumulation, the
+    bias in its epilogue where the build allows); see the routes above."""
+    bias_dtype = None if bias is None else bias.dtype
+    key = (a.device.type, a.dtype, b_nk.dtype, out_dtype, bias_dtype)
+    route = _ROUTES.get(key)
+    if route is not None:
+        return _run_route(route, a, b_nk, scale_a, scale_b, out_dtype, bias)
+    refused = []
+    for route in list(_routes(a.dtype, out_dtype, bias_dtype)) + [_BF16_GEMM]:
         try:
-            y = torch._scaled_mm(a, b_nk.t(), scale_a, scale_b.t(), out_dtype=torch.bfloat16)
-            return y.to(out_dtype)
-        except RuntimeError:
-            pass
-    key = (a.dtype, b_nk.dtype, out_dtype)
-    if key not in _fallback_warned:
-        _fallback_warned.add(key)
-        import warnings
-        warnings.warn(f"torch._scaled_mm refused {a.dtype} x {b_nk.dtype} -> {out_dtype} with "
-                      f"row-wise scales ({first}); using a bfloat16 GEMM for it", RuntimeWarning)
-    af = (a.float() * scale_a).to(torch.bfloat16)
-    bf = (b_nk.float() * scale_b).to(torch.bfloat16)
-    return (af @ bf.t()).to(out_dtype)
+            y = _run_route(route, a, b_nk, scale_a, scale_b, out_dtype, bias)
+        except (RuntimeError, ValueError) as exc:
+            if route == _BF16_GEMM:
+                raise
+            refused.append(f"{route}: {str(exc).splitlines()[0][:200]}")
+            continue
+        _ROUTES[key] = route
+        if refused:
+            import warnings
+            warnings.warn(f"torch._scaled_mm refused {a.dtype} x {b_nk.dtype} -> {out_dtype} "
+                          f"(bias {bias_dtype}) with row-wise scales as asked; using route "
+                          f"{route}. Refused: {'; '.join(refused)}", RuntimeWarning)
+        return y
 
 
 @fp8_scaled_mm.register_fake
-def _(a, b_nk, scale_a, scale_b, out_dtype):
+def _(a, b_nk, scale_a, scale_b, out_dtype, bias=None):
     return a.new_empty((a.shape[0], b_nk.shape[0]), dtype=out_dtype)
 
 
 class FP8NativeLinearFunction(torch.autograd.Function):
     """Native-FP8 linear on X (M, K), W (N, K) of one float dtype, bias (N,) or None.
 
-    Forward: ``Y = fp8(X, e4m3, per row) @ fp8(W, e4m3, per output row or global)^T + bias``.
-    Backward: ``dX = fp8(G, e5m2, per row) @ fp8(W^T, e4m3, per input column or global)^T``;
-    ``dW = G^T @ X`` in X's dtype (from the saved e4m3 X when ``mem_efficient``);
-    ``dbias = sum(G, 0)``."""
+    Forward: ``Y = fp8(X, e4m3, per row) @ fp8(W, e4m3, per output row or global)^T + bias``,
+    the bias added in the GEMM's epilogue. Backward: ``dX = fp8(G, e5m2, per row) @ fp8(W^T,
+    e4m3, per input column or global)^T``; ``dW = G^T @ X`` in X's dtype (from the saved e4m3 X
+    when ``mem_efficient``); ``dbias = sum(G, 0)``. Each quantization is one fused kernel on
+    CUDA (W^T's: two passes over W). dW stays a 16-bit GEMM: with float8 operands its error
+    against the exact product is a few percent (the tests hold it under 1%)."""
 
     @staticmethod
     def forward(ctx, X, W, bias, w_rowwise: bool, mem_efficient: bool):
@@ -312,9 +434,7 @@ class FP8NativeLinearFunction(torch.autograd.Function):
         else:
             Wq, sW = fp8_global(W, E4M3)
             sW = sW.expand(W.shape[0], 1).contiguous()
-        Y = fp8_scaled_mm(Xq, Wq, sX, sW, X.dtype)
-        if bias is not None:
-            Y = Y + bias.to(Y.dtype)
+        Y = fp8_scaled_mm(Xq, Wq, sX, sW, X.dtype, bias)
         ctx.w_rowwise, ctx.mem_efficient, ctx.has_bias = w_rowwise, mem_efficient, bias is not None
         ctx.x_dtype = X.dtype
         if mem_efficient:

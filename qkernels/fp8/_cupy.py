@@ -1,0 +1,243 @@
+"""CuPy launchers for fp8.cu (the native float8 quantizers).
+
+Two entry levels, as in qkernels.int8._cupy:
+- array level (``quantize_rows``, ``quantize_global``, ``quantize_columns_transpose``): CuPy
+  arrays on the caller's device, inside the caller's ``Call.cupy_context()``; bfloat16 arrives
+  as uint16 bits with the logical dtype beside it; codes are uint8. Used by qkernels.fp8.
+- torch hot paths (``*_torch``): torch CUDA tensors in, torch float8 tensors and float32
+  scales out (``torch.empty``), launched with raw pointers on ``torch.cuda.current_stream()``;
+  no DLPack conversion, no host synchronization. The native FP8 layers call these per step.
+Every launch builds its arguments from one typed list (pointers uint64, sizes int32/int64):
+CuPy checks nothing, and a wrong width shifts every later argument.
+The kernels convert with ``cvt.rn.satfinite.{e4m3,e5m2}x2.f32``: compute capability >= 8.9.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from .._cuda import get_kernel, multiprocessor_count
+
+_DT = {"float32": 0, "float16": 1, "bfloat16": 2}
+_ES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_E5M2 = {"e4m3": "false", "e5m2": "true"}
+_TILE = 64
+
+
+def _kernel(name: str):
+    _check_arch(_device())
+    return get_kernel(__package__, "fp8.cu", name)
+
+
+@functools.lru_cache(maxsize=None)
+def _check_arch(device: int) -> None:
+    import cupy
+    cc = cupy.cuda.Device(device).compute_capability  # e.g. "90"
+    if int(cc) < 89:
+        raise RuntimeError(f"qkernels.fp8's CUDA kernels need a GPU of compute capability >= 8.9 "
+                           f"(float8 conversions); device {device} has {cc[:-1]}.{cc[-1]}. "
+                           f"Use the numpy backend (qkernels.use_backend('numpy')).")
+
+
+def _ptr(a) -> int:
+    if a is None:
+        return 0
+    return a.data_ptr() if hasattr(a, "data_ptr") else a.data.ptr
+
+
+def _u64(p: int):
+    return np.uint64(p)
+
+
+def _aligned(*ptrs) -> bool:
+    return all(p % 16 == 0 for p in ptrs)
+
+
+def _device() -> int:
+    import cupy
+    return cupy.cuda.Device().id
+
+
+# --- pointer-level launchers (sizes validated by the caller) --------------------------------
+
+def launch_rows(x: int, dtype: str, fmt: str, q: int, scale: int, rows: int, cols: int):
+    """q u8 (rows, cols), scale f32 (rows,) of x (rows, cols) row-major."""
+    if rows == 0 or cols == 0:
+        return
+    es = _ES[dtype]
+    vec = 16 // es
+    nv = 2 if es == 2 else 4            # 16 elements per thread held in registers
+    need = -(-cols // vec)              # 16-byte vectors per row
+    threads = min(1024, max(32, -(-(-(-need // nv)) // 32) * 32))
+    vec_ok = int(_aligned(x, q) and (cols * es) % 16 == 0)
+    k = _kernel(f"fp8_quantize_rows<{_DT[dtype]}, {_E5M2[fmt]}, {nv}>")
+    k((min(rows, 1 << 30),), (threads,), (_u64(x), _u64(q), _u64(scale), np.int32(rows),
+                                          np.int32(cols), np.int32(vec_ok)))
+
+
+def launch_absmax_global(x: int, dtype: str, n: int, out_u32: int):
+    """NaN-propagating max |x| of n elements into out_u32 (zeroed by the caller), float bits."""
+    if n == 0:
+        return
+    vec = 16 // _ES[dtype]
+    grid = max(1, min(-(-n // (vec * 256)), 8 * multiprocessor_count(_device())))
+    k = _kernel(f"fp8_absmax_global<{_DT[dtype]}>")
+    k((grid,), (256,), (_u64(x), np.int64(n), _u64(out_u32), np.int32(_aligned(x))))
+
+
+def launch_quant_global(x: int, dtype: str, fmt: str, absmax_u32: int, q: int, scale: int, n: int):
+    if n == 0:
+        return
+    vec = 16 // _ES[dtype]
+    grid = max(1, min(-(-n // (vec * 256)), 8 * multiprocessor_count(_device())))
+    k = _kernel(f"fp8_quantize_global<{_DT[dtype]}, {_E5M2[fmt]}>")
+    k((grid,), (256,), (_u64(x), _u64(absmax_u32), _u64(q), _u64(scale), np.int64(n),
+                        np.int32(_aligned(x, q))))
+
+
+def launch_col_absmax(x: int, dtype: str, rows: int, cols: int, out_u32: int):
+    """Per-column NaN-propagating max |x| of x (rows, cols) into out_u32 (cols,), zeroed."""
+    if rows == 0 or cols == 0:
+        return
+    es = _ES[dtype]
+    vec = 16 // es
+    gx = -(-cols // (32 * vec))
+    want_y = max(1, (8 * multiprocessor_count(_device())) // gx)  # ~8 CTAs per SM
+    rpc = max(8, -(-(-(-rows // want_y)) // 8) * 8)
+    gy = -(-rows // rpc)
+    vec_ok = int(_aligned(x) and (cols * es) % 16 == 0)
+    k = _kernel(f"fp8_col_absmax<{_DT[dtype]}>")
+    k((gx, gy), (32, 8), (_u64(x), np.int32(rows), np.int32(cols), np.int32(rpc), _u64(out_u32),
+                          np.int32(vec_ok)))
+
+
+def launch_quant_transpose(x: int, dtype: str, fmt: str, absmax_u32: int, qT: int, scale: int,
+                           N: int, K: int, per_col: bool):
+    """qT u8 (K, N) = codes of x^T for x (N, K); scale f32 (K,) per column of x (per_col,
+    absmax_u32 (K,)) or (1,) (absmax_u32 (1,))."""
+    if N == 0 or K == 0:
+        return
+    es = _ES[dtype]
+    vec_in = int(_aligned(x) and (K * es) % 16 == 0)
+    vec_out = int(_aligned(qT) and N % 16 == 0)
+    k = _kernel(f"fp8_quantize_transpose<{_DT[dtype]}, {_E5M2[fmt]}, {'true' if per_col else 'false'}>")
+    k((-(-K // _TILE), -(-N // _TILE)), (256,),
+      (_u64(x), _u64(absmax_u32), _u64(qT), _u64(scale), np.int32(N), np.int32(K),
+       np.int32(vec_in), np.int32(vec_out)))
+
+
+# --- array level (qkernels.fp8's backend tables) ---------------------------------------------
+
+def _zeros_u32(n: int):
+    import cupy
+    return cupy.zeros(max(n, 1), cupy.uint32)
+
+
+def quantize_rows(x, dtype, fmt, q, scale):
+    """x (rows, cols) contiguous -> q u8 (rows, cols), scale f32 (rows,)."""
+    rows, cols = x.shape
+    if cols == 0:
+        scale.fill(1)
+        return
+    launch_rows(_ptr(x), dtype, fmt, _ptr(q), _ptr(scale), rows, cols)
+
+
+def quantize_global(x, dtype, fmt, q, scale, transpose):
+    """x (N, K) contiguous -> q u8 (N, K), or q^T (K, N) with ``transpose``; scale f32 (1,)."""
+    N, K = x.shape
+    ws = _zeros_u32(1)
+    launch_absmax_global(_ptr(x), dtype, N * K, _ptr(ws))
+    if N * K == 0:
+        scale.fill(1)
+    elif transpose:
+        launch_quant_transpose(_ptr(x), dtype, fmt, _ptr(ws), _ptr(q), _ptr(scale), N, K, False)
+    else:
+        launch_quant_global(_ptr(x), dtype, fmt, _ptr(ws), _ptr(q), _ptr(scale), N * K)
+
+
+def quantize_columns_transpose(x, dtype, fmt, q, scale):
+    """x (N, K) contiguous -> q^T u8 (K, N) = row-wise codes of x^T, scale f32 (K,)."""
+    N, K = x.shape
+    if N == 0:
+        scale.fill(1)
+        return
+    ws = _zeros_u32(K)
+    launch_col_absmax(_ptr(x), dtype, N, K, _ptr(ws))
+    launch_quant_transpose(_ptr(x), dtype, fmt, _ptr(ws), _ptr(q), _ptr(scale), N, K, True)
+
+
+# --- torch hot paths: raw pointers, torch's current stream, torch allocations ----------------
+
+def _tname(t) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def _fmt(fp8_dtype) -> str:
+    import torch
+    return "e5m2" if fp8_dtype == torch.float8_e5m2 else "e4m3"
+
+
+def _context(t):
+    """Selects t's device and torch's current stream on it for the CuPy launches."""
+    import contextlib
+    import cupy
+    import torch
+    from .._interop import _external_stream
+    stack = contextlib.ExitStack()
+    stack.enter_context(cupy.cuda.Device(t.device.index))
+    stack.enter_context(_external_stream(torch.cuda.current_stream(t.device).cuda_stream))
+    return stack
+
+
+def quantize_rowwise_torch(x, fp8_dtype):
+    """(q (M, K) fp8_dtype, scale (M, 1) float32) for a contiguous 2-D CUDA tensor x (M, K)
+    of float16 / bfloat16 / float32. The caller has validated."""
+    import torch
+    M, K = x.shape
+    q = torch.empty((M, K), dtype=fp8_dtype, device=x.device)
+    scale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
+    if K == 0:
+        return q, scale.fill_(1)
+    with _context(x):
+        launch_rows(x.data_ptr(), _tname(x), _fmt(fp8_dtype), q.data_ptr(), scale.data_ptr(), M, K)
+    return q, scale
+
+
+def quantize_columnwise_transpose_torch(w, fp8_dtype):
+    """Row-wise quantization of w^T for a contiguous 2-D CUDA tensor w (N, K), in two passes
+    over w (column absmax, then a tiled transpose): (q (K, N) fp8_dtype, scale (K, 1))."""
+    import torch
+    N, K = w.shape
+    q = torch.empty((K, N), dtype=fp8_dtype, device=w.device)
+    scale = torch.empty((K, 1), dtype=torch.float32, device=w.device)
+    if N == 0:
+        return q, scale.fill_(1)
+    ws = torch.zeros((max(K, 1),), dtype=torch.int32, device=w.device)
+    with _context(w):
+        launch_col_absmax(w.data_ptr(), _tname(w), N, K, ws.data_ptr())
+        launch_quant_transpose(w.data_ptr(), _tname(w), _fmt(fp8_dtype), ws.data_ptr(),
+                               q.data_ptr(), scale.data_ptr(), N, K, True)
+    return q, scale
+
+
+def quantize_global_torch(w, fp8_dtype, transpose: bool = False):
+    """Tensor-wise quantization of a contiguous 2-D CUDA tensor w (N, K): (q (N, K), or q^T
+    (K, N) with ``transpose``, fp8_dtype; scale (1, 1) float32)."""
+    import torch
+    N, K = w.shape
+    q = torch.empty((K, N) if transpose else (N, K), dtype=fp8_dtype, device=w.device)
+    scale = torch.empty((1, 1), dtype=torch.float32, device=w.device)
+    if N * K == 0:
+        return q, scale.fill_(1)
+    ws = torch.zeros((1,), dtype=torch.int32, device=w.device)
+    fmt = _fmt(fp8_dtype)
+    with _context(w):
+        launch_absmax_global(w.data_ptr(), _tname(w), N * K, ws.data_ptr())
+        if transpose:
+            launch_quant_transpose(w.data_ptr(), _tname(w), fmt, ws.data_ptr(), q.data_ptr(),
+                                   scale.data_ptr(), N, K, False)
+        else:
+            launch_quant_global(w.data_ptr(), _tname(w), fmt, ws.data_ptr(), q.data_ptr(),
+                                scale.data_ptr(), N * K)
+    return q, scale
