@@ -194,11 +194,14 @@ def _choose(table, x):
 def _outlier_cols(call: Call, flags, rows: int, q2d):
     """Compact the outlier-column flags into int64 indices (a host synchronization, as in
     bnb) and zero those columns of q; returns the indices in the caller's kind."""
-    if call.backend == "cupy":
-        import cupy
+    if call.backend == "cupy":  # one kernel: compaction and zeroing; the host reads the count
+        from . import _cupy
+        cols = int(q2d.shape[1])
+        buf = call.empty((cols,), "int64")
         with call.cupy_context():
-            idx = cupy.flatnonzero(flags).astype(cupy.int64)
-    elif call.backend == "numba":
+            n = _cupy.outlier_cols(flags, q2d, buf)
+        return call.result(buf, "int64")[:n]
+    if call.backend == "numba":
         idx = np.flatnonzero(flags.copy_to_host()).astype(np.int64)
     else:
         idx = np.flatnonzero(flags).astype(np.int64)
@@ -325,6 +328,11 @@ def int8_vectorwise_quant(A, threshold: float = 0.0):
     name, shape = _float_input(A, "A", two_d=False)
     rows, cols = _rows_cols(shape)
     backend, impl = _choose(_QUANTIZE_ROWS, A)
+    if t > 0 and backend == "cupy" and kind_of(A) == "torch" and device_of(A) is not None:
+        # torch on the GPU: raw pointers and torch allocations, no per-array conversions
+        from . import _cupy
+        q, stats, outliers = _cupy.int8_vectorwise_quant_torch(_contiguous(A).reshape(rows, cols), t)
+        return q.reshape(shape), stats, outliers
     call = Call(A, backend)
     q, stats = call.empty(shape, "int8"), call.empty((rows,), "float32")
     flags = call.empty((cols,), "uint8") if t > 0 else None

@@ -23,7 +23,10 @@ _ES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _GEMM_THREADS = 256
 _GEMM_TILE = 128
 _GEMM_SMEM = 4 * 2 * 128 * 64       # G_STAGES * 2 operands * 128 rows * 64 bytes
-_QT_TILE = 64
+_QT_TN = 128                        # quant_transpose tile: 128 rows x 256 bytes of x
+# Two-pass quantizers: the part of x (a fraction of the L2 size) that the absmax pass reads
+# last with normal loads, so that the reverse second pass finds it in L2. A knob to tune.
+L2_KEEP = 0.6
 
 
 def _b(v: bool) -> str:
@@ -39,6 +42,38 @@ def _gemm_kernel(device: int, name: str):
     k = _kernel(name)
     k.max_dynamic_shared_size_bytes = _GEMM_SMEM
     return k
+
+
+# The Hopper GEMM (gemm_sm90.cu: wgmma, persistent CTAs), taken on compute capability 9.0
+# when K % 16 == 0 and both operands are 16-byte aligned; int8_gemm elsewhere.
+# SM90_TILE = (BN, BK, STAGES): BN 256 runs one CTA per SM, BN 128 two.
+SM90_TILE = (256, 128, 4)
+USE_SM90 = True  # a switch for benchmarks and tests that time or check int8_gemm alone
+
+
+@functools.lru_cache(maxsize=None)
+def _is_sm90(device: int) -> bool:
+    import cupy
+    return cupy.cuda.Device(device).compute_capability == "90"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90_kernel(device: int, name: str, smem: int):
+    k = get_kernel(__package__, "gemm_sm90.cu", name, options=("-arch=sm_90a",))
+    k.max_dynamic_shared_size_bytes = smem
+    return k
+
+
+def _launch_gemm_sm90(device, a, bt, M, N, K, out, odt, rdt, cdt, bdt, c_global, r, c, bias,
+                      vec_out):
+    bn, bk, stages = SM90_TILE
+    name = f"int8_gemm_sm90<{odt}, {rdt}, {cdt}, {bdt}, {_b(c_global)}, {bn}, {bk}, {stages}>"
+    smem = stages * (128 + bn) * bk + 1024  # + 1 KB to align the swizzle atoms
+    k = _sm90_kernel(device, name, smem)
+    tiles = -(-M // 128) * -(-N // bn)
+    grid = min(tiles, multiprocessor_count(device) * (2 if bn == 128 else 1))
+    k((grid,), (256,), (_u64(a), _u64(bt), np.int32(M), np.int32(N), np.int32(K), _u64(r), _u64(c),
+                        _u64(bias), _u64(out), np.int32(vec_out)), shared_mem=smem)
 
 
 def _ptr(a) -> int:
@@ -61,6 +96,17 @@ def _aligned(*ptrs) -> bool:
 def _device() -> int:
     import cupy
     return cupy.cuda.Device().id
+
+
+@functools.lru_cache(maxsize=None)
+def _l2_bytes(device: int) -> int:
+    import cupy
+    return int(cupy.cuda.runtime.getDeviceProperties(device)["l2CacheSize"])
+
+
+def _keep_bytes() -> int:
+    """Bytes of x the absmax pass leaves in L2 for the reverse quantizing pass."""
+    return int(L2_KEEP * _l2_bytes(_device()))
 
 
 class _on_stream:
@@ -101,40 +147,51 @@ def launch_row_quant(x: int, dtype: str, q: int, stats: int, stats_dtype: str, f
     thresh = threshold > 0
     k = _kernel(f"row_quant<{_DT[dtype]}, {_DT[stats_dtype]}, {nv}, {_b(thresh)}>")
     grid = min(rows, 1 << 30)
+    if thresh:  # ~8 rows per CTA: each CTA sets an outlier column's flag once, not per row
+        grid = min(rows, max(-(-rows // 8), 8 * multiprocessor_count(_device())))
     k((grid,), (threads,), (_u64(x), _u64(q), _u64(stats), _u64(flags), np.int32(rows),
                             np.int32(cols), np.float32(threshold), np.int32(vec_ok)))
 
 
-def launch_absmax_global(x: int, dtype: str, n: int, out_u32: int):
-    """NaN-propagating absmax of n elements into out_u32 (zeroed by the caller) as float bits."""
+def launch_absmax_global(x: int, dtype: str, n: int, out_u32: int, keep_bytes: int = 0):
+    """NaN-propagating absmax of n elements into out_u32 (zeroed by the caller) as float bits.
+    The last ``keep_bytes`` of x are read last with normal loads (the rest evict-first), for a
+    following pass that reads x in reverse."""
     if n == 0:
         return
     vec = 16 // _ES[dtype]
+    # 8 CTAs per SM fit (__launch_bounds__(256, 8)): one wave, every CTA resident
     grid = max(1, min(-(-n // (vec * 256)), 8 * multiprocessor_count(_device())))
+    keep_vec = max(0, n // vec - keep_bytes // 16)
     k = _kernel(f"absmax_global<{_DT[dtype]}>")
-    k((grid,), (256,), (_u64(x), np.int64(n), _u64(out_u32), np.int32(_aligned(x))))
+    k((grid,), (256,), (_u64(x), np.int64(n), _u64(out_u32), np.int32(_aligned(x)),
+                        np.int64(keep_vec)))
 
 
-def launch_col_absmax(x: int, dtype: str, rows: int, cols: int, threshold: float, out_u32: int):
+def launch_col_absmax(x: int, dtype: str, rows: int, cols: int, threshold: float, out_u32: int,
+                      keep_bytes: int = 0):
+    """Per-column NaN-propagating absmax (outliers left out when threshold > 0) into out_u32
+    (cols,), zeroed by the caller. The last rows, about ``keep_bytes`` of x, are read last
+    with normal loads (the rest evict-first), for a following pass that reads x in reverse."""
     if rows == 0 or cols == 0:
         return
     es = _ES[dtype]
     vec = 16 // es
     gx = -(-cols // (32 * vec))
-    want_y = max(1, (8 * multiprocessor_count(_device())) // gx)  # ~8 CTAs per SM
-    rpc = max(8, -(-(-(-rows // want_y)) // 8) * 8)
-    gy = -(-rows // rpc)
+    # ~6 CTAs per SM are resident (40 registers): one wave of CTAs sweeping the rows together
+    gy = max(1, min(-(-rows // 8), (6 * multiprocessor_count(_device())) // gx))
+    keep_row = max(0, rows - keep_bytes // (cols * es))
     vec_ok = int(_aligned(x) and (cols * es) % 16 == 0)
     k = _kernel(f"col_absmax<{_DT[dtype]}, {_b(threshold > 0)}>")
     k((gx, gy), (32, 8), (_u64(x), np.int32(rows), np.int32(cols), np.float32(threshold),
-                          np.int32(rpc), _u64(out_u32), np.int32(vec_ok)))
+                          np.int32(keep_row), _u64(out_u32), np.int32(vec_ok)))
 
 
 def launch_quant_global(x: int, dtype: str, absmax_u32: int, q: int, state: int, n: int):
     if n == 0:
         return
     vec = 16 // _ES[dtype]
-    grid = max(1, min(-(-n // (vec * 256)), 8 * multiprocessor_count(_device())))
+    grid = max(1, min(-(-n // (vec * 256)), 8 * multiprocessor_count(_device())))  # one wave
     k = _kernel(f"quant_global<{_DT[dtype]}, {_DT[dtype]}>")
     k((grid,), (256,), (_u64(x), _u64(absmax_u32), _u64(q), _u64(state), np.int64(n),
                         np.int32(_aligned(x, q))))
@@ -147,10 +204,11 @@ def launch_quant_transpose(x: int, dtype: str, absmax_u32: int, qT: int, state: 
     es = _ES[dtype]
     vec_in = int(_aligned(x) and (K * es) % 16 == 0)
     vec_out = int(_aligned(qT) and N % 16 == 0)
+    tk = 16 * (16 // es)  # tile columns: 256 bytes of a row of x
+    tiles = -(-K // tk) * -(-N // _QT_TN)
     k = _kernel(f"quant_transpose<{_DT[dtype]}, {_DT[dtype]}, {_b(per_col)}>")
-    k((-(-K // _QT_TILE), -(-N // _QT_TILE)), (256,),
-      (_u64(x), _u64(absmax_u32), _u64(qT), _u64(state), np.int32(N), np.int32(K),
-       np.int32(vec_in), np.int32(vec_out)))
+    k((tiles,), (256,), (_u64(x), _u64(absmax_u32), _u64(qT), _u64(state), np.int32(N), np.int32(K),
+                         np.int32(vec_in), np.int32(vec_out)))
 
 
 def launch_quant_cols(x: int, dtype: str, colmax_u32: int, threshold: float, q: int, rows: int, cols: int):
@@ -161,6 +219,17 @@ def launch_quant_cols(x: int, dtype: str, colmax_u32: int, threshold: float, q: 
     k = _kernel(f"quant_cols<{_DT[dtype]}, {_b(threshold > 0)}>")
     k((grid,), (256,), (_u64(x), _u64(colmax_u32), np.float32(threshold), _u64(q),
                         np.int32(rows), np.int32(cols)))
+
+
+def launch_outlier_cols(flags: int, cols: int, q: int, rows: int, idx: int, count: int):
+    """After row_quant with a threshold: idx int64 (cols,) <- the ascending outlier columns
+    (count int32 (1,) <- how many), and those columns of q (rows, cols) zeroed. ``count`` must
+    hold 0 beforehand: nothing is launched when rows or cols is 0."""
+    if rows == 0 or cols == 0:
+        return
+    grid = min(rows, 2 * multiprocessor_count(_device()))
+    _kernel("outlier_cols")((grid,), (256,), (_u64(flags), np.int32(cols), _u64(q), np.int32(rows),
+                                              _u64(idx), _u64(count)))
 
 
 def launch_zero_cols(q: int, rows: int, cols: int, idx: int, nidx: int):
@@ -202,13 +271,23 @@ def launch_gemm(a: int, bt: int, M: int, N: int, K: int, out: int, out_dtype: st
         return
     aligned = _aligned(a, bt) and K % 16 == 0
     vec_out = int(out % 8 == 0 and N % 2 == 0)
+    device = _device()
+    if aligned and USE_SM90 and _is_sm90(device):
+        if out_dtype == "int32":
+            odt, rdt, cdt, bdt, c_global = 3, 0, 0, -1, False
+        else:
+            odt, rdt, cdt = _DT[out_dtype], _DT[r_dtype], _DT[c_dtype]
+            bdt = -1 if bias_dtype is None else _DT[bias_dtype]
+        _launch_gemm_sm90(device, a, bt, M, N, K, out, odt, rdt, cdt, bdt, c_global, r, c, bias,
+                          vec_out)
+        return
     if out_dtype == "int32":
         name = f"int8_gemm<3, 0, 0, -1, false, {_b(aligned)}>"
     else:
         bdt = -1 if bias_dtype is None else _DT[bias_dtype]
         name = (f"int8_gemm<{_DT[out_dtype]}, {_DT[r_dtype]}, {_DT[c_dtype]}, {bdt}, "
                 f"{_b(c_global)}, {_b(aligned)}>")
-    k = _gemm_kernel(_device(), name)
+    k = _gemm_kernel(device, name)
     tiles = -(-M // _GEMM_TILE) * -(-N // _GEMM_TILE)
     k((tiles,), (_GEMM_THREADS,), (_u64(a), _u64(bt), np.int32(M), np.int32(N), np.int32(K),
                                    _u64(r), _u64(c), _u64(bias), _u64(out), np.int32(vec_out)),
@@ -237,6 +316,16 @@ def zero_cols(q, idx):
     launch_zero_cols(_ptr(q), rows, cols, _ptr(idx), int(idx.size))
 
 
+def outlier_cols(flags, q, idx) -> int:
+    """After quantize_rows with a threshold: idx int64 (cols,) <- the ascending outlier
+    columns, those columns of q zeroed; returns how many (one host synchronization)."""
+    import cupy
+    rows, cols = q.shape
+    count = cupy.zeros(1, cupy.int32)
+    launch_outlier_cols(_ptr(flags), cols, _ptr(q), rows, _ptr(idx), _ptr(count))
+    return int(count.get()[0])
+
+
 def quantize_global(x, dtype, q, state, transpose):
     """x (N, K) -> q int8 (N, K) or q^T (K, N), state (1,) in dtype."""
     N, K = x.shape
@@ -244,7 +333,7 @@ def quantize_global(x, dtype, q, state, transpose):
         state.fill(0)
         return
     ws = _zeros_u32(1)
-    launch_absmax_global(_ptr(x), dtype, N * K, _ptr(ws))
+    launch_absmax_global(_ptr(x), dtype, N * K, _ptr(ws), _keep_bytes())
     if transpose:
         launch_quant_transpose(_ptr(x), dtype, _ptr(ws), _ptr(q), _ptr(state), N, K, False)
     else:
@@ -258,7 +347,9 @@ def quantize_columns(x, dtype, threshold, q, transpose, state=None, col_stats=No
     import cupy
     rows, cols = x.shape
     ws = _zeros_u32(cols)
-    launch_col_absmax(_ptr(x), dtype, rows, cols, threshold, _ptr(ws))
+    # transpose: quant_transpose walks the tiles in reverse, so the tail is kept in L2
+    launch_col_absmax(_ptr(x), dtype, rows, cols, threshold, _ptr(ws),
+                      _keep_bytes() if transpose else 0)
     if transpose:
         if rows == 0 and cols > 0:
             state.fill(0)
@@ -349,6 +440,31 @@ def quantize_rowwise_torch(x, stats_dtype=None, threshold: float = 0.0):
     return (q, stats) if flags is None else (q, stats, flags)
 
 
+def int8_vectorwise_quant_torch(x, threshold: float):
+    """LLM.int8() quantization with outliers (threshold > 0) of a contiguous 2-D torch CUDA
+    tensor x (rows, cols): (q int8 (rows, cols) with the outlier columns zeroed, row_stats
+    float32 (rows,), outlier_cols int64 (n,) ascending, a view of a (cols,) buffer). Two
+    kernels queued back to back, then one host synchronization to read n (the result's size)."""
+    import torch
+    rows, cols = x.shape
+    dev = x.device
+    q = torch.empty((rows, cols), dtype=torch.int8, device=dev)
+    stats = torch.empty((rows,), dtype=torch.float32, device=dev)
+    if cols == 0:
+        stats.zero_()  # the absmax of an empty row
+    cpad = -(-cols // 16) * 16
+    ws = torch.zeros((cpad + 16,), dtype=torch.uint8, device=dev)  # flags (cols,), then the count
+    d, stream = _stream_of(x)
+    with _on_stream(d, stream):
+        launch_row_quant(x.data_ptr(), _tname(x), q.data_ptr(), stats.data_ptr(), "float32",
+                         ws.data_ptr(), rows, cols, threshold)
+        idx = torch.empty((cols,), dtype=torch.int64, device=dev)  # allocated while row_quant runs
+        launch_outlier_cols(ws.data_ptr(), cols, q.data_ptr(), rows, idx.data_ptr(),
+                            ws.data_ptr() + cpad)
+    n = int(ws[cpad:cpad + 4].view(torch.int32).item())
+    return q, stats, idx[:n]
+
+
 def quantize_global_torch(w, transpose: bool = False):
     """(q int8 (N, K) or q^T (K, N), state (1,) in w's dtype) for a contiguous 2-D tensor."""
     import torch
@@ -358,7 +474,7 @@ def quantize_global_torch(w, transpose: bool = False):
     ws = torch.zeros((1,), dtype=torch.int32, device=w.device)
     dev, stream = _stream_of(w)
     with _on_stream(dev, stream):
-        launch_absmax_global(w.data_ptr(), _tname(w), N * K, ws.data_ptr())
+        launch_absmax_global(w.data_ptr(), _tname(w), N * K, ws.data_ptr(), _keep_bytes())
         if transpose:
             launch_quant_transpose(w.data_ptr(), _tname(w), ws.data_ptr(), q.data_ptr(),
                                    state.data_ptr(), N, K, False)
@@ -377,7 +493,7 @@ def quantize_columnwise_and_transpose_torch(w):
     ws = torch.zeros((max(K, 1),), dtype=torch.int32, device=w.device)
     dev, stream = _stream_of(w)
     with _on_stream(dev, stream):
-        launch_col_absmax(w.data_ptr(), _tname(w), N, K, 0.0, ws.data_ptr())
+        launch_col_absmax(w.data_ptr(), _tname(w), N, K, 0.0, ws.data_ptr(), _keep_bytes())
         launch_quant_transpose(w.data_ptr(), _tname(w), ws.data_ptr(), q.data_ptr(),
                                state.data_ptr(), N, K, True)
     return q, state

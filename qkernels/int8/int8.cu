@@ -7,23 +7,43 @@
 // every multiply is __fmul_rn and every add __fadd_rn, so no multiply-add is contracted and the
 // kernels match the NumPy oracle bit for bit.
 //
+// Two-pass quantizers (global, columnwise): pass 1 finds the absmax and pass 2 re-reads x, in
+// reverse order, so that its first reads hit the tail of x that pass 1 read last. Pass 1 reads
+// all but the last `keep` bytes with evict-first (.cs) loads and pass 2 streams (.cs) its reads
+// and writes, so the normal-priority tail is what L2 keeps.
+//
 // row_quant<DT, SDT, NV, THRESH>           one CTA per row (grid-stride over rows)
 //   in:  x (rows, cols) DT row-major; threshold (THRESH: |x| >= threshold is an outlier)
 //   out: q int8 (rows, cols); stats (rows,) SDT = row absmax without outliers; flags u8 (cols,)
 //        set to 1 for columns holding an outlier (THRESH only; the caller zeroes them first).
 //   Each thread caches NV 16-byte vectors of its row in registers, so the row is read from
 //   memory once (columns beyond NV * VEC * blockDim are read twice). Traffic: ES + 1 bytes
-//   per element.
+//   per element. THRESH: a thread keeps the same columns in every row, so it ORs its outlier
+//   hits into a register mask and sets each flag once per CTA, not once per row (the launcher
+//   gives each CTA ~8 rows).
+// outlier_cols                             after row_quant<THRESH>: every CTA scans the flags
+//   (chunks of 4096 columns, a block prefix sum) into the ascending list of outlier columns
+//   and zeroes those columns of q in its slice of rows (a warp per row); CTA 0 also writes the
+//   list as idx int64 (count,) and count int32. 256 threads. The host reads count once, to
+//   size the result.
 // absmax_global<DT>                        grid-stride NaN-propagating absmax of the whole
 //   array, one atomicMax per CTA on the float's bits (|x| bits order like the floats; NaN's
-//   bits sort above +Inf). out: u32 (1,) zeroed by the caller.
-// col_absmax<DT, THRESH>                   blocks (32, 8): 32 column vectors x 8 row lanes over
-//   a slab of rows; reduce in shared memory, one atomicMax per column and CTA.
+//   bits sort above +Inf). out: u32 (1,) zeroed by the caller. Vectors from keep_vec on are
+//   read last, with normal loads (the L2-resident tail).
+// col_absmax<DT, THRESH>                   blocks (32, 8): 32 column vectors x 8 row lanes;
+//   the CTAs of a column strip interleave their rows (row stride 8 * gridDim.y), so the whole
+//   grid sweeps x top to bottom and rows from keep_row on are read last, with normal loads;
+//   reduce in shared memory, one atomicMax per column and CTA.
 // quant_global<DT, SDT>                    q = quant8(x, 127 / absmax) elementwise, walking the
-//   array in reverse so that the tail the absmax pass read last is still in L2.
-// quant_transpose<DT, SDT, PER_COL>        64 x 64 tiles: coalesced 16-byte loads of x (N, K),
-//   codes into shared memory, coalesced 16-byte stores of q^T (K, N). PER_COL: per-column
-//   absmax (columnwise_and_transpose) else one global absmax. Also writes the state (SDT).
+//   array in reverse (2 vectors in flight per thread), streaming loads and stores.
+// quant_transpose<DT, SDT, PER_COL>        tiles of 128 rows x 256 bytes of x (N, K): 128 x 128
+//   (16-bit) or 128 x 64 (fp32), one per CTA, in reverse order. Phase A: 8 16-byte loads per
+//   thread (a warp reads 4 rows x 128 bytes), codes as 4-code words (4 consecutive k of one
+//   n) into shared memory at [k / 4][n], 16-byte chunks of n XOR-swizzled. Phase B: a thread
+//   reads 4 x 4 words (k 4kq.., n 16n16..) with 16-byte shared loads, transposes the 4 x 4 byte
+//   blocks with byte_perm and writes 16 bytes to each of 4 rows of q^T (K, N). Shared accesses
+//   are bank-conflict free on both sides. PER_COL: per-column absmax (columnwise_and_transpose)
+//   else one global absmax. Also writes the state (SDT). Traffic: ES + 1 bytes per element.
 // quant_cols<DT, THRESH>                   q = quant8(x, 127 / colmax[col]) elementwise, not
 //   transposed (int8_double_quant's CAt); outliers get code 0.
 // zero_cols                                q[:, idx[j]] = 0 for the outlier columns.
@@ -89,16 +109,75 @@ __device__ __forceinline__ void ld_vec(const typename Storage<DT>::type* p, floa
   for (int j = 0; j < VEC; ++j) v[j] = to_f32<DT>(e[j]);
 }
 
-// VEC int8 codes (4 or 8 bytes) to an aligned address.
+// VEC codes as VEC / 4 words, the first code in the low byte.
 template <int VEC>
-__device__ __forceinline__ void st_codes(i8* p, const int (&c)[VEC]) {
-  u32 w[VEC / 4];
+__device__ __forceinline__ void pack_codes(const int (&c)[VEC], u32 (&w)[VEC / 4]) {
 #pragma unroll
   for (int k = 0; k < VEC / 4; ++k)
     w[k] = (u32)(c[4 * k] & 0xff) | ((u32)(c[4 * k + 1] & 0xff) << 8) |
            ((u32)(c[4 * k + 2] & 0xff) << 16) | ((u32)(c[4 * k + 3] & 0xff) << 24);
+}
+
+// VEC int8 codes (4 or 8 bytes) to an aligned address.
+template <int VEC>
+__device__ __forceinline__ void st_codes(i8* p, const int (&c)[VEC]) {
+  u32 w[VEC / 4];
+  pack_codes<VEC>(c, w);
   if (VEC == 8) *reinterpret_cast<uint2*>(p) = make_uint2(w[0], w[VEC / 4 - 1]);
   else *reinterpret_cast<u32*>(p) = w[0];
+}
+
+// Streaming 16-byte load and stores (.cs: evict-first in L1 and L2) for data touched once.
+// volatile: the loads sit behind bounds checks and must not be hoisted past them.
+__device__ __forceinline__ uint4 ld_cs16(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+template <bool CS>
+__device__ __forceinline__ uint4 ld16(const void* p) {
+  return CS ? ld_cs16(p) : __ldg(reinterpret_cast<const uint4*>(p));
+}
+__device__ __forceinline__ void st_cs(void* p, u32 a) {
+  asm volatile("st.global.cs.u32 [%0], %1;" :: "l"(p), "r"(a) : "memory");
+}
+__device__ __forceinline__ void st_cs(void* p, uint2 a) {
+  asm volatile("st.global.cs.v2.u32 [%0], {%1, %2};" :: "l"(p), "r"(a.x), "r"(a.y) : "memory");
+}
+__device__ __forceinline__ void st_cs(void* p, uint4 a) {
+  asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};"
+               :: "l"(p), "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w) : "memory");
+}
+
+// The VEC elements of a raw 16-byte vector as float32.
+template <int DT, int VEC>
+__device__ __forceinline__ void unpack16(uint4 w, float (&v)[VEC]) {
+  typedef typename Storage<DT>::type T;
+  const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) v[j] = to_f32<DT>(e[j]);
+}
+
+// 16 bytes from p, element by element: the first `avail` elements (any alignment), zeros after.
+template <int DT>
+__device__ __forceinline__ uint4 ld16_bounded(const typename Storage<DT>::type* p, int avail) {
+  typedef typename Storage<DT>::type T;
+  union { uint4 v; T e[16 / sizeof(T)]; } u;
+  u.v = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+  for (int j = 0; j < (int)(16 / sizeof(T)); ++j)
+    if (j < avail) u.e[j] = p[j];
+  return u.v;
+}
+
+// VEC codes (4 or 8 bytes) to an aligned address, streaming.
+template <int VEC>
+__device__ __forceinline__ void st_codes_cs(i8* p, const int (&c)[VEC]) {
+  u32 w[VEC / 4];
+  pack_codes<VEC>(c, w);
+  if constexpr (VEC == 8) st_cs(p, make_uint2(w[0], w[1]));
+  else st_cs(p, w[0]);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -110,9 +189,11 @@ row_quant(const typename Storage<DT>::type* __restrict__ x, i8* __restrict__ q,
   typedef typename Storage<DT>::type T;
   constexpr int VEC = 16 / Storage<DT>::bytes;
   constexpr int PER = NV * VEC;
+  static_assert(PER <= 32, "one bit of `seen` per cached element");
   __shared__ float red[32];
   const int tid = threadIdx.x, nt = blockDim.x;
   const int cached = PER * nt;  // columns held in registers
+  u32 seen = 0;                 // THRESH: bit e: cached element e was an outlier in some row
   for (int row = blockIdx.x; row < rows; row += gridDim.x) {
     const T* xr = x + (i64)row * cols;
     i8* qr = q + (i64)row * cols;
@@ -137,17 +218,16 @@ row_quant(const typename Storage<DT>::type* __restrict__ x, i8* __restrict__ q,
 #pragma unroll
     for (int e = 0; e < PER; ++e) {
       const float a = fabsf(v[e]);
-      if (THRESH && a >= threshold) {
-        const int c = vec_ok ? ((e / VEC) * nt + tid) * VEC + (e % VEC) : e * nt + tid;
-        if (c < cols) flags[c] = 1;
-      } else {
-        m = nan_max(a, m);
-      }
+      if (THRESH && a >= threshold) seen |= 1u << e;  // padding is 0.0f < threshold
+      else m = nan_max(a, m);
     }
     for (int c = cached + tid; c < cols; c += nt) {  // rows longer than the register cache
       const float a = fabsf(ld1<DT>(xr + c));
-      if (THRESH && a >= threshold) flags[c] = 1;
-      else m = nan_max(a, m);
+      if (THRESH && a >= threshold) {
+        if (!flags[c]) flags[c] = 1;  // read first: a store per column and SM, not per row
+      } else {
+        m = nan_max(a, m);
+      }
     }
     m = block_max(m, red);
     const float s = scale_of(m);
@@ -176,12 +256,95 @@ row_quant(const typename Storage<DT>::type* __restrict__ x, i8* __restrict__ q,
     }
     if (tid == 0) stats[row] = from_f32<SDT>(m);
   }
+  if (THRESH) {
+    while (seen) {
+      const int e = __ffs(seen) - 1;
+      seen &= seen - 1;
+      const int c = vec_ok ? ((e / VEC) * nt + tid) * VEC + (e % VEC) : e * nt + tid;
+      if (c < cols) flags[c] = 1;
+    }
+  }
 }
 
 // ------------------------------------------------------------------------------------------
-template <int DT>
+#define OC_CHUNK 4096  // columns scanned per step: 256 threads x 16 flags
 __global__ void __launch_bounds__(256)
-absmax_global(const typename Storage<DT>::type* __restrict__ x, i64 n, u32* __restrict__ out, int vec_ok) {
+outlier_cols(const u8* __restrict__ flags, int cols, i8* __restrict__ q, int rows,
+             long long* __restrict__ idx, int* __restrict__ count) {
+  __shared__ int list[OC_CHUNK];
+  __shared__ int warp_sum[8];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int r0 = (int)((i64)rows * blockIdx.x / gridDim.x);
+  const int r1 = (int)((i64)rows * (blockIdx.x + 1) / gridDim.x);
+  int base = 0;  // outlier columns before this chunk
+  for (int c0 = 0; c0 < cols; c0 += OC_CHUNK) {
+    const int cb = c0 + tid * 16;
+    u32 bits = 0;
+#pragma unroll
+    for (int i = 0; i < 16; ++i)
+      if (cb + i < cols && flags[cb + i]) bits |= 1u << i;
+    const int mine = __popc(bits);
+    int incl = mine;  // inclusive prefix sum over the warp, then over the warps
+#pragma unroll
+    for (int off = 1; off < 32; off *= 2) {
+      const int y = __shfl_up_sync(0xffffffffu, incl, off);
+      if (lane >= off) incl += y;
+    }
+    if (lane == 31) warp_sum[warp] = incl;
+    __syncthreads();
+    int pos = incl - mine, total = 0;
+#pragma unroll
+    for (int w = 0; w < 8; ++w) {
+      const int s = warp_sum[w];
+      if (w < warp) pos += s;
+      total += s;
+    }
+    while (bits) {
+      const int c = cb + __ffs(bits) - 1;
+      bits &= bits - 1;
+      list[pos] = c;
+      if (blockIdx.x == 0) idx[base + pos] = c;
+      ++pos;
+    }
+    __syncthreads();
+    for (int r = r0 + warp; r < r1; r += 8) {  // a warp per row, its lanes along the list
+      i8* qr = q + (i64)r * cols;
+      for (int j = lane; j < total; j += 32) qr[list[j]] = 0;
+    }
+    base += total;
+    __syncthreads();  // list and warp_sum are reused by the next chunk
+  }
+  if (blockIdx.x == 0 && tid == 0) *count = base;
+}
+
+// ------------------------------------------------------------------------------------------
+// absmax over the vectors [lo, hi) of a grid-stride sweep, two 16-byte loads in flight.
+template <int DT, bool CS>
+__device__ __forceinline__ float absmax_sweep(const typename Storage<DT>::type* __restrict__ x,
+                                              i64 lo, i64 hi, i64 first, i64 stride, float m) {
+  constexpr int VEC = 16 / Storage<DT>::bytes;
+  i64 t = lo + first;
+  for (; t + stride < hi; t += 2 * stride) {
+    const uint4 wa = ld16<CS>(x + t * VEC), wb = ld16<CS>(x + (t + stride) * VEC);
+    float a[VEC], b[VEC];
+    unpack16<DT, VEC>(wa, a);
+    unpack16<DT, VEC>(wb, b);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) m = nan_max(fabsf(b[j]), nan_max(fabsf(a[j]), m));
+  }
+  for (; t < hi; t += stride) {
+    float a[VEC];
+    unpack16<DT, VEC>(ld16<CS>(x + t * VEC), a);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) m = nan_max(fabsf(a[j]), m);
+  }
+  return m;
+}
+
+template <int DT>
+__global__ void __launch_bounds__(256, 8)
+absmax_global(const typename Storage<DT>::type* __restrict__ x, i64 n, u32* __restrict__ out,
+              int vec_ok, i64 keep_vec) {
   constexpr int VEC = 16 / Storage<DT>::bytes;
   __shared__ float red[32];
   float m = 0.0f;
@@ -189,20 +352,9 @@ absmax_global(const typename Storage<DT>::type* __restrict__ x, i64 n, u32* __re
   const i64 first = (i64)blockIdx.x * blockDim.x + threadIdx.x;
   if (vec_ok) {
     const i64 nvec = n / VEC;
-    i64 t = first;
-    for (; t + stride < nvec; t += 2 * stride) {  // two independent loads in flight
-      float a[VEC], b[VEC];
-      ld_vec<DT, VEC>(x + t * VEC, a);
-      ld_vec<DT, VEC>(x + (t + stride) * VEC, b);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) m = nan_max(fabsf(b[j]), nan_max(fabsf(a[j]), m));
-    }
-    for (; t < nvec; t += stride) {
-      float a[VEC];
-      ld_vec<DT, VEC>(x + t * VEC, a);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) m = nan_max(fabsf(a[j]), m);
-    }
+    const i64 keep = max((i64)0, min(keep_vec, nvec));
+    m = absmax_sweep<DT, true>(x, 0, keep, first, stride, m);      // streamed
+    m = absmax_sweep<DT, false>(x, keep, nvec, first, stride, m);  // read last, left in L2
     for (i64 i = nvec * VEC + first; i < n; i += stride) m = nan_max(fabsf(ld1<DT>(x + i)), m);
   } else {
     for (i64 i = first; i < n; i += stride) m = nan_max(fabsf(ld1<DT>(x + i)), m);
@@ -212,35 +364,51 @@ absmax_global(const typename Storage<DT>::type* __restrict__ x, i64 n, u32* __re
 }
 
 // ------------------------------------------------------------------------------------------
+// col_absmax's row loop over rows r, r + rstride, ... < r_end; returns the first row left.
+template <int DT, bool THRESH, bool CS, bool VECTOR>
+__device__ __forceinline__ int col_absmax_sweep(const typename Storage<DT>::type* __restrict__ x,
+                                                int cols, int c0, int r, int r_end, int rstride,
+                                                float threshold, float (&m)[16 / Storage<DT>::bytes]) {
+  constexpr int VEC = 16 / Storage<DT>::bytes;
+#pragma unroll 4
+  for (; r < r_end; r += rstride) {  // unrolled: 4 independent 16-byte loads in flight
+    const typename Storage<DT>::type* p = x + (i64)r * cols + c0;
+    float v[VEC];
+    if (VECTOR) {
+      unpack16<DT, VEC>(ld16<CS>(p), v);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) v[j] = c0 + j < cols ? ld1<DT>(p + j) : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float a = fabsf(v[j]);
+      if (!(THRESH && a >= threshold)) m[j] = nan_max(a, m[j]);
+    }
+  }
+  return r;
+}
+
 template <int DT, bool THRESH>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, 6)
 col_absmax(const typename Storage<DT>::type* __restrict__ x, int rows, int cols, float threshold,
-           int rows_per_cta, u32* __restrict__ out, int vec_ok) {
+           int keep_row, u32* __restrict__ out, int vec_ok) {
   constexpr int VEC = 16 / Storage<DT>::bytes;
   __shared__ float red[8][32 * VEC];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int c0 = (blockIdx.x * 32 + tx) * VEC;
-  const int r0 = blockIdx.y * rows_per_cta;
-  const int r1 = min(rows, r0 + rows_per_cta);
+  const int rstride = 8 * gridDim.y;
+  const int keep = max(0, min(keep_row, rows));
   float m[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) m[j] = 0.0f;
   if (c0 < cols) {
-#pragma unroll 4
-    for (int r = r0 + ty; r < r1; r += 8) {  // unrolled: 4 independent 16-byte loads in flight
-      float v[VEC];
-      const typename Storage<DT>::type* p = x + (i64)r * cols + c0;
-      if (vec_ok) {
-        ld_vec<DT, VEC>(p, v);
-      } else {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) v[j] = c0 + j < cols ? ld1<DT>(p + j) : 0.0f;
-      }
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const float a = fabsf(v[j]);
-        if (!(THRESH && a >= threshold)) m[j] = nan_max(a, m[j]);
-      }
+    const int r = blockIdx.y * 8 + ty;
+    if (vec_ok) {
+      const int rk = col_absmax_sweep<DT, THRESH, true, true>(x, cols, c0, r, keep, rstride, threshold, m);
+      col_absmax_sweep<DT, THRESH, false, true>(x, cols, c0, rk, rows, rstride, threshold, m);
+    } else {
+      col_absmax_sweep<DT, THRESH, false, false>(x, cols, c0, r, rows, rstride, threshold, m);
     }
   }
 #pragma unroll
@@ -257,7 +425,7 @@ col_absmax(const typename Storage<DT>::type* __restrict__ x, int rows, int cols,
 
 // ------------------------------------------------------------------------------------------
 template <int DT, int SDT>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, 8)
 quant_global(const typename Storage<DT>::type* __restrict__ x, const u32* __restrict__ absmax_bits,
              i8* __restrict__ q, typename Storage<SDT>::type* __restrict__ state, i64 n, int vec_ok) {
   constexpr int VEC = 16 / Storage<DT>::bytes;
@@ -268,13 +436,28 @@ quant_global(const typename Storage<DT>::type* __restrict__ x, const u32* __rest
   if (first == 0) state[0] = from_f32<SDT>(m);
   if (vec_ok) {
     const i64 nvec = n / VEC;
-    for (i64 t = nvec - 1 - first; t >= 0; t -= stride) {  // reverse: L2 still holds the tail
-      float v[VEC];
-      int c[VEC];
-      ld_vec<DT, VEC>(x + t * VEC, v);
+    i64 t = nvec - 1 - first;  // reverse: L2 still holds the tail
+    for (; t >= stride; t -= 2 * stride) {
+      const uint4 wa = ld_cs16(x + t * VEC), wb = ld_cs16(x + (t - stride) * VEC);
+      float a[VEC], b[VEC];
+      int ca[VEC], cb[VEC];
+      unpack16<DT, VEC>(wa, a);
+      unpack16<DT, VEC>(wb, b);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) c[j] = quant8(v[j], s);
-      st_codes<VEC>(q + t * VEC, c);
+      for (int j = 0; j < VEC; ++j) {
+        ca[j] = quant8(a[j], s);
+        cb[j] = quant8(b[j], s);
+      }
+      st_codes_cs<VEC>(q + t * VEC, ca);
+      st_codes_cs<VEC>(q + (t - stride) * VEC, cb);
+    }
+    if (t >= 0) {
+      float a[VEC];
+      int ca[VEC];
+      unpack16<DT, VEC>(ld_cs16(x + t * VEC), a);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) ca[j] = quant8(a[j], s);
+      st_codes_cs<VEC>(q + t * VEC, ca);
     }
     for (i64 i = nvec * VEC + first; i < n; i += stride) q[i] = (i8)quant8(ld1<DT>(x + i), s);
   } else {
@@ -283,70 +466,103 @@ quant_global(const typename Storage<DT>::type* __restrict__ x, const u32* __rest
 }
 
 // ------------------------------------------------------------------------------------------
-#define QT_TILE 64
-#define QT_RL 68  // shared row length in bytes: 4-byte aligned, 2-way conflicts at most on reads
+#define QT_TN 128  // tile rows of x = tile columns of q^T
 template <int DT, int SDT, bool PER_COL>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, 4)
 quant_transpose(const typename Storage<DT>::type* __restrict__ x, const u32* __restrict__ absmax_bits,
                 i8* __restrict__ qT, typename Storage<SDT>::type* __restrict__ state, int N, int K,
                 int vec_in, int vec_out) {
   typedef typename Storage<DT>::type T;
-  constexpr int VEC = 16 / Storage<DT>::bytes;
-  constexpr int VPR = QT_TILE / VEC;  // vectors per tile row
-  __shared__ __align__(16) u8 tile[QT_TILE * QT_RL];
-  __shared__ float scale[QT_TILE];
-  const int tid = threadIdx.x;
-  // reverse tile order: the absmax pass read the end of x last
-  const int tiles_k = (K + QT_TILE - 1) / QT_TILE;
-  const int tiles = tiles_k * gridDim.y;
-  const int lin = tiles - 1 - (blockIdx.y * tiles_k + blockIdx.x);
-  const int k0 = (lin % tiles_k) * QT_TILE, n0 = (lin / tiles_k) * QT_TILE;
-  if (tid < QT_TILE) {
-    const float m = __uint_as_float(absmax_bits[PER_COL ? min(k0 + tid, K - 1) : 0]);
-    scale[tid] = scale_of(m);
-    if (PER_COL && n0 == 0 && k0 + tid < K) state[k0 + tid] = from_f32<SDT>(m);
-    if (!PER_COL && lin == 0 && tid == 0) state[0] = from_f32<SDT>(m);
+  constexpr int VEC = 16 / Storage<DT>::bytes;  // elements per 16-byte vector
+  constexpr int KW = VEC / 4;                   // 4-code words per vector
+  constexpr int TK = 16 * VEC;                  // tile columns of x: 16 vectors, 256 bytes
+  constexpr int KQ = TK / 4;                    // 4-code groups along k
+  // tile[kq * QT_TN + 4 * ((n / 4) ^ ((kq / KW) % 8)) + n % 4] = codes of k = 4 kq .. 4 kq + 3
+  // (low byte first) at tile row n
+  __shared__ __align__(16) u32 tile[KQ * QT_TN];
+  __shared__ float scale[PER_COL ? TK : 1];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tiles_k = (K + TK - 1) / TK;
+  const int lin = (int)(gridDim.x - 1 - blockIdx.x);  // reverse: pass 1 read the end of x last
+  const int k0 = (lin % tiles_k) * TK, n0 = (lin / tiles_k) * QT_TN;
+  float s = 0.0f;
+  if (PER_COL) {
+    if (tid < TK) {
+      const float m = __uint_as_float(absmax_bits[min(k0 + tid, K - 1)]);
+      scale[tid] = scale_of(m);
+      if (n0 == 0 && k0 + tid < K) state[k0 + tid] = from_f32<SDT>(m);
+    }
+    __syncthreads();
+  } else {
+    const float m = __uint_as_float(absmax_bits[0]);
+    s = scale_of(m);
+    if (lin == 0 && tid == 0) state[0] = from_f32<SDT>(m);
   }
-  __syncthreads();
-  for (int e = tid; e < QT_TILE * VPR; e += 256) {
-    const int r = e / VPR, kv = (e % VPR) * VEC;
-    const int n = n0 + r, k = k0 + kv;
+
+  // Phase A: group g (0..63) = tile rows 4 (g / 2) .. + 3, vectors 8 (g % 2) .. + 7; lane l
+  // takes row + l / 8, vector + l % 8. All 8 loads are issued before the first is used.
+  uint4 raw[8];
+#pragma unroll
+  for (int it = 0; it < 8; ++it) {
+    const int g = it * 8 + warp;
+    const int n = (g >> 1) * 4 + (lane >> 3), j = (g & 1) * 8 + (lane & 7);
+    const int gn = n0 + n, gk = k0 + j * VEC;
+    const T* p = x + (i64)gn * K + gk;
+    if (vec_in && gn < N && gk < K) raw[it] = ld_cs16(p);
+    else raw[it] = ld16_bounded<DT>(p, gn < N ? K - gk : 0);
+  }
+#pragma unroll
+  for (int it = 0; it < 8; ++it) {
+    const int g = it * 8 + warp;
+    const int n = (g >> 1) * 4 + (lane >> 3), j = (g & 1) * 8 + (lane & 7);
     float v[VEC];
-    const T* p = x + (i64)n * K + k;
-    if (vec_in && n < N && k < K) {
-      ld_vec<DT, VEC>(p, v);
-    } else {
+    unpack16<DT, VEC>(raw[it], v);
+    int c[VEC];
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) v[j] = (n < N && k + j < K) ? ld1<DT>(p + j) : 0.0f;
-    }
-    u32 w[VEC / 4];
+    for (int jj = 0; jj < VEC; ++jj) c[jj] = quant8(v[jj], PER_COL ? scale[j * VEC + jj] : s);
+    u32 w[KW];
+    pack_codes<VEC>(c, w);
+    // a warp's 32 lanes: n % 4 and j % 8 all differ, n / 4 is shared: 32 distinct banks
 #pragma unroll
-    for (int j4 = 0; j4 < VEC / 4; ++j4) {
-      u32 word = 0;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int jj = j4 * 4 + j;
-        word |= (u32)(quant8(v[jj], scale[PER_COL ? kv + jj : 0]) & 0xff) << (8 * j);
-      }
-      w[j4] = word;
-    }
-#pragma unroll
-    for (int j4 = 0; j4 < VEC / 4; ++j4)
-      *reinterpret_cast<u32*>(tile + r * QT_RL + kv + 4 * j4) = w[j4];
+    for (int h = 0; h < KW; ++h) tile[(KW * j + h) * QT_TN + (((n >> 2) ^ (j & 7)) << 2) + (n & 3)] = w[h];
   }
   __syncthreads();
-  // q^T row k0 + kk, columns n0 + 16 c .. +15: gather 16 codes down a tile column
-  const int kk = tid >> 2, c = tid & 3;
-  const int k = k0 + kk, n = n0 + c * 16;
-  if (k < K && n < N) {
-    u32 w[4] = {0u, 0u, 0u, 0u};
+
+  // Phase B: task (kq, n16): codes k = 4 kq .. + 3, n = 16 n16 .. + 15. Each quarter warp
+  // (8 lanes, one 16-byte shared load phase) has 8 kq with distinct (kq / KW) % 8, so its
+  // chunks land in 8 different 16-byte bank groups.
+  constexpr int TASKS = KQ * (QT_TN / 16);  // 256 (16-bit x) or 128 (fp32)
+  if (tid < TASKS) {
+    const int sub = lane & 7, rest = warp >> 1;
+    const int kq = KW * (8 * (rest & 1) + sub) + (rest >> 1);
+    const int n16 = (lane >> 3) + 4 * (warp & 1);
+    u32 o[4][4];  // o[kk][i]: codes of k = 4 kq + kk at n = 16 n16 + 4 i .. + 3
 #pragma unroll
-    for (int i = 0; i < 16; ++i) w[i >> 2] |= (u32)tile[(c * 16 + i) * QT_RL + kk] << (8 * (i & 3));
-    i8* dst = qT + (i64)k * N + n;
-    if (vec_out && n + 16 <= N) {
-      *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
-    } else {
-      for (int i = 0; i < 16 && n + i < N; ++i) dst[i] = (i8)(w[i >> 2] >> (8 * (i & 3)));
+    for (int i = 0; i < 4; ++i) {
+      const int c = 4 * n16 + i;
+      const uint4 t = *reinterpret_cast<const uint4*>(&tile[kq * QT_TN + ((c ^ sub) << 2)]);
+      // t.x .. t.w: n = 4c .. 4c + 3, bytes k = 4 kq .. + 3: a 4 x 4 byte transpose
+      const u32 lo0 = __byte_perm(t.x, t.y, 0x5140), hi0 = __byte_perm(t.x, t.y, 0x7362);
+      const u32 lo1 = __byte_perm(t.z, t.w, 0x5140), hi1 = __byte_perm(t.z, t.w, 0x7362);
+      o[0][i] = __byte_perm(lo0, lo1, 0x5410);
+      o[1][i] = __byte_perm(lo0, lo1, 0x7632);
+      o[2][i] = __byte_perm(hi0, hi1, 0x5410);
+      o[3][i] = __byte_perm(hi0, hi1, 0x7632);
+    }
+    const int n = n0 + 16 * n16;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const int k = k0 + 4 * kq + kk;
+      if (k < K && n < N) {
+        i8* dst = qT + (i64)k * N + n;
+        if (vec_out && n + 16 <= N) {
+          st_cs(dst, make_uint4(o[kk][0], o[kk][1], o[kk][2], o[kk][3]));
+        } else {
+#pragma unroll
+          for (int i = 0; i < 16; ++i)
+            if (n + i < N) dst[i] = (i8)(o[kk][i >> 2] >> (8 * (i & 3)));
+        }
+      }
     }
   }
 }

@@ -1,0 +1,138 @@
+"""CuPy launcher for gemv.cu: the LLM.int8() linear forward (threshold 0) for x with at most
+``MAX_ROWS`` rows, the torch hot path of Linear8bitLt at small batch.
+
+``int8_linear_gemv_torch(x, CB, SCB, bias)`` returns exactly
+``int8_mm_dequant(int8_linear_matmul(CA, CB), SCA, SCB, bias)`` in x's dtype, with
+``CA, SCA = int8_vectorwise_quant(x)``: the same codes, the same exact int32 products and the
+same float32 epilogue as the quantize + int8 GEMM path (int8.cu), in one or two launches
+instead of a 128 x 128-tile GEMM that is ~95% idle at these sizes. Raw pointers, torch's
+current stream, outputs and workspaces from ``torch.empty`` (CUDA-graph safe, no host sync).
+
+Launch choice: x of at most ``STAGE_MAX_X_BYTES`` is quantized by every CTA into shared
+memory (one launch; x is re-read from L2 once per SM); a larger x is quantized once by
+``int8_gemv_quant`` (one CTA per row) and the GEMV reads the codes through L1 (two launches).
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from .._cuda import get_kernel, multiprocessor_count
+from .._interop import _external_stream
+
+_DT = {"float32": 0, "float16": 1, "bfloat16": 2}
+_ES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_THREADS = 512            # GV_THREADS in gemv.cu
+_WARPS = _THREADS // 32
+_MT = (1, 2, 4, 8, 16)    # the template row bounds
+MAX_ROWS = _MT[-1]
+# Staged (single launch) when M * K * element size is at most this. Each CTA (one per SM)
+# then reads x from L2 before its first dot product (the first weight loads are already in
+# flight): ~0.5 us for 32 KB, against ~2-3 us for a second launch in a CUDA graph. Above
+# it the per-SM re-read of x grows past the per-SM share of a 4096 x 4096 weight (124 KB).
+STAGE_MAX_X_BYTES = 32 * 1024
+_SMEM_DEFAULT = 46 * 1024  # dynamic shared memory usable without the opt-in attribute (48 KB less static)
+
+
+def gemv_rows(m: int) -> int | None:
+    """The template row bound MT for m rows of x, or None when m is outside 1..MAX_ROWS."""
+    if m < 1:
+        return None
+    for mt in _MT:
+        if m <= mt:
+            return mt
+    return None
+
+
+def gemv_ok(x, CB, SCB, bias=None) -> bool:
+    """Whether int8_linear_gemv_torch takes this call: x (M, K) with 1 <= M <= MAX_ROWS and
+    K >= 1 in a float dtype, CB int8 (N, K), SCB float32 (N,), bias None or (N,) float, all
+    on x's CUDA device."""
+    if x.dim() != 2 or CB.dim() != 2 or not x.is_cuda:
+        return False
+    M, K = x.shape
+    N = CB.shape[0]
+    if gemv_rows(M) is None or K == 0 or N == 0 or CB.shape[1] != K:
+        return False
+    name = str(x.dtype).replace("torch.", "")
+    if name not in _DT or str(CB.dtype) != "torch.int8" or str(SCB.dtype) != "torch.float32":
+        return False
+    if SCB.numel() != N or SCB.device != x.device or CB.device != x.device:
+        return False
+    if bias is not None:
+        bname = str(bias.dtype).replace("torch.", "")
+        if bname not in _DT or bias.numel() != N or bias.device != x.device:
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _function(device: int, name: str):
+    """The compiled cupy.cuda.Function (launch: fn(grid, block, args, shared_mem, stream))."""
+    import cupy
+    with cupy.cuda.Device(device):
+        return get_kernel(__package__, "gemv.cu", name).kernel
+
+
+def _staged(M: int, K: int, es: int) -> bool:
+    return M * K * es <= STAGE_MAX_X_BYTES and M * (-(-K // 16)) * 16 <= _SMEM_DEFAULT
+
+
+def int8_linear_gemv_torch(x, CB, SCB, bias=None, staged: bool | None = None):
+    """out (M, N) in x's dtype = ((f32(CA @ CB^T) * SCA[:, None]) * SCB[None, :]) * K (+ bias)
+    with CA, SCA = int8_vectorwise_quant(x) (threshold 0).
+
+    x: float16 / bfloat16 / float32 (M, K) contiguous, 1 <= M <= MAX_ROWS; CB: int8 (N, K)
+    contiguous; SCB: float32 (N,) contiguous; bias: (N,) of any float dtype, contiguous, or
+    None. The caller checks with ``gemv_ok``. ``staged`` forces the one-launch (True) or the
+    two-launch (False) form (tests and benchmarks); None chooses by the size of x.
+    """
+    import torch
+    M, K = x.shape
+    N = CB.shape[0]
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    dtype = str(x.dtype).replace("torch.", "")
+    es = _ES[dtype]
+    nch = -(-K // 16)
+    mt = gemv_rows(M)
+    if staged is None:
+        staged = _staged(M, K, es)
+    if staged and M * nch * 16 > _SMEM_DEFAULT:
+        raise ValueError(f"x is too large to stage in shared memory: {M} x {K}")
+    device = x.device.index
+    x_vec_ok = int(x.data_ptr() % 16 == 0 and (K * es) % 16 == 0)
+    aligned = K % 16 == 0 and CB.data_ptr() % 16 == 0
+    bdt = -1 if bias is None else _DT[str(bias.dtype).replace("torch.", "")]
+    gemv = _function(device, f"int8_gemv<{_DT[dtype]}, {bdt}, {mt}, {'true' if staged else 'false'}, "
+                             f"{'true' if aligned else 'false'}>")
+    ntasks = (N + 1) // 2
+    grid = (max(1, min(-(-ntasks // _WARPS), multiprocessor_count(device))),)
+    stream = _external_stream(torch.cuda.current_stream(device).cuda_stream)
+    codes = absmax = None
+    if not staged:
+        codes = torch.empty((M, nch * 16), dtype=torch.int8, device=x.device)
+        absmax = torch.empty((M,), dtype=torch.float32, device=x.device)
+    gemv_args = (np.uint64(x.data_ptr()), np.uint64(0 if codes is None else codes.data_ptr()),
+                 np.uint64(0 if absmax is None else absmax.data_ptr()), np.uint64(CB.data_ptr()),
+                 np.uint64(SCB.data_ptr()), np.uint64(0 if bias is None else bias.data_ptr()),
+                 np.uint64(out.data_ptr()), np.int32(M), np.int32(N), np.int32(K), np.int32(nch),
+                 np.int32(x_vec_ok))
+    smem = M * nch * 16 if staged else 0
+
+    def launch():
+        if not staged:
+            quant = _function(device, f"int8_gemv_quant<{_DT[dtype]}>")
+            threads = min(_THREADS, max(32, -(-nch // 32) * 32))
+            quant((M,), (threads,), (np.uint64(x.data_ptr()), np.uint64(codes.data_ptr()),
+                                     np.uint64(absmax.data_ptr()), np.int32(K), np.int32(nch),
+                                     np.int32(x_vec_ok)), 0, stream)
+        gemv(grid, (_THREADS,), gemv_args, smem, stream)
+
+    if torch.cuda.current_device() != device:
+        import cupy
+        with cupy.cuda.Device(device):
+            launch()
+    else:
+        launch()
+    return out

@@ -1,0 +1,353 @@
+// The int8 GEMM with a fused dequantizing epilogue on Hopper tensor cores (wgmma, sm_90a).
+// Reference: reference/int8.py (int8_matmul_*_dequantize, int8_linear_matmul). Launcher: the
+// lead's launch_gemm in _cupy.py; standalone check and timing: /work/briefs/h7_bench.py.
+// Build: NVRTC with -arch=sm_90a (wgmma does not exist on plain sm_90). Same arguments and the
+// same first five template parameters as int8_gemm in int8.cu (a different grid: see below),
+// which stays the fallback off Hopper, for K % 16 != 0 and for operand bases that are not
+// 16-byte aligned (this kernel requires both).
+//
+// int8_gemm_sm90<ODT, RDT, CDT, BDT, CGLOBAL, BN, BK, STAGES>
+//   in:  A int8 (M, K) row-major (lda = K), B int8 (N, K) row-major (ldb = K): out = A @ B^T.
+//        row_scale (M,) RDT, col_scale (N,) CDT or one value (CGLOBAL), bias (N,) BDT (-1: none).
+//   out: (M, N) ODT row-major: ((f32(acc) * r) * c) * K (+ bias), each op rounded, no FMA, then
+//        rounded once to ODT, as int8_gemm does; or the int32 acc itself (ODT = 3).
+//   Persistent CTAs of 256 threads = 2 warpgroups; launch min(tiles, SMs * CTAs per SM) of them
+//   (1 per SM for BN = 256, 2 for BN = 128), 1-D grid, dynamic shared memory as below. CTA b
+//   computes the 128 x BN output tiles b, b + gridDim.x, ... in a grouped raster (8 M-tiles
+//   share each B panel while it is in L2). Warpgroup w owns tile rows 64 w .. 64 w + 63 and all
+//   BN columns: one wgmma.m64nBNk32.s32.s8.s8 per 32-deep k step, both operands read from
+//   shared memory through matrix descriptors, BN / 2 int32 accumulators per thread.
+//   K is walked in BK-deep blocks (BK = 128 or 64 bytes) through a STAGES-deep ring of shared
+//   stages [A tile 128 x BK | B tile BN x BK], both K-major: tile row r is BK contiguous bytes
+//   and its 16-byte chunks are XOR-swizzled the way wgmma's BK-byte swizzle mode reads them
+//   (128B: chunk ^ (r & 7); 64B: chunk ^ ((r >> 1) & 3); i.e. address bits [4, 7) ^= bits
+//   [7, 10) within a 1024-byte-aligned atom). Every thread fills its share of a stage with
+//   16-byte cp.async (zero-filled past M, N and K), STAGES - 2 blocks ahead of the block being
+//   multiplied; one __syncthreads per block both publishes the block that landed and retires
+//   the stage the wgmmas of two blocks ago read. The wgmmas of one block run while the next
+//   block's loads are issued and waited for (wgmma.wait_group 1), so the tensor cores always
+//   have the current block queued. The next tile's first STAGES - 2 blocks load while this
+//   tile's epilogue runs.
+//   Shared memory: STAGES * (128 + BN) * BK bytes + 1 KB for alignment; the defaults (256,
+//   128, 4) take 193 KB (1 CTA per SM); (128, 128, 3) takes 97 KB (2 CTAs per SM).
+//   Epilogue on the accumulator registers: each thread writes pairs of adjacent columns; the
+//   int32 product never reaches memory.
+//   Traffic per CTA and block: (128 + BN) * BK bytes from L2 for 2 * 128 * BN * BK ops.
+#include "common.cuh"
+
+#ifndef QK_KDEQ
+#define QK_KDEQ __int_as_float(0x38820610)     // f32(1/(127*127)), as in int8.cu
+#endif
+
+namespace qk_sm90 {
+
+typedef signed char i8;
+typedef unsigned long long u64;
+
+constexpr int BM = 128;
+constexpr int THREADS = 256;
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {  // shared-window address, header-free
+  u32 r;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+  return r;
+}
+
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, u32 bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+               :: "r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory"); }
+
+// cp.async writes shared memory through the generic proxy and wgmma reads it through the async
+// proxy; the PTX ISA asks for a proxy fence between the two, so each writer fences before the
+// barrier that hands the stage to the tensor cores. (CUTLASS's and Triton's cp.async + wgmma
+// pipelines omit it; -DQK_SM90_PROXY_FENCE=0 does too, for timing the difference.)
+#ifndef QK_SM90_PROXY_FENCE
+#define QK_SM90_PROXY_FENCE 1
+#endif
+__device__ __forceinline__ void fence_proxy_async() {
+#if QK_SM90_PROXY_FENCE
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
+}
+// Pins the accumulators after wgmma.wait_group: the compiler may not read them earlier.
+template <int R>
+__device__ __forceinline__ void fence_acc(int (&d)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+r"(d[i]) :: "memory");
+}
+
+// Shared-memory matrix descriptor of a K-major tile: 8-row core groups SBO = 8 * BK bytes
+// apart, swizzle mode BK bytes (128B: 1, 64B: 2), leading offset unused for K-major swizzled
+// layouts (1 by convention). The tile starts on a swizzle-atom boundary (base offset 0).
+template <int BK>
+__device__ __forceinline__ u64 make_desc(u32 saddr) {
+  constexpr u64 mode = BK == 128 ? 1 : 2;
+  return (u64)((saddr & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)((8 * BK) >> 4) << 32) | (mode << 62);
+}
+
+// byte offset of 16-byte chunk `ch` of row `r` in a K-major tile of BK-byte rows
+template <int BK>
+__device__ __forceinline__ int swz(int r, int ch) {
+  const int off = r * BK + ch * 16;
+  return off ^ (((off >> 7) & (BK / 16 - 1)) << 4);
+}
+
+#define QK_R8(i) "+r"(d[i]), "+r"(d[i + 1]), "+r"(d[i + 2]), "+r"(d[i + 3]), \
+                 "+r"(d[i + 4]), "+r"(d[i + 5]), "+r"(d[i + 6]), "+r"(d[i + 7])
+#define QK_R32(i) QK_R8(i), QK_R8(i + 8), QK_R8(i + 16), QK_R8(i + 24)
+
+// d (64 x 128 per warpgroup, int32) += A (64 x 32, desc a) * B (128 x 32, desc b)^T
+__device__ __forceinline__ void wgmma_s8(int (&d)[64], u64 a, u64 b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63},"
+      " %64, %65, p;\n}\n"
+      : QK_R32(0), QK_R32(32)
+      : "l"(a), "l"(b)
+      : "memory");
+}
+
+// d (64 x 256 per warpgroup, int32) += A (64 x 32, desc a) * B (256 x 32, desc b)^T
+__device__ __forceinline__ void wgmma_s8(int (&d)[128], u64 a, u64 b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k32.s32.s8.s8 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95,"
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111,"
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127},"
+      " %128, %129, p;\n}\n"
+      : QK_R32(0), QK_R32(32), QK_R32(64), QK_R32(96)
+      : "l"(a), "l"(b)
+      : "memory");
+}
+
+#undef QK_R32
+#undef QK_R8
+
+template <int BDT> struct Bias {
+  __device__ static __forceinline__ float add(float v, const void* b, int col) {
+    return __fadd_rn(v, to_f32<BDT>(reinterpret_cast<const typename Storage<BDT>::type*>(b)[col]));
+  }
+};
+template <> struct Bias<-1> {
+  __device__ static __forceinline__ float add(float v, const void*, int) { return v; }
+};
+
+template <int ODT> struct Out { typedef typename Storage<ODT>::type type; };
+template <> struct Out<3> { typedef int type; };
+
+// out[row, col], out[row, col + 1] from accumulators a0, a1 (the pair past N is dropped).
+// r is row_scale[row] as float32; the epilogue is int8_gemm's operation for operation.
+template <int ODT, int CDT, int BDT, bool CGLOBAL>
+__device__ __forceinline__ void store_pair(typename Out<ODT>::type* __restrict__ out, int N, int row,
+                                           int col, int a0, int a1, float r,
+                                           const void* __restrict__ cs, const void* __restrict__ bias,
+                                           bool vec_out) {
+  if (col >= N) return;
+  const bool pair = col + 1 < N;
+  if constexpr (ODT == 3) {
+    int* p = out + (i64)row * N + col;
+    if (vec_out && pair) {
+      *reinterpret_cast<int2*>(p) = make_int2(a0, a1);
+    } else {
+      p[0] = a0;
+      if (pair) p[1] = a1;
+    }
+  } else {
+    typedef typename Storage<CDT>::type CT;
+    const int col1 = pair ? col + 1 : col;
+    const float c0 = to_f32<CDT>(reinterpret_cast<const CT*>(cs)[CGLOBAL ? 0 : col]);
+    const float c1 = to_f32<CDT>(reinterpret_cast<const CT*>(cs)[CGLOBAL ? 0 : col1]);
+    const float v0 = Bias<BDT>::add(__fmul_rn(__fmul_rn(__fmul_rn((float)a0, r), c0), QK_KDEQ), bias, col);
+    const float v1 = Bias<BDT>::add(__fmul_rn(__fmul_rn(__fmul_rn((float)a1, r), c1), QK_KDEQ), bias, col1);
+    typename Storage<ODT>::type* p = out + (i64)row * N + col;
+    if (vec_out && pair) {
+      if constexpr (ODT == QK_DT_F32) {
+        *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
+      } else {
+        *reinterpret_cast<u32*>(p) = (u32)from_f32<ODT>(v0) | ((u32)from_f32<ODT>(v1) << 16);
+      }
+    } else {
+      p[0] = from_f32<ODT>(v0);
+      if (pair) p[1] = from_f32<ODT>(v1);
+    }
+  }
+}
+
+// The whole kernel; a __device__ function in the namespace so that its unqualified helper
+// names cannot collide with int8.cu's when both files are compiled together.
+template <int ODT, int RDT, int CDT, int BDT, bool CGLOBAL, int BN, int BK, int STAGES>
+__device__ __forceinline__ void gemm(const i8* __restrict__ A, const i8* __restrict__ B, int M, int N,
+                                     int K, const void* __restrict__ row_scale,
+                                     const void* __restrict__ col_scale, const void* __restrict__ bias,
+                                     typename Out<ODT>::type* __restrict__ out, int vec_out) {
+  static_assert(BN == 128 || BN == 256, "BN: 128 or 256");
+  static_assert(BK == 128 || BK == 64, "BK: 128 or 64 (the swizzle width)");
+  static_assert(STAGES >= 3, "the loads run STAGES - 2 blocks ahead");
+  constexpr int A_BYTES = BM * BK;
+  constexpr int STAGE_BYTES = (BM + BN) * BK;
+  constexpr int CPR = BK / 16;            // 16-byte chunks per tile row
+  constexpr int RP = THREADS / CPR;       // tile rows one pass of all threads covers
+  constexpr int A_PASSES = BM / RP, B_PASSES = BN / RP;
+  constexpr int ACC = BN / 2;             // int32 accumulators per thread
+
+  extern __shared__ __align__(128) u8 smem_raw[];
+  const u32 smem = (smem_u32(smem_raw) + 1023u) & ~1023u;  // swizzle atoms are 1024-aligned
+
+  const int tid = threadIdx.x;
+  const int wg = tid >> 7;                // warpgroup: output rows 64 wg .. 64 wg + 63
+
+  const int tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
+  const int tiles = tiles_m * tiles_n;
+  const int KT = (K + BK - 1) / BK;
+
+  // This thread's loads: chunk `ch` of tile rows r0 + RP i. Rows past M or N read row 0 of
+  // the tile (in bounds) with 0 source bytes, i.e. zeros.
+  const int ch = tid % CPR, r0 = tid / CPR;
+  const int soff = swz<BK>(r0, ch);       // the swizzle depends on r0 only: RP is a multiple of 8
+  int m0, n0;
+  const i8* a_src[A_PASSES];
+  const i8* b_src[B_PASSES];
+  u32 a_ok, b_ok;
+  auto setup_tile = [&](int tile) {       // grouped raster: 8 M-tiles share each B panel in L2
+    const int per_group = 8 * tiles_n;
+    const int first_m = (tile / per_group) * 8;
+    const int gsize = min(tiles_m - first_m, 8);
+    m0 = (first_m + (tile % per_group) % gsize) * BM;
+    n0 = ((tile % per_group) / gsize) * BN;
+    a_ok = 0;
+    b_ok = 0;
+#pragma unroll
+    for (int i = 0; i < A_PASSES; ++i) {
+      const int r = m0 + r0 + i * RP;
+      a_ok |= (u32)(r < M) << i;
+      a_src[i] = A + (i64)(r < M ? r : m0) * K + ch * 16;
+    }
+#pragma unroll
+    for (int i = 0; i < B_PASSES; ++i) {
+      const int r = n0 + r0 + i * RP;
+      b_ok |= (u32)(r < N) << i;
+      b_src[i] = B + (i64)(r < N ? r : n0) * K + ch * 16;
+    }
+  };
+  auto load_block = [&](int stage, int kb) {
+    const u32 sa = smem + stage * STAGE_BYTES + soff;
+    const u32 sb = sa + A_BYTES;
+    const bool k_ok = kb * BK + ch * 16 < K;  // K % 16 == 0: a chunk is all in or all out
+    const int k = k_ok ? kb * BK : 0;         // past K: 0 bytes from an address in bounds
+#pragma unroll
+    for (int i = 0; i < A_PASSES; ++i)
+      cp_async16(sa + i * RP * BK, a_src[i] + k, (k_ok && ((a_ok >> i) & 1)) ? 16 : 0);
+#pragma unroll
+    for (int i = 0; i < B_PASSES; ++i)
+      cp_async16(sb + i * RP * BK, b_src[i] + k, (k_ok && ((b_ok >> i) & 1)) ? 16 : 0);
+  };
+  auto load_prologue = [&]() {            // blocks 0 .. STAGES - 3 into stages 0 .. STAGES - 3
+#pragma unroll
+    for (int s = 0; s < STAGES - 2; ++s) {
+      if (s < KT) load_block(s, s);
+      cp_async_commit();
+    }
+  };
+
+  const int lane = tid & 31, w = (tid >> 5) & 3;
+  const int g = lane >> 2, t = lane & 3;
+
+  int tile = blockIdx.x;
+  if (tile >= tiles) return;
+  setup_tile(tile);
+  load_prologue();
+  for (;;) {                              // persistent: tiles blockIdx.x, + gridDim.x, ...
+    int acc[ACC];
+#pragma unroll
+    for (int i = 0; i < ACC; ++i) acc[i] = 0;
+
+    int read = 0, write = STAGES - 2;
+#pragma unroll 1
+    for (int kt = 0; kt < KT; ++kt) {
+      cp_async_wait<STAGES - 3>();        // this thread's part of block kt has landed
+      fence_proxy_async();
+      __syncthreads();                    // all of block kt landed; the wgmmas of kt - 2 retired
+      const u32 sa = smem + read * STAGE_BYTES + wg * 64 * BK;
+      const u32 sb = smem + read * STAGE_BYTES + A_BYTES;
+      const u64 da = make_desc<BK>(sa), db = make_desc<BK>(sb);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < BK / 32; ++kk)  // +32 bytes along K = +2 in the descriptor's address
+        wgmma_s8(acc, da + 2 * kk, db + 2 * kk);
+      wgmma_commit();
+      const int nk = kt + STAGES - 2;     // into the stage block kt - 2 used
+      if (nk < KT) load_block(write, nk);
+      cp_async_commit();
+      wgmma_wait<1>();                    // block kt - 1's wgmmas are done
+      read = read + 1 == STAGES ? 0 : read + 1;
+      write = write + 1 == STAGES ? 0 : write + 1;
+    }
+    wgmma_wait<0>();
+    fence_acc(acc);
+
+    // The next tile's first blocks load while this tile's epilogue runs; the barrier makes
+    // sure both warpgroups' wgmmas are done with every stage first.
+    const int m_out = m0, n_out = n0;
+    const int next = tile + gridDim.x;
+    __syncthreads();
+    if (next < tiles) {
+      setup_tile(next);
+      load_prologue();
+    }
+
+    // Accumulator i of a thread in warp w of the warpgroup, lane = 4 g + t: row 16 w + g
+    // (+ 8 for i % 4 >= 2), column 8 (i / 4) + 2 t + (i % 2).
+    const int row0 = m_out + wg * 64 + w * 16 + g, row1 = row0 + 8;
+    float r0s = 0.0f, r1s = 0.0f;
+    if constexpr (ODT != 3) {
+      typedef typename Storage<RDT>::type RT;
+      if (row0 < M) r0s = to_f32<RDT>(reinterpret_cast<const RT*>(row_scale)[row0]);
+      if (row1 < M) r1s = to_f32<RDT>(reinterpret_cast<const RT*>(row_scale)[row1]);
+    }
+#pragma unroll
+    for (int j = 0; j < ACC / 4; ++j) {
+      const int col = n_out + 8 * j + 2 * t;
+      if (row0 < M)
+        store_pair<ODT, CDT, BDT, CGLOBAL>(out, N, row0, col, acc[4 * j], acc[4 * j + 1], r0s,
+                                           col_scale, bias, vec_out);
+      if (row1 < M)
+        store_pair<ODT, CDT, BDT, CGLOBAL>(out, N, row1, col, acc[4 * j + 2], acc[4 * j + 3], r1s,
+                                           col_scale, bias, vec_out);
+    }
+    if (next >= tiles) break;
+    tile = next;
+  }
+  cp_async_wait<0>();                     // only empty groups can remain; retire them anyway
+}
+
+}  // namespace qk_sm90
+
+template <int ODT, int RDT, int CDT, int BDT, bool CGLOBAL, int BN = 256, int BK = 128, int STAGES = 4>
+__global__ void __launch_bounds__(qk_sm90::THREADS, BN == 128 ? 2 : 1)
+int8_gemm_sm90(const signed char* __restrict__ A, const signed char* __restrict__ B, int M, int N, int K,
+               const void* __restrict__ row_scale, const void* __restrict__ col_scale,
+               const void* __restrict__ bias, typename qk_sm90::Out<ODT>::type* __restrict__ out,
+               int vec_out) {
+  qk_sm90::gemm<ODT, RDT, CDT, BDT, CGLOBAL, BN, BK, STAGES>(A, B, M, N, K, row_scale, col_scale, bias,
+                                                             out, vec_out);
+}
