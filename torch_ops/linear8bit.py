@@ -22,7 +22,9 @@ x is quantized in its own dtype (bitsandbytes casts to float16 first, which over
 65504 for bfloat16/float32 models). Backward: ``dx = dout @ (CB * SCB / 127)``; ``dW`` only
 with has_fp16_weights (int8 product of column-quantized dout^T and x, outlier columns in
 float32); ``dbias = sum(dout)``. On CUDA the int8 GEMM runs with its dequantization fused
-in the epilogue (qkernels.int8); on CPU the NumPy reference runs.
+in the epilogue (qkernels.int8); at most 16 rows with threshold 0 take one fused kernel
+instead (quantize x, dp4a GEMV, the same epilogue: qkernels/int8/gemv.cu), with the same
+bits; on CPU the NumPy reference runs.
 
 state_dict: ``weight`` (int8 CB), ``bias``, ``SCB`` (float32), ``weight_format`` (uint8 0 =
 row-major); a float weight (has_fp16_weights, or not quantized yet) is saved as nn.Linear
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -69,14 +72,12 @@ def quantize_rows(x2: torch.Tensor, threshold: float):
     fast = _fast_cuda(x2)
     if fast is None:
         return _int8().int8_vectorwise_quant(x2, threshold)
-    res = fast.quantize_rowwise_torch(x2.contiguous(), stats_dtype=torch.float32, threshold=threshold)
     if threshold <= 0:
-        return res[0], res[1], None
-    q, s, flags = res
-    cols = torch.nonzero(flags).flatten()  # a host sync, as in bitsandbytes
-    if cols.numel():
-        q.index_fill_(1, cols, 0)
-    return q, s, cols
+        q, s = fast.quantize_rowwise_torch(x2.contiguous(), stats_dtype=torch.float32)
+        return q, s, None
+    # two kernels (quantize with the outlier flags; compact them and zero those columns of q)
+    # and one host sync to read their count, as bitsandbytes' nonzero
+    return fast.int8_vectorwise_quant_torch(x2.contiguous(), threshold)
 
 
 def int8_gemm_dequant(CA, CB, SCA, SCB, bias, out_dtype):
@@ -91,8 +92,27 @@ def int8_gemm_dequant(CA, CB, SCA, SCB, bias, out_dtype):
     return fast.int8_matmul_dequant_torch(CA.contiguous(), CB.contiguous(), SCA, SCB, b, out_dtype=out_dtype)
 
 
+def int8_linear_small_batch(x2, CB, SCB, bias):
+    """The whole threshold-0 forward ``int8_gemm_dequant(*quantize_rows(x2, 0)[:2], CB, ...)``
+    in x2's dtype for x2 with at most 16 rows on CUDA: quantize x, int8 dot products and
+    epilogue fused (qkernels/int8/gemv.cu), the same bits as the GEMM path. None where it
+    does not apply (other devices or backends, more rows, K == 0)."""
+    if _fast_cuda(x2) is None:
+        return None
+    from qkernels.int8 import _cupy_gemv as gemv
+    if not gemv.gemv_ok(x2, CB, SCB, bias):
+        return None
+    b = None if bias is None else bias.contiguous()
+    return gemv.int8_linear_gemv_torch(x2.contiguous(), CB.contiguous(), SCB.contiguous(), b)
+
+
+_INV127 = float(np.float32(1.0 / 127.0))
+
+
 def dequant_weight(CB: torch.Tensor, SCB: torch.Tensor) -> torch.Tensor:
     """float32 (out, in) = CB * SCB[:, None] * f32(1/127)."""
+    if CB.is_cuda:  # the same two float32 roundings in torch ops (no per-call conversions)
+        return CB.float() * SCB.float()[:, None] * _INV127
     return _int8().int8_vectorwise_dequant(CB, SCB)
 
 
@@ -110,16 +130,20 @@ class MatMul8bitLt(torch.autograd.Function):
     def forward(ctx, x, weight, CB, SCB, bias, threshold):
         x2 = x.reshape(-1, x.shape[-1])
         with torch.no_grad():
-            CA, SCA, cols = quantize_rows(x2, threshold)
-            has_outliers = cols is not None and cols.numel() > 0
             b = None if bias is None else bias.detach()
-            if not has_outliers:
-                out = int8_gemm_dequant(CA, CB, SCA, SCB, b, x.dtype)
-            else:
-                out = int8_gemm_dequant(CA, CB, SCA, SCB, b, torch.float32)
-                w_cols = dequant_weight(CB[:, cols].contiguous(), SCB)
-                out += x2[:, cols].float() @ w_cols.T
-                out = out.to(x.dtype)
+            # at most 16 rows, threshold 0, CUDA: one fused kernel (same bits as below)
+            out = int8_linear_small_batch(x2, CB, SCB, b) if threshold <= 0 else None
+            has_outliers = False
+            if out is None:
+                CA, SCA, cols = quantize_rows(x2, threshold)
+                has_outliers = cols is not None and cols.numel() > 0
+                if not has_outliers:
+                    out = int8_gemm_dequant(CA, CB, SCA, SCB, b, x.dtype)
+                else:
+                    out = int8_gemm_dequant(CA, CB, SCA, SCB, b, torch.float32)
+                    w_cols = dequant_weight(CB[:, cols].contiguous(), SCB)
+                    out += x2[:, cols].float() @ w_cols.T
+                    out = out.to(x.dtype)
         ctx.x_shape, ctx.cols = x.shape, cols if has_outliers else None
         ctx.save_for_backward(CB, SCB, x2 if ctx.needs_input_grad[1] else None)
         ctx.weight_dtype = None if weight is None else weight.dtype
