@@ -3,7 +3,7 @@ with and without double quantization) and matmul_4bit at batch 1 / 16 / 4096, be
 bf16 and bitsandbytes. Bytes: quantize reads 2 and writes 1/2 byte per element (+4 per
 block); dequantize the reverse; the fused matmul reads the packed weight, absmax, x and
 writes out. The matmul rows for batch 1-16 show the fused kernel and dequantize + cuBLAS
-side by side: their crossover sets qkernels.fourbit.FUSED_MAX_ROWS."""
+side by side up to 16 rows: their crossover sets qkernels.fourbit.FUSED_MAX_ROWS."""
 from __future__ import annotations
 
 import numpy as np
@@ -95,7 +95,7 @@ def _matmul_rows(sizes: str) -> list[Row]:
             size = f"{batch} x {in_f} -> {out_f}"
             flops = 2 * batch * in_f * out_f
             nbytes = packed_bytes + 2 * batch * (in_f + out_f)
-            big = batch > qf.FUSED_MAX_ROWS
+            big = batch > 16  # the fused kernels' largest row count (_cupy.fused_rows)
             torch_calls = [lambda x=x, w=w: torch.nn.functional.linear(x, w) for x, w in zip(xs, ws)]
             t_us = cuda_graph_us(torch_calls)
             timed = {}

@@ -465,11 +465,14 @@ def _linear_errors(x, w_f32, bias, got):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("shape", [(256, 4096), (96, 96), (4096 + 8, 320), (64, 64 + 32), (40, 200)])
-def test_gpu_matmul_4bit(dtype, shape):
+@pytest.mark.parametrize("fused_max_rows", [8, 16])
+def test_gpu_matmul_4bit(dtype, shape, fused_max_rows, monkeypatch):
     """Fused kernel (rows <= FUSED_MAX_ROWS, K % 32 == 0) and the dequantize + GEMM path
     against the float64 product of the same dequantized weight; blocks that span rows
-    (K < blocksize or K not a multiple of it), nested statistics, bias."""
+    (K < blocksize or K not a multiple of it), nested statistics, bias. FUSED_MAX_ROWS 16:
+    the fused kernel at every row count it has, as the benchmark's crossover rows run it."""
     import torch
+    monkeypatch.setattr(qf, "FUSED_MAX_ROWS", fused_max_rows)
     tdt = getattr(torch, dtype)
     n_out, k = shape
     rng = np.random.default_rng(n_out * 7 + k)
