@@ -464,4 +464,11 @@ def _report(device, size, world, rows, lines) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Skip the interpreter's teardown: after every check has run and the process group is
+    # gone, a C++ thread of the gloo/DCP stack is occasionally destroyed while joinable at
+    # exit ("terminate called without an active exception", SIGABRT), which would turn a
+    # passing run into a failing exit status.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
