@@ -112,6 +112,23 @@ def get_kernel(package: str, filename: str, name: str, options: tuple = ()):
     return _kernel(cupy.cuda.Device().id, package, filename, name, tuple(options))
 
 
+def ptr(a) -> int:
+    """Device pointer of a CuPy array or torch tensor (0 for None)."""
+    if a is None:
+        return 0
+    return a.data_ptr() if hasattr(a, "data_ptr") else a.data.ptr
+
+
+def aligned16(*ptrs: int) -> bool:
+    """Whether every pointer is 16-byte aligned (the kernels' vector loads)."""
+    return all(p % 16 == 0 for p in ptrs)
+
+
+def current_device() -> int:
+    import cupy
+    return cupy.cuda.Device().id
+
+
 @functools.lru_cache(maxsize=None)
 def multiprocessor_count(device: int) -> int:
     import cupy

@@ -50,6 +50,27 @@ __device__ __forceinline__ float nan_max(float a, float b) {
   return d;
 }
 
+// NaN-propagating max over a CTA (every thread gets it); `red`: 32 floats of shared memory.
+// Every thread of the CTA must call it (three barriers).
+__device__ __forceinline__ float block_max(float m, float* red) {
+#pragma unroll
+  for (int off = 16; off >= 1; off /= 2) m = nan_max(__shfl_xor_sync(0xffffffffu, m, off), m);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int nwarps = (blockDim.x + 31) >> 5;
+  if (lane == 0) red[warp] = m;
+  __syncthreads();
+  if (warp == 0) {
+    m = lane < nwarps ? red[lane] : 0.0f;
+#pragma unroll
+    for (int off = 16; off >= 1; off /= 2) m = nan_max(__shfl_xor_sync(0xffffffffu, m, off), m);
+    if (lane == 0) red[0] = m;
+  }
+  __syncthreads();
+  m = red[0];
+  __syncthreads();
+  return m;
+}
+
 // Load VEC consecutive elements starting at x[i] as float32; zeros past n.
 // `vec_ok`: the base pointer is 16-byte aligned (then full vectors load as one 16-byte access).
 template <int DT, int VEC>

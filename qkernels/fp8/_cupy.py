@@ -17,7 +17,7 @@ import functools
 
 import numpy as np
 
-from .._cuda import get_kernel, multiprocessor_count
+from .._cuda import aligned16, current_device, get_kernel, multiprocessor_count, ptr
 
 _DT = {"float32": 0, "float16": 1, "bfloat16": 2}
 _ES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -40,23 +40,8 @@ def _check_arch(device: int) -> None:
                            f"Use the numpy backend (qkernels.use_backend('numpy')).")
 
 
-def _ptr(a) -> int:
-    if a is None:
-        return 0
-    return a.data_ptr() if hasattr(a, "data_ptr") else a.data.ptr
-
-
-def _u64(p: int):
-    return np.uint64(p)
-
-
-def _aligned(*ptrs) -> bool:
-    return all(p % 16 == 0 for p in ptrs)
-
-
-def _device() -> int:
-    import cupy
-    return cupy.cuda.Device().id
+_ptr, _aligned, _device = ptr, aligned16, current_device
+_u64 = np.uint64  # pointers travel as unsigned 64-bit kernel arguments
 
 
 # --- pointer-level launchers (sizes validated by the caller) --------------------------------

@@ -82,26 +82,6 @@ __device__ __forceinline__ void store_codes(u8* __restrict__ q, i64 i, i64 n, bo
   }
 }
 
-// NaN-propagating max over a CTA (every thread gets it); `red` holds 32 floats.
-__device__ __forceinline__ float block_max(float m, float* red) {
-#pragma unroll
-  for (int off = 16; off >= 1; off /= 2) m = nan_max(__shfl_xor_sync(0xffffffffu, m, off), m);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int nwarps = (blockDim.x + 31) >> 5;
-  if (lane == 0) red[warp] = m;
-  __syncthreads();
-  if (warp == 0) {
-    m = lane < nwarps ? red[lane] : 0.0f;
-#pragma unroll
-    for (int off = 16; off >= 1; off /= 2) m = nan_max(__shfl_xor_sync(0xffffffffu, m, off), m);
-    if (lane == 0) red[0] = m;
-  }
-  __syncthreads();
-  m = red[0];
-  __syncthreads();
-  return m;
-}
-
 template <int VEC>
 __device__ __forceinline__ float absmax_of(const float (&v)[VEC], float m) {
 #pragma unroll

@@ -16,7 +16,7 @@ import functools
 
 import numpy as np
 
-from .._cuda import get_kernel, multiprocessor_count
+from .._cuda import aligned16, current_device, get_kernel, multiprocessor_count, ptr
 
 _DT = {"float32": 0, "float16": 1, "bfloat16": 2, "int32": 3}
 _ES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -76,26 +76,8 @@ def _launch_gemm_sm90(device, a, bt, M, N, K, out, odt, rdt, cdt, bdt, c_global,
                         _u64(bias), _u64(out), np.int32(vec_out)), shared_mem=smem)
 
 
-def _ptr(a) -> int:
-    """Device pointer of a CuPy array or torch tensor (0 for None)."""
-    if a is None:
-        return 0
-    if hasattr(a, "data_ptr"):
-        return a.data_ptr()
-    return a.data.ptr
-
-
-def _u64(p: int):
-    return np.uint64(p)
-
-
-def _aligned(*ptrs) -> bool:
-    return all(p % 16 == 0 for p in ptrs)
-
-
-def _device() -> int:
-    import cupy
-    return cupy.cuda.Device().id
+_ptr, _aligned, _device = ptr, aligned16, current_device
+_u64 = np.uint64  # pointers travel as unsigned 64-bit kernel arguments
 
 
 @functools.lru_cache(maxsize=None)
