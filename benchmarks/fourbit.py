@@ -3,7 +3,8 @@ with and without double quantization) and matmul_4bit at batch 1 / 16 / 4096, be
 bf16 and bitsandbytes. Bytes: quantize reads 2 and writes 1/2 byte per element (+4 per
 block); dequantize the reverse; the fused matmul reads the packed weight, absmax, x and
 writes out. The matmul rows for batch 1-16 show the fused kernel and dequantize + cuBLAS
-side by side up to 16 rows: their crossover sets qkernels.fourbit.FUSED_MAX_ROWS."""
+side by side up to 16 rows: their crossover sets qkernels.fourbit.FUSED_MAX_ROWS. At batch 1
+the fused kernel is gemv_4bit, with matmul_4bit's one-row instance beside it."""
 from __future__ import annotations
 
 import numpy as np
@@ -103,6 +104,10 @@ def _matmul_rows(sizes: str) -> list[Row]:
                 fused = [lambda x=x, q=q, a=a: _cupy.matmul_4bit_torch(x, q[0], a, q[1].code, 64, out_f)
                          for x, q, a in zip(xs, quant, absmax)]
                 timed["fused"] = (cuda_graph_us(fused), None)
+                if batch == 1:  # gemv_4bit above; matmul_4bit's one-row instance beside it
+                    _cupy.USE_GEMV = False
+                    timed["fused, matmul_4bit<1>"] = (cuda_graph_us(fused), None)
+                    _cupy.USE_GEMV = True
             public = [lambda x=x, q=q: qf.matmul_4bit(x, *q) for x, q in zip(xs, quant)]
             deq = [lambda x=x, q=q: torch.nn.functional.linear(x, qf.dequantize_4bit(*q, out_dtype=dt))
                    for x, q in zip(xs, quant)]

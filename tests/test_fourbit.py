@@ -392,6 +392,30 @@ def test_gpu_large_misaligned_all_blocksizes(backend):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", gpu_backends() or ["cupy"])
+def test_gpu_tiny_absmax_blocks(backend):
+    """Blocks whose absmax is subnormal (1 / absmax = inf: a zero in them codes as 0.0 via
+    NaN) or barely normal, beside ordinary blocks: the kernels' fast path (no NaN check)
+    must not take them. float32 and bfloat16 (float32's exponent range)."""
+    import torch
+    import qkernels
+    tiny = np.float32(1e-40)  # subnormal
+    blocks = [np.full(64, tiny), np.full(64, np.float32(2e-38)), np.linspace(-1, 1, 64)]
+    x32 = np.concatenate(blocks).astype(np.float32)
+    x32[1::3] = 0.0
+    x32[64 + 5] = -np.float32(3e-39)
+    for dtype in ("float32", "bfloat16"):
+        host = as_numpy(as_torch(x32, dtype).float().numpy(), dtype)
+        t = as_torch(x32, dtype, "cuda")
+        for quant_type in ref.QUANT_TYPES:
+            want, ws = ref.quantize_4bit(host, 64, quant_type)
+            with qkernels.use_backend(backend):
+                packed, state = qf.quantize_4bit(t, 64, quant_type)
+            np.testing.assert_array_equal(packed.cpu().numpy(), want)
+            np.testing.assert_array_equal(state.absmax.cpu().numpy(), ws.absmax)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends() or ["cupy"])
 def test_gpu_quant_storage_and_misaligned_packed(backend):
     import torch
     import qkernels
@@ -469,10 +493,13 @@ def _linear_errors(x, w_f32, bias, got):
 def test_gpu_matmul_4bit(dtype, shape, fused_max_rows, monkeypatch):
     """Fused kernel (rows <= FUSED_MAX_ROWS, K % 32 == 0) and the dequantize + GEMM path
     against the float64 product of the same dequantized weight; blocks that span rows
-    (K < blocksize or K not a multiple of it), nested statistics, bias. FUSED_MAX_ROWS 16:
-    the fused kernel at every row count it has, as the benchmark's crossover rows run it."""
+    (K < blocksize or K not a multiple of it), nested statistics, bias. One row of x takes
+    gemv_4bit; FUSED_MAX_ROWS 16: matmul_4bit at every row count it has (one row too), as
+    the benchmark's crossover rows run it."""
     import torch
+    from qkernels.fourbit import _cupy
     monkeypatch.setattr(qf, "FUSED_MAX_ROWS", fused_max_rows)
+    monkeypatch.setattr(_cupy, "USE_GEMV", fused_max_rows == 8)
     tdt = getattr(torch, dtype)
     n_out, k = shape
     rng = np.random.default_rng(n_out * 7 + k)

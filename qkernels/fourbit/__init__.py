@@ -8,7 +8,8 @@
 
 Implementations: reference/fourbit.py (numpy, the oracle), fourbit.cu + _cupy.py (cupy),
 _numba.py (numba). Quantization and dequantization are bit-identical on every backend.
-matmul_4bit runs the fused kernel (each packed byte read once) for x with at most
+matmul_4bit runs a fused kernel (each packed byte read once: gemv_4bit for one row of x,
+matmul_4bit for more) for x with at most
 ``FUSED_MAX_ROWS`` rows on CUDA data, else dequantizes and calls the GEMM of x's library
 (torch.matmul / cupy.matmul, i.e. cuBLAS).
 """

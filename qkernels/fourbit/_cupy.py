@@ -1,5 +1,5 @@
 """CuPy launchers for fourbit.cu (kernels quantize_4bit / nest_absmax_4bit /
-dequantize_4bit / matmul_4bit).
+dequantize_4bit / matmul_4bit / gemv_4bit).
 
 ``quantize_4bit`` / ``nest_absmax_4bit`` / ``dequantize_4bit`` take CuPy arrays already on
 the caller's device, flat and contiguous, inside the caller's ``Call.cupy_context()``
@@ -31,6 +31,10 @@ _MM_THREADS = 256
 # The fused kernel's row counts (template MT); x with more rows than the largest takes
 # dequantize + GEMM (see qkernels.fourbit.FUSED_MAX_ROWS).
 _MT = (1, 2, 4, 8, 16)
+# One row of x takes gemv_4bit (rows of W per CTA: _GEMV_ROWS); USE_GEMV = False sends it to
+# matmul_4bit<., 1, .> instead (the benchmark times both).
+_GEMV_ROWS = 8
+USE_GEMV = True
 
 
 def _aligned(*arrays) -> int:
@@ -127,8 +131,19 @@ def _matmul_ctas(mt: int, n_out: int) -> int:
     return -(-n_out // (8 if mt <= 2 else 16))
 
 
-def _launch_shape(device: int, dtype: str, M: int, N: int, nested: bool):
-    """(kernel function, grid, block) of the fused matmul for M rows of x and N of W."""
+def gemv_shape(K: int) -> tuple[int, int]:
+    """(R, TW) of gemv_4bit for K columns: R rows of W per CTA of TW warps, TW so that the
+    32 * TW lanes cover the K / 32 chunks of a row in about one pass."""
+    chunks = K // 32
+    return _GEMV_ROWS, 4 if chunks > 64 else (2 if chunks > 32 else 1)
+
+
+def _launch_shape(device: int, dtype: str, M: int, N: int, K: int, nested: bool):
+    """(kernel function, grid, block) of the fused matmul for x (M, K) and N rows of W:
+    gemv_4bit for one row of x, matmul_4bit for more. Both take the same arguments."""
+    if M == 1 and USE_GEMV:
+        r, tw = gemv_shape(K)
+        return _gemv_function(device, dtype, r, tw, nested), (-(-N // r),), (32 * tw,)
     mt = fused_rows(M)
     return _matmul_function(device, dtype, mt, nested), (_matmul_ctas(mt, N),), (_MM_THREADS,)
 
@@ -160,7 +175,7 @@ def matmul_4bit(x, packed, absmax, code, bias, out, blocksize: int, dtype: str, 
     M, K = x.shape
     N = out.shape[1]
     device = cupy.cuda.Device().id
-    fn, grid, block = _launch_shape(device, dtype, M, N, nested is not None)
+    fn, grid, block = _launch_shape(device, dtype, M, N, K, nested is not None)
     code2, absmax2, offset = nested if nested is not None else (None, None, 0.0)
     offset_p, offset_v = _offset_args(offset)
     fn(grid, block,
@@ -179,6 +194,13 @@ def _matmul_function(device: int, dtype: str, mt: int, nested: bool = False):
     import cupy
     with cupy.cuda.Device(device):
         return get_kernel(__package__, "fourbit.cu", f"matmul_4bit<{_DT[dtype]}, {mt}, {int(nested)}>").kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _gemv_function(device: int, dtype: str, r: int, tw: int, nested: bool = False):
+    import cupy
+    with cupy.cuda.Device(device):
+        return get_kernel(__package__, "fourbit.cu", f"gemv_4bit<{_DT[dtype]}, {int(nested)}, {r}, {tw}>").kernel
 
 
 def matmul_4bit_torch(x, packed, absmax, code, blocksize: int, out_features: int, bias=None,
@@ -202,7 +224,7 @@ def matmul_4bit_torch(x, packed, absmax, code, blocksize: int, out_features: int
         return out
     dtype = str(x.dtype)[6:]
     device = x.device.index
-    fn, grid, block = _launch_shape(device, dtype, M, out_features, nested is not None)
+    fn, grid, block = _launch_shape(device, dtype, M, out_features, K, nested is not None)
     stream = _external_stream(torch.cuda.current_stream(device).cuda_stream)
     code2, absmax2, offset = nested if nested is not None else (None, None, 0.0)
     offset_p, offset_v = _offset_args(offset)
