@@ -273,16 +273,22 @@ def _reference_forward(x, CB, SCB, bias):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,in_f,out_f", [(1, 4096, 96), (3, 520, 67), (16, 203, 130),
                                              (7, 64, 1), (16, 4096, 64)])
-@pytest.mark.parametrize("staged", [None, True, False])
+@pytest.mark.parametrize("staged", [None, True, False, "mma"])
 @pytest.mark.parametrize("bias_dtype", [None, torch.float32, "x"])
 def test_gpu_small_batch_gemv_is_the_reference(dtype, rows, in_f, out_f, staged, bias_dtype):
-    """The fused small-batch kernel (qkernels/int8/gemv.cu, both launch forms) gives the
-    reference path's bits: same codes, exact int32 sums, the same float32 epilogue. Odd K
-    (byte loads), odd N, a zero row (codes 0) and a row holding Inf (NaN outputs) included."""
+    """The fused small-batch kernels (qkernels/int8/gemv.cu: dp4a in both launch forms, and
+    the tensor-core form) give the reference path's bits: same codes, exact int32 sums, the
+    same float32 epilogue. Odd K (byte loads), odd N, a zero row (codes 0) and a row holding
+    Inf (NaN outputs) included."""
     from qkernels.int8 import _cupy_gemv
     from torch_ops.linear8bit import int8_linear_small_batch
-    if staged and rows * -(-in_f // 16) * 16 > 46 * 1024:
+    if staged is True and rows * -(-in_f // 16) * 16 > 46 * 1024:
         pytest.skip("x too large to stage in shared memory")
+    mma = staged == "mma"
+    if mma and in_f % 16:
+        pytest.skip("the tensor-core form needs K % 16 == 0 (the dispatch sends the rest to dp4a)")
+    if mma:
+        staged = None
     torch.manual_seed(rows * 1000 + in_f + out_f)
     W = torch.randn(out_f, in_f, dtype=torch.float16)
     CB, SCB, _ = int8_vectorwise_quant(W, 0.0)
@@ -297,10 +303,11 @@ def test_gpu_small_batch_gemv_is_the_reference(dtype, rows, in_f, out_f, staged,
     xg, CBg, SCBg = x.cuda(), CB.cuda(), SCB.cuda()
     bg = None if bias is None else bias.cuda()
     assert _cupy_gemv.gemv_ok(xg, CBg, SCBg, bg)
-    got = _cupy_gemv.int8_linear_gemv_torch(xg, CBg, SCBg, bg, staged=staged).cpu()
+    got = _cupy_gemv.int8_linear_gemv_torch(xg, CBg, SCBg, bg, staged=staged,
+                                            mma=True if mma else (None if staged is None else False)).cpu()
     assert got.dtype == dtype and got.shape == (rows, out_f)
     torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True)
-    if staged is None:  # the layer's dispatch takes this kernel
+    if staged is None and not mma:  # the layer's dispatch takes this kernel
         via_layer = int8_linear_small_batch(xg, CBg, SCBg, bg)
         assert via_layer is not None
         torch.testing.assert_close(via_layer.cpu(), ref, rtol=0, atol=0, equal_nan=True)

@@ -142,7 +142,7 @@ class MatMul8bitLt(torch.autograd.Function):
                 else:
                     out = int8_gemm_dequant(CA, CB, SCA, SCB, b, torch.float32)
                     w_cols = dequant_weight(CB[:, cols].contiguous(), SCB)
-                    out += x2[:, cols].float() @ w_cols.T
+                    out.addmm_(x2[:, cols].float(), w_cols.T)  # one GEMM pass adds it (beta = 1)
                     out = out.to(x.dtype)
         ctx.x_shape, ctx.cols = x.shape, cols if has_outliers else None
         ctx.save_for_backward(CB, SCB, x2 if ctx.needs_input_grad[1] else None)

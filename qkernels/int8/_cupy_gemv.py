@@ -26,6 +26,10 @@ _ES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _THREADS = 512            # GV_THREADS in gemv.cu
 _WARPS = _THREADS // 32
 _MT = (1, 2, 4, 8, 16)    # the template row bounds
+# int8_gemv_mma (tensor cores) from this many rows of x on aligned weights; dp4a below it.
+MMA_MIN_ROWS = 4
+MMA_NT = 1                # 8 * MMA_NT weight rows per CTA (template NT)
+_MMA_THREADS = 256        # GM_WARPS * 32 in gemv.cu
 MAX_ROWS = _MT[-1]
 # Staged (single launch) when M * K * element size is at most this. Each CTA (one per SM)
 # then reads x from L2 before its first dot product (the first weight loads are already in
@@ -79,14 +83,26 @@ def _staged(M: int, K: int, es: int) -> bool:
     return M * K * es <= STAGE_MAX_X_BYTES and M * (-(-K // 16)) * 16 <= _SMEM_DEFAULT
 
 
-def int8_linear_gemv_torch(x, CB, SCB, bias=None, staged: bool | None = None):
+def _use_mma(M: int, aligned: bool, mma: bool | None) -> bool:
+    if mma is None:
+        return aligned and M >= MMA_MIN_ROWS
+    if mma and not aligned:
+        raise ValueError("the tensor-core form needs K % 16 == 0 and a 16-byte aligned CB")
+    return mma
+
+
+def int8_linear_gemv_torch(x, CB, SCB, bias=None, staged: bool | None = None,
+                           mma: bool | None = None):
     """out (M, N) in x's dtype = ((f32(CA @ CB^T) * SCA[:, None]) * SCB[None, :]) * K (+ bias)
     with CA, SCA = int8_vectorwise_quant(x) (threshold 0).
 
     x: float16 / bfloat16 / float32 (M, K) contiguous, 1 <= M <= MAX_ROWS; CB: int8 (N, K)
     contiguous; SCB: float32 (N,) contiguous; bias: (N,) of any float dtype, contiguous, or
     None. The caller checks with ``gemv_ok``. ``staged`` forces the one-launch (True) or the
-    two-launch (False) form (tests and benchmarks); None chooses by the size of x.
+    two-launch (False) form of the dp4a kernel (tests and benchmarks); None chooses by the
+    size of x. ``mma`` forces (True) or refuses (False) the tensor-core kernel
+    int8_gemv_mma (always two launches); None takes it from MMA_MIN_ROWS rows on aligned
+    weights.
     """
     import torch
     M, K = x.shape
@@ -96,18 +112,28 @@ def int8_linear_gemv_torch(x, CB, SCB, bias=None, staged: bool | None = None):
     es = _ES[dtype]
     nch = -(-K // 16)
     mt = gemv_rows(M)
-    if staged is None:
+    aligned = K % 16 == 0 and CB.data_ptr() % 16 == 0
+    if staged and mma:
+        raise ValueError("the tensor-core form has no staged (one-launch) variant")
+    use_mma = _use_mma(M, aligned, mma) if not staged else False
+    if use_mma:
+        staged = False
+    elif staged is None:
         staged = _staged(M, K, es)
     if staged and M * nch * 16 > _SMEM_DEFAULT:
         raise ValueError(f"x is too large to stage in shared memory: {M} x {K}")
     device = x.device.index
     x_vec_ok = int(x.data_ptr() % 16 == 0 and (K * es) % 16 == 0)
-    aligned = K % 16 == 0 and CB.data_ptr() % 16 == 0
     bdt = -1 if bias is None else _DT[str(bias.dtype).replace("torch.", "")]
-    gemv = _function(device, f"int8_gemv<{_DT[dtype]}, {bdt}, {mt}, {'true' if staged else 'false'}, "
-                             f"{'true' if aligned else 'false'}>")
-    ntasks = (N + 1) // 2
-    grid = (max(1, min(-(-ntasks // _WARPS), multiprocessor_count(device))),)
+    if use_mma:
+        gemv = _function(device, f"int8_gemv_mma<{_DT[dtype]}, {bdt}, {MMA_NT}>")
+        grid, block = (-(-N // (8 * MMA_NT)),), (_MMA_THREADS,)
+    else:
+        gemv = _function(device, f"int8_gemv<{_DT[dtype]}, {bdt}, {mt}, {'true' if staged else 'false'}, "
+                                 f"{'true' if aligned else 'false'}>")
+        ntasks = (N + 1) // 2
+        grid = (max(1, min(-(-ntasks // _WARPS), multiprocessor_count(device))),)
+        block = (_THREADS,)
     stream = _external_stream(torch.cuda.current_stream(device).cuda_stream)
     codes = absmax = None
     if not staged:
@@ -127,7 +153,7 @@ def int8_linear_gemv_torch(x, CB, SCB, bias=None, staged: bool | None = None):
             quant((M,), (threads,), (np.uint64(x.data_ptr()), np.uint64(codes.data_ptr()),
                                      np.uint64(absmax.data_ptr()), np.int32(K), np.int32(nch),
                                      np.int32(x_vec_ok)), 0, stream)
-        gemv(grid, (_THREADS,), gemv_args, smem, stream)
+        gemv(grid, block, gemv_args, smem, stream)
 
     if torch.cuda.current_device() != device:
         import cupy

@@ -279,3 +279,72 @@ int8_gemv(const typename Storage<DT>::type* __restrict__ x, const uint4* __restr
       for (int u = 0; u < GV_U; ++u) cur[r][u] = nxt[r][u];
   }
 }
+
+// int8_gemv_mma<DT, BDT, NT> (up to 16 rows of x, after int8_gemv_quant; ALIGNED weights)
+//   in/out as int8_gemv<DT, BDT, 16, false, true> (x itself is not read).
+//   Tensor cores: mma.sync m16n8k32 s8 with the 16 rows of x as A (rows >= M load as zero)
+//   and 8 rows of W as B. A CTA of 8 warps owns 8 * NT rows of W; its warps split K in
+//   steps of 64 bytes (warp w takes steps w, w + 8, ...). In a step lane (g = lane / 4,
+//   t = lane % 4) loads the 16 bytes at 64 s + 16 t of W row n0 + 8 nt + g (each nt) and of
+//   x rows g and g + 8: a dot product does not depend on the order of k, so these bytes are
+//   the fragments of two k32 mma as loaded (A's and B's k orders permuted alike), with no
+//   shuffle or shared-memory staging; x is read from L1/L2 twice per weight byte. Integer
+//   sums are exact (wrapping) in any order: the 8 warps' accumulators are added in shared
+//   memory, then int8_gemv's epilogue, operation for operation.
+__device__ __forceinline__ void mma_s8_16x8x32(int (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, "
+               "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+               : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+#define GM_WARPS 8
+
+template <int DT, int BDT, int NT>
+__global__ void __launch_bounds__(GM_WARPS * 32)
+int8_gemv_mma(const typename Storage<DT>::type* __restrict__ x, const uint4* __restrict__ codes,
+              const float* __restrict__ absmax, const i8* __restrict__ W, const float* __restrict__ scb,
+              const void* __restrict__ bias, typename Storage<DT>::type* __restrict__ out,
+              int M, int N, int K, int nch, int x_vec_ok) {
+  __shared__ int red[GM_WARPS][NT][32][4];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * 8 * NT;
+  const int steps = (nch + 3) >> 2;
+  const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+  int acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
+#pragma unroll 2
+  for (int s = warp; s < steps; s += GM_WARPS) {
+    const int c = 4 * s + t;  // this lane's 16-byte chunk
+    uint4 w[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int row = n0 + 8 * nt + g;
+      w[nt] = (c < nch && row < N) ? ld_w16<true>(W + (i64)row * K, c, K) : z;
+    }
+    const uint4 xa = (c < nch && g < M) ? __ldg(codes + (i64)g * nch + c) : z;
+    const uint4 xb = (c < nch && g + 8 < M) ? __ldg(codes + (i64)(g + 8) * nch + c) : z;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      mma_s8_16x8x32(acc[nt], xa.x, xb.x, xa.y, xb.y, w[nt].x, w[nt].y);
+      mma_s8_16x8x32(acc[nt], xa.z, xb.z, xa.w, xb.w, w[nt].z, w[nt].w);
+    }
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+    *reinterpret_cast<int4*>(&red[warp][nt][lane][0]) = make_int4(acc[nt][0], acc[nt][1], acc[nt][2], acc[nt][3]);
+  __syncthreads();
+  for (int e = threadIdx.x; e < NT * 128; e += GM_WARPS * 32) {
+    const int nt = e >> 7, l = (e >> 2) & 31, i = e & 3;
+    const int m = (l >> 2) + 8 * (i >> 1), n = n0 + 8 * nt + 2 * (l & 3) + (i & 1);
+    if (m < M && n < N) {
+      u32 sum = 0u;
+#pragma unroll
+      for (int v = 0; v < GM_WARPS; ++v) sum += (u32)red[v][nt][l][i];
+      float y = __fmul_rn(__fmul_rn(__fmul_rn((float)(int)sum, __ldg(absmax + m)), __ldg(scb + n)), GV_KDEQ);
+      out[(i64)m * N + n] = from_f32<DT>(add_bias<BDT>(y, bias, n));
+    }
+  }
+}
