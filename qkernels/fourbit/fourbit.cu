@@ -121,6 +121,15 @@ __device__ __forceinline__ u32 code_4bit(const float* thr, float y) {
   return QT == 0 ? nf4_code(thr, y) : fp4_code(y);
 }
 
+// The VEC/2 packed bytes of VEC values scaled by r (value 2j in the high nibble of byte j).
+template <int QT, bool CHECK, int VEC>
+__device__ __forceinline__ void pack_codes(const float* thr, const float (&v)[VEC], float r,
+                                           u8 (&b)[VEC / 2]) {
+#pragma unroll
+  for (int j = 0; j < VEC / 2; ++j)
+    b[j] = (u8)((code_4bit<QT, CHECK>(thr, v[2 * j] * r) << 4) | code_4bit<QT, CHECK>(thr, v[2 * j + 1] * r));
+}
+
 // Several vectors per thread keep HBM reads in flight while the group reduces; large
 // blocks also get fewer threads per block, so fewer cross-warp steps. G <= 256 always.
 template <int DT, int BLOCK> struct Quantize4Shape {
@@ -204,17 +213,10 @@ quantize_4bit(const typename Storage<DT>::type* __restrict__ x, u8* __restrict__
       float v[VEC];
       raw16_to_f32<DT>(raw[k], v);
       u8 b[VEC / 2];
-      if (clean) {
-#pragma unroll
-        for (int j = 0; j < VEC / 2; ++j)
-          b[j] = (u8)((code_4bit<QT, false>(thr, v[2 * j] * r) << 4) |
-                      code_4bit<QT, false>(thr, v[2 * j + 1] * r));
-      } else {
-#pragma unroll
-        for (int j = 0; j < VEC / 2; ++j)
-          b[j] = (u8)((code_4bit<QT, true>(thr, v[2 * j] * r) << 4) |
-                      code_4bit<QT, true>(thr, v[2 * j + 1] * r));
-      }
+      if (clean)
+        pack_codes<QT, false>(thr, v, r, b);
+      else
+        pack_codes<QT, true>(thr, v, r, b);
       const i64 start = qb * BLOCK + (i64)(k * G + lane_g) * VEC;
       const i64 byte0 = start / 2;
       if (vec_ok && start + VEC <= n) {
@@ -294,6 +296,19 @@ template <int V> struct PackedWord;  // the V/2 packed bytes of a dequantize uni
 template <> struct PackedWord<8> { typedef u32 type; };
 template <> struct PackedWord<4> { typedef u16 type; };
 
+// The scale inputs of 4-bit block blk: the absmax (a), or with NESTED the nested code (q)
+// and its absmax2 (a), for nested_scale.
+template <int NESTED>
+__device__ __forceinline__ void load_scale(const void* __restrict__ absmax_v, const float* __restrict__ absmax2,
+                                           i64 blk, u32& q, float& a) {
+  if (NESTED) {
+    q = __ldg(reinterpret_cast<const u8*>(absmax_v) + blk);
+    a = __ldg(absmax2 + (blk >> 8));
+  } else {
+    a = __ldg(reinterpret_cast<const float*>(absmax_v) + blk);
+  }
+}
+
 // The V values of packed word p (byte b holds element 2b high, 2b + 1 low) times scale.
 template <int V>
 __device__ __forceinline__ void decode_scaled(u32 p, const float* code, float scale, float (&out)[V]) {
@@ -336,12 +351,7 @@ dequantize_4bit(const u8* __restrict__ packed, const float* __restrict__ code_g,
         const i64 t = base + u * blockDim.x + threadIdx.x;
         const i64 qb = (i64)((u64)t * V / BLOCK);  // unsigned: a shift
         p[u] = __ldg(words + t);
-        if (NESTED) {
-          q[u] = __ldg(qabs + qb);
-          s[u] = __ldg(absmax2 + (qb >> 8));
-        } else {
-          s[u] = __ldg(absmax + qb);
-        }
+        load_scale<NESTED>(absmax_v, absmax2, qb, q[u], s[u]);
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
@@ -440,8 +450,6 @@ matmul_4bit(const typename Storage<DT>::type* __restrict__ x, const u8* __restri
   if (NESTED)
     for (int i = threadIdx.x; i < 256; i += blockDim.x) code2[i] = code2_g[i];
   const float offset = NESTED ? (offset_p ? __ldg(offset_p) : offset_v) : 0.0f;
-  const u8* qabs = reinterpret_cast<const u8*>(absmax_v);
-  const float* absmax = reinterpret_cast<const float*>(absmax_v);
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane & 3, r = lane >> 2;
@@ -469,12 +477,7 @@ matmul_4bit(const typename Storage<DT>::type* __restrict__ x, const u8* __restri
           const i64 e = (i64)rows[i] * K + k;  // flat element index
           const i64 blk = e >> log2_block;
           load_words<WORDS>(packed + (e >> 1), wn[s][i]);
-          if (NESTED) {
-            qn[s][i] = __ldg(qabs + blk);
-            an[s][i] = __ldg(absmax2 + (blk >> 8));
-          } else {
-            an[s][i] = __ldg(absmax + blk);
-          }
+          load_scale<NESTED>(absmax_v, absmax2, blk, qn[s][i], an[s][i]);
         }
       }
     }
@@ -627,8 +630,6 @@ gemv_4bit(const typename Storage<DT>::type* __restrict__ x, const u8* __restrict
     for (int i = threadIdx.x; i < 256; i += blockDim.x) code2[i] = code2_g[i];
   __syncthreads();
   const float offset = NESTED ? (offset_p ? __ldg(offset_p) : offset_v) : 0.0f;
-  const u8* qabs = reinterpret_cast<const u8*>(absmax_v);
-  const float* absmax = reinterpret_cast<const float*>(absmax_v);
   const int n0 = blockIdx.x * R;
   const int chunks = K >> 5;
 
@@ -648,12 +649,7 @@ gemv_4bit(const typename Storage<DT>::type* __restrict__ x, const u8* __restrict
         const i64 e = (i64)(n0 + i) * K + 32 * c;  // flat element index of the chunk
         const i64 blk = e >> log2_block;             // blocksize >= 32: one block per chunk
         w[i] = __ldg(reinterpret_cast<const uint4*>(packed + (e >> 1)));
-        if (NESTED) {
-          q[i] = __ldg(qabs + blk);
-          a[i] = __ldg(absmax2 + (blk >> 8));
-        } else {
-          a[i] = __ldg(absmax + blk);
-        }
+        load_scale<NESTED>(absmax_v, absmax2, blk, q[i], a[i]);
       }
     }
     float xv[32];

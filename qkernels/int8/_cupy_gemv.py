@@ -11,6 +11,8 @@ current stream, outputs and workspaces from ``torch.empty`` (CUDA-graph safe, no
 Launch choice: x of at most ``STAGE_MAX_X_BYTES`` is quantized by every CTA into shared
 memory (one launch; x is re-read from L2 once per SM); a larger x is quantized once by
 ``int8_gemv_quant`` (one CTA per row) and the GEMV reads the codes through L1 (two launches).
+From ``MMA_MIN_ROWS`` rows on aligned weights the second launch is ``int8_gemv_mma``
+(tensor cores, the same bits) instead of the dp4a kernel.
 """
 from __future__ import annotations
 
