@@ -69,6 +69,8 @@ def _quant_rows(op: str, M: int, K: int) -> list[Row]:
         fns["cupy"] = [lambda x=x: Q.int8_vectorwise_quant(x, threshold) for x in xs]
         if threshold == 0:
             fns["cupy raw"] = [lambda x=x: _cupy.quantize_rowwise_torch(x, torch.float32) for x in xs]
+        else:  # the same kernels without reading the count back (what Linear8bitLt runs)
+            fns["cupy raw"] = [lambda x=x: _cupy.int8_outlier_quant_torch(x, threshold) for x in xs]
         if F is not None:
             fns["bitsandbytes"] = [lambda x=x: F.int8_vectorwise_quant(x, threshold) for x in xs]
         fns["torch"] = [lambda x=x: _torch_rowwise(x) for x in xs]
@@ -91,7 +93,8 @@ def _quant_rows(op: str, M: int, K: int) -> list[Row]:
             eager = eager_us(calls)
             # bitsandbytes launches off torch's current stream: a captured graph would replay
             # nothing, so it is timed as an eager loop
-            graph = cuda_graph_us(calls) if graph_ok and name != "bitsandbytes" else None
+            graph = (cuda_graph_us(calls) if (graph_ok or name == "cupy raw") and name != "bitsandbytes"
+                     else None)
             times[name] = (graph if graph is not None else eager, eager, graph is None)
     rows = []
     for name, (us, eager, is_eager) in times.items():

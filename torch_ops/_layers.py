@@ -1,4 +1,6 @@
-"""Helpers shared by the quantized inference layers (linear4bit.py, linear8bit.py).
+"""Helpers shared by the quantized layers (linear4bit.py, linear8bit.py, switchback.py).
+
+- ``fast_cuda``: qkernels.int8's raw-pointer torch launchers where they may run.
 
 - ``move_state``: a QuantState with every tensor moved to a device (never re-quantized).
 - ``apply_to_quantized_weight``: the body of ``Module._apply`` for a layer whose ``weight``
@@ -18,7 +20,19 @@ import torch
 
 from reference.state import QuantState
 
-__all__ = ["move_state", "apply_to_quantized_weight", "LoadReport", "plain", "tensor_bytes"]
+__all__ = ["move_state", "apply_to_quantized_weight", "LoadReport", "plain", "tensor_bytes", "fast_cuda"]
+
+
+def fast_cuda(x: torch.Tensor):
+    """qkernels.int8._cupy (the raw-pointer torch launchers) when x is a CUDA tensor and the
+    CuPy backend may run, else None."""
+    if not x.is_cuda:
+        return None
+    from qkernels._backend import backend_status, requested_backend
+    if requested_backend() not in (None, "cupy") or not backend_status("cupy")[0]:
+        return None
+    from qkernels.int8 import _cupy
+    return _cupy
 
 
 def plain(t: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,10 @@ with has_fp16_weights (int8 product of column-quantized dout^T and x, outlier co
 float32); ``dbias = sum(dout)``. On CUDA the int8 GEMM runs with its dequantization fused
 in the epilogue (qkernels.int8); at most 16 rows with threshold 0 take one fused kernel
 instead (quantize x, dp4a GEMV, the same epilogue: qkernels/int8/gemv.cu), with the same
-bits; on CPU the NumPy reference runs.
+bits. With threshold > 0 the outlier product is added in those kernels' epilogues too (the
+Hopper GEMM, or the GEMV for at most 16 rows), with no host synchronization (the outlier
+count stays on the device; CUDA-graph safe) where K % 16 == 0; elsewhere the columns are
+counted on the host and added with one float32 addmm. On CPU the NumPy reference runs.
 
 state_dict: ``weight`` (int8 CB), ``bias``, ``SCB`` (float32), ``weight_format`` (uint8 0 =
 row-major); a float weight (has_fp16_weights, or not quantized yet) is saved as nn.Linear
@@ -42,6 +45,7 @@ from torch import nn
 from ._checks import check_linear_input
 from ._layers import (LoadReport, apply_to_quantized_weight, check_bias, layer_keys, plain,
                       tensor_bytes)
+from ._layers import fast_cuda as _fast_cuda
 
 __all__ = ["Int8Params", "Linear8bitLt", "MatMul8bitLt"]
 
@@ -54,17 +58,6 @@ def _int8():
 
 
 # --- the int8 ops, with the raw-pointer CUDA hot path when it is there ---------------------
-
-def _fast_cuda(x: torch.Tensor):
-    """qkernels.int8._cupy when x is a CUDA tensor and the CuPy backend may run, else None."""
-    if not x.is_cuda:
-        return None
-    from qkernels._backend import backend_status, requested_backend
-    if requested_backend() not in (None, "cupy") or not backend_status("cupy")[0]:
-        return None
-    from qkernels.int8 import _cupy
-    return _cupy
-
 
 def quantize_rows(x2: torch.Tensor, threshold: float):
     """(CA int8 (tokens, in), SCA float32 (tokens,), cols int64 or None) of x2 (tokens, in);
@@ -90,6 +83,18 @@ def int8_gemm_dequant(CA, CB, SCA, SCB, bias, out_dtype):
         return ops.int8_mm_dequant(ops.int8_linear_matmul(CA, CB), SCA, SCB, bias, out_dtype=name)
     b = None if bias is None else bias.contiguous()
     return fast.int8_matmul_dequant_torch(CA.contiguous(), CB.contiguous(), SCA, SCB, b, out_dtype=out_dtype)
+
+
+def int8_linear_outliers(x2, CB, SCB, bias, threshold):
+    """The whole threshold > 0 forward on CUDA without a host synchronization: (out in x2's
+    dtype, idx int64, count int32 (1,) on the device; idx[:count] = the outlier columns), the
+    outlier product fused into the int8 kernels' epilogue (qkernels.int8._cupy). None where
+    it does not apply (other devices or backends, K % 16 != 0, more than 16 rows off Hopper)."""
+    fast = _fast_cuda(x2)
+    if fast is None:
+        return None
+    b = None if bias is None else bias.contiguous()
+    return fast.int8_linear_outliers_torch(x2.contiguous(), CB.contiguous(), SCB.contiguous(), b, threshold)
 
 
 def int8_linear_small_batch(x2, CB, SCB, bias):
@@ -129,22 +134,25 @@ class MatMul8bitLt(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, CB, SCB, bias, threshold):
         x2 = x.reshape(-1, x.shape[-1])
+        ctx.cols = ctx.outliers = None
         with torch.no_grad():
             b = None if bias is None else bias.detach()
-            # at most 16 rows, threshold 0, CUDA: one fused kernel (same bits as below)
-            out = int8_linear_small_batch(x2, CB, SCB, b) if threshold <= 0 else None
-            has_outliers = False
+            if threshold <= 0:  # at most 16 rows on CUDA: one fused kernel (same bits as below)
+                out = int8_linear_small_batch(x2, CB, SCB, b)
+            else:  # CUDA: the outlier product in the int8 kernels' epilogue, no host sync
+                fused = int8_linear_outliers(x2, CB, SCB, b, threshold)
+                out, ctx.outliers = (None, None) if fused is None else (fused[0], fused[1:])
             if out is None:
                 CA, SCA, cols = quantize_rows(x2, threshold)
-                has_outliers = cols is not None and cols.numel() > 0
-                if not has_outliers:
+                if cols is None or cols.numel() == 0:
                     out = int8_gemm_dequant(CA, CB, SCA, SCB, b, x.dtype)
                 else:
+                    ctx.cols = cols
                     out = int8_gemm_dequant(CA, CB, SCA, SCB, b, torch.float32)
                     w_cols = dequant_weight(CB[:, cols].contiguous(), SCB)
                     out.addmm_(x2[:, cols].float(), w_cols.T)  # one GEMM pass adds it (beta = 1)
                     out = out.to(x.dtype)
-        ctx.x_shape, ctx.cols = x.shape, cols if has_outliers else None
+        ctx.x_shape = x.shape
         ctx.save_for_backward(CB, SCB, x2 if ctx.needs_input_grad[1] else None)
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -158,7 +166,12 @@ class MatMul8bitLt(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = (g2 @ dequant_weight(CB, SCB).to(g2.dtype)).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            dW = _int8_weight_grad(g2, x2, ctx.cols).to(ctx.weight_dtype)
+            cols = ctx.cols
+            if ctx.outliers is not None:  # the fused forward left the count on the device
+                idx, count = ctx.outliers
+                cols = idx[:int(count.item())]
+            cols = cols if cols is not None and cols.numel() else None
+            dW = _int8_weight_grad(g2, x2, cols).to(ctx.weight_dtype)
         if ctx.needs_input_grad[4]:
             dbias = g2.sum(0).to(ctx.bias_dtype)
         return dx, dW, None, None, dbias, None

@@ -49,6 +49,7 @@ def _gemm_kernel(device: int, name: str):
 # SM90_TILE = (BN, BK, STAGES): BN 256 runs one CTA per SM, BN 128 two.
 SM90_TILE = (256, 128, 4)
 USE_SM90 = True  # a switch for benchmarks and tests that time or check int8_gemm alone
+ROW_QUANT_WAVES = 1  # row_quant's grid in waves of resident CTAs (launch_row_quant)
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,15 +66,21 @@ def _sm90_kernel(device: int, name: str, smem: int):
 
 
 def _launch_gemm_sm90(device, a, bt, M, N, K, out, odt, rdt, cdt, bdt, c_global, r, c, bias,
-                      vec_out):
+                      vec_out, outliers=None):
+    """``outliers``: None, or (x, idx, count) pointers for the OUTL epilogue (gemm_sm90.cu)."""
     bn, bk, stages = SM90_TILE
-    name = f"int8_gemm_sm90<{odt}, {rdt}, {cdt}, {bdt}, {_b(c_global)}, {bn}, {bk}, {stages}>"
+    name = (f"int8_gemm_sm90<{odt}, {rdt}, {cdt}, {bdt}, {_b(c_global)}, {bn}, {bk}, {stages}, "
+            f"{_b(outliers is not None)}>")
     smem = stages * (128 + bn) * bk + 1024  # + 1 KB to align the swizzle atoms
+    if outliers is not None:
+        smem += bn * 48  # the staged weight values of the outlier columns (WO_STRIDE halves per row)
     k = _sm90_kernel(device, name, smem)
     tiles = -(-M // 128) * -(-N // bn)
     grid = min(tiles, multiprocessor_count(device) * (2 if bn == 128 else 1))
+    x, idx, count = outliers or (0, 0, 0)
     k((grid,), (256,), (_u64(a), _u64(bt), np.int32(M), np.int32(N), np.int32(K), _u64(r), _u64(c),
-                        _u64(bias), _u64(out), np.int32(vec_out)), shared_mem=smem)
+                        _u64(bias), _u64(out), np.int32(vec_out), _u64(x), _u64(idx), _u64(count)),
+      shared_mem=smem)
 
 
 _ptr, _aligned, _device = ptr, aligned16, current_device
@@ -128,9 +135,12 @@ def launch_row_quant(x: int, dtype: str, q: int, stats: int, stats_dtype: str, f
     vec_ok = int(_aligned(x, q) and (cols * es) % 16 == 0)
     thresh = threshold > 0
     k = _kernel(f"row_quant<{_DT[dtype]}, {_DT[stats_dtype]}, {nv}, {_b(thresh)}>")
-    grid = min(rows, 1 << 30)
-    if thresh:  # ~8 rows per CTA: each CTA sets an outlier column's flag once, not per row
-        grid = min(rows, max(-(-rows // 8), 8 * multiprocessor_count(_device())))
+    # One wave of CTAs (<= 64 registers a thread: 1024 // threads CTAs per SM), each walking
+    # rows with the next row's loads in flight; THRESH: each CTA then sets an outlier
+    # column's flag once, not once per row. ROW_QUANT_WAVES = 0: one CTA per row.
+    per_sm = min(32, max(1, 1024 // threads))
+    grid = rows if ROW_QUANT_WAVES == 0 else ROW_QUANT_WAVES * per_sm * multiprocessor_count(_device())
+    grid = min(rows, grid, 1 << 30)
     k((grid,), (threads,), (_u64(x), _u64(q), _u64(stats), _u64(flags), np.int32(rows),
                             np.int32(cols), np.float32(threshold), np.int32(vec_ok)))
 
@@ -422,11 +432,12 @@ def quantize_rowwise_torch(x, stats_dtype=None, threshold: float = 0.0):
     return (q, stats) if flags is None else (q, stats, flags)
 
 
-def int8_vectorwise_quant_torch(x, threshold: float):
+def int8_outlier_quant_torch(x, threshold: float):
     """LLM.int8() quantization with outliers (threshold > 0) of a contiguous 2-D torch CUDA
-    tensor x (rows, cols): (q int8 (rows, cols) with the outlier columns zeroed, row_stats
-    float32 (rows,), outlier_cols int64 (n,) ascending, a view of a (cols,) buffer). Two
-    kernels queued back to back, then one host synchronization to read n (the result's size)."""
+    tensor x (rows, cols), without a host synchronization: (q int8 (rows, cols) with the
+    outlier columns zeroed, row_stats float32 (rows,), idx int64 (cols,) whose first ``count``
+    entries are the outlier columns in ascending order, count int32 (1,) on the device). Two
+    kernels (row_quant<THRESH>, outlier_cols) on torch's current stream."""
     import torch
     rows, cols = x.shape
     dev = x.device
@@ -435,16 +446,64 @@ def int8_vectorwise_quant_torch(x, threshold: float):
     if cols == 0:
         stats.zero_()  # the absmax of an empty row
     cpad = -(-cols // 16) * 16
-    ws = torch.zeros((cpad + 16,), dtype=torch.uint8, device=dev)  # flags (cols,), then the count
+    # one zeroed workspace: flags (cols,) | count int32 | idx int64 (cols,)
+    ws = torch.zeros((cpad + 16 + 8 * cols,), dtype=torch.uint8, device=dev)
+    idx = ws[cpad + 16:].view(torch.int64)
     d, stream = _stream_of(x)
     with _on_stream(d, stream):
         launch_row_quant(x.data_ptr(), _tname(x), q.data_ptr(), stats.data_ptr(), "float32",
                          ws.data_ptr(), rows, cols, threshold)
-        idx = torch.empty((cols,), dtype=torch.int64, device=dev)  # allocated while row_quant runs
         launch_outlier_cols(ws.data_ptr(), cols, q.data_ptr(), rows, idx.data_ptr(),
                             ws.data_ptr() + cpad)
-    n = int(ws[cpad:cpad + 4].view(torch.int32).item())
-    return q, stats, idx[:n]
+    return q, stats, idx, ws[cpad:cpad + 4].view(torch.int32)
+
+
+def int8_vectorwise_quant_torch(x, threshold: float):
+    """int8_outlier_quant_torch, then one host synchronization to read the count (the size of
+    the result, as bitsandbytes' nonzero): (q, row_stats, outlier_cols int64 (n,) ascending,
+    a view of a (cols,) buffer)."""
+    q, stats, idx, count = int8_outlier_quant_torch(x, threshold)
+    return q, stats, idx[:int(count.item())]
+
+
+def int8_linear_outliers_torch(x, CB, SCB, bias, threshold: float):
+    """The LLM.int8() forward with outlier columns, without a host synchronization:
+    ``(int8_mm_dequant(CA @ CB^T, SCA, SCB, bias) + x[:, cols] @ (CB[:, cols] * SCB / 127)^T)``
+    rounded once to x's dtype, cols = the outlier columns of x for ``threshold`` (> 0).
+
+    x: float16 / bfloat16 / float32 (M, K) contiguous CUDA tensor; CB int8 (N, K) contiguous,
+    SCB float32 (N,), bias (N,) float or None, all on x's device (validated by the caller).
+    Returns (out (M, N) in x's dtype, idx int64 (K,), count int32 (1,): idx[:count] = cols),
+    or None where this form does not apply (K % 16 != 0, a CB base that is not 16-byte
+    aligned, more than 16 rows off compute capability 9.0): the caller takes the
+    synchronizing form. Kernels: row_quant<THRESH> and outlier_cols (int8_outlier_quant_torch),
+    then for at most 16 rows the GEMV (gemv.cu) and otherwise the Hopper GEMM with the OUTL
+    epilogue (gemm_sm90.cu), both reading x at the outlier columns."""
+    import torch
+    from . import _cupy_gemv as gemv
+    M, K = x.shape
+    N = CB.shape[0]
+    if M == 0 or N == 0 or K % 16 or CB.data_ptr() % 16:
+        return None
+    device = x.device.index
+    small = M <= gemv.MAX_ROWS
+    if small and not gemv.gemv_ok(x, CB, SCB, bias):
+        return None
+    if not small and not (USE_SM90 and _is_sm90(device)):
+        return None
+    q, stats, idx, count = int8_outlier_quant_torch(x, threshold)
+    if small:
+        out = gemv.int8_linear_gemv_torch(x, CB, SCB, bias, outliers=(q, stats, idx, count))
+        return out, idx, count
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    vec_out = int(N % 2 == 0)  # torch.empty bases are 16-byte aligned
+    bdt = -1 if bias is None else _DT[_tname(bias)]
+    d, stream = _stream_of(x)
+    with _on_stream(d, stream):
+        _launch_gemm_sm90(device, q.data_ptr(), CB.data_ptr(), M, N, K, out.data_ptr(), _DT[_tname(x)],
+                          _DT["float32"], _DT["float32"], bdt, False, stats.data_ptr(), SCB.data_ptr(),
+                          _ptr(bias), vec_out, outliers=(x.data_ptr(), idx.data_ptr(), count.data_ptr()))
+    return out, idx, count
 
 
 def quantize_global_torch(w, transpose: bool = False):

@@ -94,7 +94,7 @@ def _use_mma(M: int, aligned: bool, mma: bool | None) -> bool:
 
 
 def int8_linear_gemv_torch(x, CB, SCB, bias=None, staged: bool | None = None,
-                           mma: bool | None = None):
+                           mma: bool | None = None, outliers=None):
     """out (M, N) in x's dtype = ((f32(CA @ CB^T) * SCA[:, None]) * SCB[None, :]) * K (+ bias)
     with CA, SCA = int8_vectorwise_quant(x) (threshold 0).
 
@@ -105,6 +105,12 @@ def int8_linear_gemv_torch(x, CB, SCB, bias=None, staged: bool | None = None,
     size of x. ``mma`` forces (True) or refuses (False) the tensor-core kernel
     int8_gemv_mma (always two launches); None takes it from MMA_MIN_ROWS rows on aligned
     weights.
+
+    ``outliers`` (threshold > 0, K % 16 == 0): (codes int8 (M, K), absmax float32 (M,), idx
+    int64 (K,), count int32 (1,)) from row_quant + outlier_cols (int8_outlier_quant_torch):
+    the GEMV reads those codes (one launch) and adds x's outlier columns idx[:count] in
+    float32 (gemv.cu); the result is then ``int8_linear_outliers`` rather than the threshold-0
+    product.
     """
     import torch
     M, K = x.shape
@@ -117,6 +123,10 @@ def int8_linear_gemv_torch(x, CB, SCB, bias=None, staged: bool | None = None,
     aligned = K % 16 == 0 and CB.data_ptr() % 16 == 0
     if staged and mma:
         raise ValueError("the tensor-core form has no staged (one-launch) variant")
+    if outliers is not None:
+        if staged or K % 16:
+            raise ValueError("the outlier form reads unpadded codes: needs K % 16 == 0, not staged")
+        staged = False
     use_mma = _use_mma(M, aligned, mma) if not staged else False
     if use_mma:
         staged = False
@@ -138,18 +148,22 @@ def int8_linear_gemv_torch(x, CB, SCB, bias=None, staged: bool | None = None,
         block = (_THREADS,)
     stream = _external_stream(torch.cuda.current_stream(device).cuda_stream)
     codes = absmax = None
-    if not staged:
+    idx = count = 0
+    if outliers is not None:
+        codes, absmax, idx_t, count_t = outliers
+        idx, count = idx_t.data_ptr(), count_t.data_ptr()
+    elif not staged:
         codes = torch.empty((M, nch * 16), dtype=torch.int8, device=x.device)
         absmax = torch.empty((M,), dtype=torch.float32, device=x.device)
     gemv_args = (np.uint64(x.data_ptr()), np.uint64(0 if codes is None else codes.data_ptr()),
                  np.uint64(0 if absmax is None else absmax.data_ptr()), np.uint64(CB.data_ptr()),
                  np.uint64(SCB.data_ptr()), np.uint64(0 if bias is None else bias.data_ptr()),
                  np.uint64(out.data_ptr()), np.int32(M), np.int32(N), np.int32(K), np.int32(nch),
-                 np.int32(x_vec_ok))
+                 np.int32(x_vec_ok), np.uint64(idx), np.uint64(count))
     smem = M * nch * 16 if staged else 0
 
     def launch():
-        if not staged:
+        if not staged and outliers is None:
             quant = _function(device, f"int8_gemv_quant<{_DT[dtype]}>")
             threads = min(_THREADS, max(32, -(-nch // 32) * 32))
             quant((M,), (threads,), (np.uint64(x.data_ptr()), np.uint64(codes.data_ptr()),

@@ -33,11 +33,21 @@
 //   Epilogue on the accumulator registers: each thread writes pairs of adjacent columns; the
 //   int32 product never reaches memory.
 //   Traffic per CTA and block: (128 + BN) * BK bytes from L2 for 2 * 128 * BN * BK ops.
+//   OUTL (LLM.int8()'s outlier columns, torch_ops/linear8bit.py): x (M, K) row-major in ODT's
+//   storage (the activations A was quantized from, float16 / bfloat16 / float32), idx int64
+//   (K,) whose first *count entries are the outlier columns (outlier_cols in int8.cu, which
+//   zeroed those columns of A), count int32 on the device: the epilogue adds
+//   (s * c) * f32(1/127) after the bias, s = sum_j x[row, idx[j]] * B[col, idx[j]] in float32
+//   (see outlier_sums), before the one rounding to ODT. No host synchronization: the count is
+//   read here. The first 16 columns' weight values are staged in BN * 48 more bytes of shared
+//   memory per tile (stage_w_outliers). !OUTL ignores the three pointers (the kernel of
+//   threshold 0, unchanged).
 #include "common.cuh"
 
 #ifndef QK_KDEQ
 #define QK_KDEQ __int_as_float(0x38820610)     // f32(1/(127*127)), as in int8.cu
 #endif
+#define QK_INV127 __int_as_float(0x3c010204)   // f32(1/127)
 
 namespace qk_sm90 {
 
@@ -152,16 +162,132 @@ template <> struct Bias<-1> {
   __device__ static __forceinline__ float add(float v, const void*, int) { return v; }
 };
 
+// --- the outlier columns' float product (OUTL) ---------------------------------------------
+// d += A (16 x 16, row-major) * B (16 x 8, column-major), float32 accumulators; A and B as
+// pairs of 16-bit values, f16 or bf16.
+template <bool BF16>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  if constexpr (BF16) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+                 "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+                 "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// x in 16-bit terms for the tensor cores: float16 / bfloat16 as they are (one term); float32
+// as three bfloat16 terms h + m + l that add up to it exactly (8 + 8 + 8 significand bits),
+// so every product with an int8 weight is exact in the float32 accumulators.
+template <int XDT> struct XTerms {
+  static constexpr int N = XDT == QK_DT_F32 ? 3 : 1;
+  static constexpr bool BF16 = XDT != QK_DT_F16;
+};
+
+template <int XDT>
+__device__ __forceinline__ void split_x(const void* __restrict__ x, i64 off, bool ok,
+                                        u32 (&v)[XTerms<XDT>::N]) {
+  if constexpr (XDT == QK_DT_F32) {
+    float f = ok ? reinterpret_cast<const float*>(x)[off] : 0.0f;
+#pragma unroll
+    for (int i = 0; i < 3; ++i) {
+      const u16 h = f32_to_bf16(f);
+      v[i] = h;
+      f = __fsub_rn(f, bf16_to_f32(h));
+    }
+  } else {
+    v[0] = ok ? reinterpret_cast<const u16*>(x)[off] : 0u;
+  }
+}
+
+// The A fragments (all terms) of x rows row0 / row1 at the chunk's four column pairs: k =
+// 2t, 2t + 1 (regs 0, 1) and 2t + 8, 2t + 9 (regs 2, 3) of the mma's 16 k. col[i] < 0: absent.
+template <int XDT>
+__device__ __forceinline__ void x_frags(const void* __restrict__ x, int M, int K, int row0, int row1,
+                                        const long long (&col)[4], u32 (&a)[XTerms<XDT>::N][4]) {
+  constexpr int T = XTerms<XDT>::N;
+  u32 v[2][4][T];  // [row][k][term]
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = r ? row1 : row0;
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      split_x<XDT>(x, (i64)row * K + (col[k] < 0 ? 0 : col[k]), row < M && col[k] >= 0, v[r][k]);
+  }
+#pragma unroll
+  for (int i = 0; i < T; ++i) {
+    a[i][0] = v[0][0][i] | (v[0][1][i] << 16);
+    a[i][1] = v[1][0][i] | (v[1][1][i] << 16);
+    a[i][2] = v[0][2][i] | (v[0][3][i] << 16);
+    a[i][3] = v[1][2][i] | (v[1][3][i] << 16);
+  }
+}
+
+// B fragment of weight row n (int8 codes, exact in f16 and bf16) at the chunk's columns.
+template <bool BF16>
+__device__ __forceinline__ void w_frag(const i8* __restrict__ B, int N, int K, int n,
+                                       const long long (&col)[4], u32& b0, u32& b1) {
+  u32 h[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float w = (n < N && col[k] >= 0) ? (float)B[(i64)n * K + col[k]] : 0.0f;
+    h[k] = BF16 ? f32_to_bf16(w) : f32_to_f16(w);
+  }
+  b0 = h[0] | (h[1] << 16);
+  b1 = h[2] | (h[3] << 16);
+}
+
+// The chunk's outlier columns at this lane's four k positions (-1 past the count).
+__device__ __forceinline__ void chunk_cols(const long long* __restrict__ idx, int cnt, int kc, int t,
+                                           long long (&col)[4]) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const int j = kc * 16 + 2 * t + (k & 1) + 8 * (k >> 1);
+    col[k] = j < cnt ? __ldg(idx + j) : -1;
+  }
+}
+
+// The tile's weight rows n0 .. n0 + BN - 1 at the first 16 outlier columns as 16-bit values
+// (int8 codes, exact), row n at wo + n * WO_STRIDE, zeros past N and past the count. The row
+// stride of 24 halves (12 words) puts the 8 rows g of a B fragment load in distinct banks.
+constexpr int WO_STRIDE = 24;
+template <bool BF16, int BN>
+__device__ __forceinline__ void stage_w_outliers(u16* __restrict__ wo, const i8* __restrict__ B, int N,
+                                                 int K, int n0, const long long* __restrict__ idx,
+                                                 int cnt) {
+  for (int n = threadIdx.x; n < BN; n += THREADS) {
+    const int wn = n0 + n;
+    u32 h[8];
+#pragma unroll
+    for (int k = 0; k < 16; k += 2) {
+      float w0 = 0.0f, w1 = 0.0f;
+      if (wn < N && k < cnt) w0 = (float)B[(i64)wn * K + __ldg(idx + k)];
+      if (wn < N && k + 1 < cnt) w1 = (float)B[(i64)wn * K + __ldg(idx + k + 1)];
+      const u32 lo = BF16 ? f32_to_bf16(w0) : f32_to_f16(w0);
+      const u32 hi = BF16 ? f32_to_bf16(w1) : f32_to_f16(w1);
+      h[k / 2] = lo | (hi << 16);
+    }
+    uint4* dst = reinterpret_cast<uint4*>(wo + n * WO_STRIDE);
+    dst[0] = make_uint4(h[0], h[1], h[2], h[3]);
+    dst[1] = make_uint4(h[4], h[5], h[6], h[7]);
+  }
+}
+
 template <int ODT> struct Out { typedef typename Storage<ODT>::type type; };
 template <> struct Out<3> { typedef int type; };
 
 // out[row, col], out[row, col + 1] from accumulators a0, a1 (the pair past N is dropped).
 // r is row_scale[row] as float32; the epilogue is int8_gemm's operation for operation.
-template <int ODT, int CDT, int BDT, bool CGLOBAL>
+// OUTL: s0, s1 are the outlier sums of the two outputs (see OUTL above), added last.
+template <int ODT, int CDT, int BDT, bool CGLOBAL, bool OUTL>
 __device__ __forceinline__ void store_pair(typename Out<ODT>::type* __restrict__ out, int N, int row,
                                            int col, int a0, int a1, float r,
                                            const void* __restrict__ cs, const void* __restrict__ bias,
-                                           bool vec_out) {
+                                           bool vec_out, float s0, float s1) {
   if (col >= N) return;
   const bool pair = col + 1 < N;
   if constexpr (ODT == 3) {
@@ -177,8 +303,12 @@ __device__ __forceinline__ void store_pair(typename Out<ODT>::type* __restrict__
     const int col1 = pair ? col + 1 : col;
     const float c0 = to_f32<CDT>(reinterpret_cast<const CT*>(cs)[CGLOBAL ? 0 : col]);
     const float c1 = to_f32<CDT>(reinterpret_cast<const CT*>(cs)[CGLOBAL ? 0 : col1]);
-    const float v0 = Bias<BDT>::add(__fmul_rn(__fmul_rn(__fmul_rn((float)a0, r), c0), QK_KDEQ), bias, col);
-    const float v1 = Bias<BDT>::add(__fmul_rn(__fmul_rn(__fmul_rn((float)a1, r), c1), QK_KDEQ), bias, col1);
+    float v0 = Bias<BDT>::add(__fmul_rn(__fmul_rn(__fmul_rn((float)a0, r), c0), QK_KDEQ), bias, col);
+    float v1 = Bias<BDT>::add(__fmul_rn(__fmul_rn(__fmul_rn((float)a1, r), c1), QK_KDEQ), bias, col1);
+    if constexpr (OUTL) {
+      v0 = __fadd_rn(v0, __fmul_rn(__fmul_rn(s0, c0), QK_INV127));
+      v1 = __fadd_rn(v1, __fmul_rn(__fmul_rn(s1, c1), QK_INV127));
+    }
     typename Storage<ODT>::type* p = out + (i64)row * N + col;
     if (vec_out && pair) {
       if constexpr (ODT == QK_DT_F32) {
@@ -195,11 +325,14 @@ __device__ __forceinline__ void store_pair(typename Out<ODT>::type* __restrict__
 
 // The whole kernel; a __device__ function in the namespace so that its unqualified helper
 // names cannot collide with int8.cu's when both files are compiled together.
-template <int ODT, int RDT, int CDT, int BDT, bool CGLOBAL, int BN, int BK, int STAGES>
+template <int ODT, int RDT, int CDT, int BDT, bool CGLOBAL, int BN, int BK, int STAGES, bool OUTL>
 __device__ __forceinline__ void gemm(const i8* __restrict__ A, const i8* __restrict__ B, int M, int N,
                                      int K, const void* __restrict__ row_scale,
                                      const void* __restrict__ col_scale, const void* __restrict__ bias,
-                                     typename Out<ODT>::type* __restrict__ out, int vec_out) {
+                                     typename Out<ODT>::type* __restrict__ out, int vec_out,
+                                     const void* __restrict__ x, const long long* __restrict__ idx,
+                                     const int* __restrict__ count) {
+  static_assert(!OUTL || ODT != 3, "outliers need a float output");
   static_assert(BN == 128 || BN == 256, "BN: 128 or 256");
   static_assert(BK == 128 || BK == 64, "BK: 128 or 64 (the swizzle width)");
   static_assert(STAGES >= 3, "the loads run STAGES - 2 blocks ahead");
@@ -212,6 +345,8 @@ __device__ __forceinline__ void gemm(const i8* __restrict__ A, const i8* __restr
 
   extern __shared__ __align__(128) u8 smem_raw[];
   const u32 smem = (smem_u32(smem_raw) + 1023u) & ~1023u;  // swizzle atoms are 1024-aligned
+  // OUTL: BN x WO_STRIDE 16-bit weight values after the stages (the launcher adds the bytes)
+  u16* const wo = reinterpret_cast<u16*>(smem_raw + (smem - smem_u32(smem_raw)) + STAGES * STAGE_BYTES);
 
   const int tid = threadIdx.x;
   const int wg = tid >> 7;                // warpgroup: output rows 64 wg .. 64 wg + 63
@@ -274,6 +409,8 @@ __device__ __forceinline__ void gemm(const i8* __restrict__ A, const i8* __restr
 
   int tile = blockIdx.x;
   if (tile >= tiles) return;
+  const int cnt = OUTL ? *count : 0;      // written by the kernel before this one
+  const int nck = (cnt + 15) >> 4;        // 16-column chunks of the outlier product
   setup_tile(tile);
   load_prologue();
   for (;;) {                              // persistent: tiles blockIdx.x, + gridDim.x, ...
@@ -324,15 +461,58 @@ __device__ __forceinline__ void gemm(const i8* __restrict__ A, const i8* __restr
       if (row0 < M) r0s = to_f32<RDT>(reinterpret_cast<const RT*>(row_scale)[row0]);
       if (row1 < M) r1s = to_f32<RDT>(reinterpret_cast<const RT*>(row_scale)[row1]);
     }
+    // OUTL: the first chunk's columns and x fragments serve every 8-column block j (one chunk
+    // holds up to 16 outlier columns); its weight values are staged once per tile in shared
+    // memory (wo below: one coalesced pass instead of a dependent global load per j); further
+    // chunks are reloaded from global memory per j.
+    constexpr int XT = XTerms<OUTL ? ODT : QK_DT_F16>::N;
+    constexpr bool XBF = XTerms<OUTL ? ODT : QK_DT_F16>::BF16;
+    long long col0[4];
+    u32 ax0[XT][4];
+    if (OUTL && nck > 0) {
+      chunk_cols(idx, cnt, 0, t, col0);
+      x_frags<OUTL ? ODT : QK_DT_F16>(x, M, K, row0, row1, col0, ax0);
+      stage_w_outliers<XBF, BN>(wo, B, N, K, n_out, idx, cnt);
+      __syncthreads();                    // wo is complete (the mainloop's barriers order reuse)
+    }
 #pragma unroll
     for (int j = 0; j < ACC / 4; ++j) {
       const int col = n_out + 8 * j + 2 * t;
+      float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      if constexpr (OUTL) {
+        const int wn = n_out + 8 * j + g;   // the weight row of this lane's B fragment
+        for (int kc = 0; kc < nck; ++kc) {
+          long long cl[4];
+          u32 ax[XT][4];
+          if (kc == 0) {
+#pragma unroll
+            for (int k = 0; k < 4; ++k) cl[k] = col0[k];
+#pragma unroll
+            for (int i = 0; i < XT; ++i)
+#pragma unroll
+              for (int k = 0; k < 4; ++k) ax[i][k] = ax0[i][k];
+          } else {
+            chunk_cols(idx, cnt, kc, t, cl);
+            x_frags<ODT>(x, M, K, row0, row1, cl, ax);
+          }
+          u32 b0, b1;
+          if (kc == 0) {
+            const u16* wr = wo + (8 * j + g) * WO_STRIDE + 2 * t;
+            b0 = *reinterpret_cast<const u32*>(wr);
+            b1 = *reinterpret_cast<const u32*>(wr + 8);
+          } else {
+            w_frag<XBF>(B, N, K, wn, cl, b0, b1);
+          }
+#pragma unroll
+          for (int i = 0; i < XT; ++i) mma_16816<XBF>(s, ax[i], b0, b1);
+        }
+      }
       if (row0 < M)
-        store_pair<ODT, CDT, BDT, CGLOBAL>(out, N, row0, col, acc[4 * j], acc[4 * j + 1], r0s,
-                                           col_scale, bias, vec_out);
+        store_pair<ODT, CDT, BDT, CGLOBAL, OUTL>(out, N, row0, col, acc[4 * j], acc[4 * j + 1], r0s,
+                                                 col_scale, bias, vec_out, s[0], s[1]);
       if (row1 < M)
-        store_pair<ODT, CDT, BDT, CGLOBAL>(out, N, row1, col, acc[4 * j + 2], acc[4 * j + 3], r1s,
-                                           col_scale, bias, vec_out);
+        store_pair<ODT, CDT, BDT, CGLOBAL, OUTL>(out, N, row1, col, acc[4 * j + 2], acc[4 * j + 3], r1s,
+                                                 col_scale, bias, vec_out, s[2], s[3]);
     }
     if (next >= tiles) break;
     tile = next;
@@ -342,12 +522,14 @@ __device__ __forceinline__ void gemm(const i8* __restrict__ A, const i8* __restr
 
 }  // namespace qk_sm90
 
-template <int ODT, int RDT, int CDT, int BDT, bool CGLOBAL, int BN = 256, int BK = 128, int STAGES = 4>
+template <int ODT, int RDT, int CDT, int BDT, bool CGLOBAL, int BN = 256, int BK = 128, int STAGES = 4,
+          bool OUTL = false>
 __global__ void __launch_bounds__(qk_sm90::THREADS, BN == 128 ? 2 : 1)
 int8_gemm_sm90(const signed char* __restrict__ A, const signed char* __restrict__ B, int M, int N, int K,
                const void* __restrict__ row_scale, const void* __restrict__ col_scale,
                const void* __restrict__ bias, typename qk_sm90::Out<ODT>::type* __restrict__ out,
-               int vec_out) {
-  qk_sm90::gemm<ODT, RDT, CDT, BDT, CGLOBAL, BN, BK, STAGES>(A, B, M, N, K, row_scale, col_scale, bias,
-                                                             out, vec_out);
+               int vec_out, const void* __restrict__ x, const long long* __restrict__ idx,
+               const int* __restrict__ count) {
+  qk_sm90::gemm<ODT, RDT, CDT, BDT, CGLOBAL, BN, BK, STAGES, OUTL>(A, B, M, N, K, row_scale, col_scale,
+                                                                   bias, out, vec_out, x, idx, count);
 }

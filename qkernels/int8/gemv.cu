@@ -1,5 +1,5 @@
-// LLM.int8() linear forward for a few rows of x (threshold 0), fused: quantize x, int8 dot
-// products with dp4a, the dequantizing epilogue. Reference: reference/int8.py
+// LLM.int8() linear forward for a few rows of x, fused: quantize x, int8 dot products with
+// dp4a (or tensor cores), the dequantizing epilogue. Reference: reference/int8.py
 // (int8_vectorwise_quant, int8_linear_matmul, int8_mm_dequant). Launcher: _cupy_gemv.py.
 //
 // DT: x's and the output's storage type (common.cuh); BDT: the bias's, -1 = no bias.
@@ -32,11 +32,17 @@
 //   lane one (weight row, x row) sum; those lanes apply the epilogue and store.
 //   Tasks go to warps warp-major (warp w of CTA b is number w * gridDim.x + b), so a last,
 //   partial round of tasks is spread over all SMs.
+// Outlier columns (threshold > 0, !STAGED, both kernels): ocols non-null, int64 (K,) whose
+//   first *count entries are the outlier columns, which the codes have zeroed (row_quant +
+//   outlier_cols in int8.cu wrote codes, absmax, ocols and count). The epilogue then adds
+//   (s * SCB[n]) * f32(1/127) after the bias, s = sum_j x[m, ocols[j]] * W[n, ocols[j]] in
+//   float32 (add_outliers): x is read at those columns only. ocols null: threshold 0, as before.
 #include "common.cuh"
 
 typedef signed char i8;
 
 #define GV_KDEQ __int_as_float(0x38820610)  // f32(1/(127*127)), as int8.cu's QK_KDEQ
+#define GV_INV127 __int_as_float(0x3c010204)  // f32(1/127)
 #define GV_THREADS 512
 #define GV_WARPS (GV_THREADS / 32)
 #define GV_U 2
@@ -198,12 +204,27 @@ __device__ __forceinline__ float add_bias(float v, const void* __restrict__ bias
   }
 }
 
+// y + (s * scb) * f32(1/127), s = the float32 dot product of x row m and weight row n over the
+// cnt outlier columns idx[0 .. cnt) (products of a 16-bit x and an int8 weight are exact).
+template <int DT>
+__device__ __forceinline__ float add_outliers(float y, const typename Storage<DT>::type* __restrict__ x,
+                                              const i8* __restrict__ W, int K, int m, int n, float scb,
+                                              const long long* __restrict__ idx, int cnt) {
+  float s = 0.0f;
+  for (int j = 0; j < cnt; ++j) {
+    const long long c = __ldg(idx + j);
+    s = __fmaf_rn(to_f32<DT>(x[(i64)m * K + c]), (float)W[(i64)n * K + c], s);
+  }
+  return __fadd_rn(y, __fmul_rn(__fmul_rn(s, scb), GV_INV127));
+}
+
 template <int DT, int BDT, int MT, bool STAGED, bool ALIGNED>
 __global__ void __launch_bounds__(GV_THREADS, 1)
 int8_gemv(const typename Storage<DT>::type* __restrict__ x, const uint4* __restrict__ codes_g,
           const float* __restrict__ absmax_g, const i8* __restrict__ W, const float* __restrict__ scb,
           const void* __restrict__ bias, typename Storage<DT>::type* __restrict__ out,
-          int M, int N, int K, int nch, int x_vec_ok) {
+          int M, int N, int K, int nch, int x_vec_ok, const long long* __restrict__ ocols,
+          const int* __restrict__ count) {
   static_assert(MT >= 1 && MT <= 16 && (MT & (MT - 1)) == 0, "MT: a power of two <= 16");
   extern __shared__ uint4 smem_codes[];  // STAGED: (M, nch) chunks
   __shared__ float red[GV_WARPS * MT];
@@ -228,6 +249,7 @@ int8_gemv(const typename Storage<DT>::type* __restrict__ x, const uint4* __restr
     __syncthreads();
   }
   const uint4* codes = STAGED ? smem_codes : codes_g;
+  const int cnt = (!STAGED && ocols != nullptr) ? *count : 0;
 
   int acc[2][MT];
 #pragma unroll
@@ -267,8 +289,10 @@ int8_gemv(const typename Storage<DT>::type* __restrict__ x, const uint4* __restr
       const int m = idx % MT, n = 2 * (gw + ct * nw) + idx / MT;
       const bool writer = (lane & (16 / MT - 1)) == 0;  // one lane of each group holding a copy
       if (writer && m < M && n < N) {
-        float y = __fmul_rn(__fmul_rn(__fmul_rn((float)v[0], s_absmax[m]), __ldg(scb + n)), GV_KDEQ);
-        out[(i64)m * N + n] = from_f32<DT>(add_bias<BDT>(y, bias, n));
+        const float sn = __ldg(scb + n);
+        float y = add_bias<BDT>(__fmul_rn(__fmul_rn(__fmul_rn((float)v[0], s_absmax[m]), sn), GV_KDEQ), bias, n);
+        if (cnt > 0) y = add_outliers<DT>(y, x, W, K, m, n, sn, ocols, cnt);
+        out[(i64)m * N + n] = from_f32<DT>(y);
       }
       ci = 0;
       ++ct;
@@ -281,7 +305,7 @@ int8_gemv(const typename Storage<DT>::type* __restrict__ x, const uint4* __restr
 }
 
 // int8_gemv_mma<DT, BDT, NT> (up to 16 rows of x, after int8_gemv_quant; ALIGNED weights)
-//   in/out as int8_gemv<DT, BDT, 16, false, true> (x itself is not read).
+//   in/out as int8_gemv<DT, BDT, 16, false, true> (x is read only at outlier columns).
 //   Tensor cores: mma.sync m16n8k32 s8 with the 16 rows of x as A (rows >= M load as zero)
 //   and 8 rows of W as B. A CTA of 8 warps owns 8 * NT rows of W; its warps split K in
 //   steps of 64 bytes (warp w takes steps w, w + 8, ...). In a step lane (g = lane / 4,
@@ -305,7 +329,8 @@ __global__ void __launch_bounds__(GM_WARPS * 32)
 int8_gemv_mma(const typename Storage<DT>::type* __restrict__ x, const uint4* __restrict__ codes,
               const float* __restrict__ absmax, const i8* __restrict__ W, const float* __restrict__ scb,
               const void* __restrict__ bias, typename Storage<DT>::type* __restrict__ out,
-              int M, int N, int K, int nch, int x_vec_ok) {
+              int M, int N, int K, int nch, int x_vec_ok, const long long* __restrict__ ocols,
+              const int* __restrict__ count) {
   __shared__ int red[GM_WARPS][NT][32][4];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -343,8 +368,10 @@ int8_gemv_mma(const typename Storage<DT>::type* __restrict__ x, const uint4* __r
       u32 sum = 0u;
 #pragma unroll
       for (int v = 0; v < GM_WARPS; ++v) sum += (u32)red[v][nt][l][i];
-      float y = __fmul_rn(__fmul_rn(__fmul_rn((float)(int)sum, __ldg(absmax + m)), __ldg(scb + n)), GV_KDEQ);
-      out[(i64)m * N + n] = from_f32<DT>(add_bias<BDT>(y, bias, n));
+      const float sn = __ldg(scb + n);
+      float y = add_bias<BDT>(__fmul_rn(__fmul_rn(__fmul_rn((float)(int)sum, __ldg(absmax + m)), sn), GV_KDEQ), bias, n);
+      if (ocols != nullptr) y = add_outliers<DT>(y, x, W, K, m, n, sn, ocols, *count);
+      out[(i64)m * N + n] = from_f32<DT>(y);
     }
   }
 }

@@ -17,7 +17,9 @@
 //   out: q int8 (rows, cols); stats (rows,) SDT = row absmax without outliers; flags u8 (cols,)
 //        set to 1 for columns holding an outlier (THRESH only; the caller zeroes them first).
 //   Each thread caches NV 16-byte vectors of its row in registers, so the row is read from
-//   memory once (columns beyond NV * VEC * blockDim are read twice). Traffic: ES + 1 bytes
+//   memory once (columns beyond NV * VEC * blockDim are read twice); with 16-byte vectors the
+//   next row's are loaded while this row is reduced and stored (the launcher gives each CTA
+//   several rows). Traffic: ES + 1 bytes
 //   per element. THRESH: a thread keeps the same columns in every row, so it ORs its outlier
 //   hits into a register mask and sets each flag once per CTA, not once per row (the launcher
 //   gives each CTA ~8 rows).
@@ -174,25 +176,35 @@ row_quant(const typename Storage<DT>::type* __restrict__ x, i8* __restrict__ q,
   const int tid = threadIdx.x, nt = blockDim.x;
   const int cached = PER * nt;  // columns held in registers
   u32 seen = 0;                 // THRESH: bit e: cached element e was an outlier in some row
+  uint4 raw[NV];                // vec_ok: the next row's vectors, loaded a row ahead
+  auto fetch = [&](int row) {
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      const int c0 = (i * nt + tid) * VEC;
+      raw[i] = make_uint4(0u, 0u, 0u, 0u);
+      if (row < rows && c0 < cols) raw[i] = __ldg(reinterpret_cast<const uint4*>(x + (i64)row * cols + c0));
+    }
+  };
+  if (vec_ok) fetch(blockIdx.x);
   for (int row = blockIdx.x; row < rows; row += gridDim.x) {
     const T* xr = x + (i64)row * cols;
     i8* qr = q + (i64)row * cols;
     float v[PER];
     float m = 0.0f;
+    if (vec_ok) {
 #pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      if (vec_ok) {
-        const int c0 = (i * nt + tid) * VEC;
+      for (int i = 0; i < NV; ++i) {
         float w[VEC];
-        if (c0 < cols) ld_vec<DT, VEC>(xr + c0, w);
+        unpack16<DT, VEC>(raw[i], w);  // zeros past cols
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) v[i * VEC + j] = c0 < cols ? w[j] : 0.0f;
-      } else {
+        for (int j = 0; j < VEC; ++j) v[i * VEC + j] = w[j];
+      }
+      fetch(row + gridDim.x);       // in flight during this row's reduction and stores
+    } else {
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          const int c = (i * VEC + j) * nt + tid;
-          v[i * VEC + j] = c < cols ? ld1<DT>(xr + c) : 0.0f;
-        }
+      for (int e = 0; e < PER; ++e) {
+        const int c = e * nt + tid;
+        v[e] = c < cols ? ld1<DT>(xr + c) : 0.0f;
       }
     }
 #pragma unroll
