@@ -288,7 +288,12 @@ def test_native_fp8_math_on_cpu(w_rowwise, mem_efficient):
 def test_gpu_qdq_matches_reference(dtype, code):
     torch.manual_seed(8)
     table = {"e4m3": E4M3, "e5m2": E5M2}[code]
-    for x in (torch.randn(1000, 333) * 1e-3, torch.randn(4096, 17) * 1e3, torch.zeros(9, 9)):
+    inf = torch.randn(40, 8)
+    inf[3, 1] = float("-inf")
+    # every midpoint of the codebook exactly (absmax 1): ties go to the lower code
+    ties = torch.cat([torch.from_numpy(midpoints(table).copy()), torch.ones(1)]).reshape(-1, 1)
+    for x in (torch.randn(1000, 333) * 1e-3, torch.randn(4096, 17) * 1e3, torch.zeros(9, 9), inf,
+              ties, torch.randn(3, 5) * 1e-30):
         x = x.to(dtype)
         assert _same(P.qdq_global(x.cuda(), code).cpu(), definition_global(x, table))
         assert _same(P.qdq_blockwise(x.cuda(), code, 1024).cpu(), P.qdq_blockwise(x, code, 1024))

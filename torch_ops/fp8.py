@@ -100,6 +100,9 @@ def qdq_global(x: Tensor, code: str) -> Tensor:
         out = ref.qdq_global_f32(_host_f32(x), _CODES[code])
         return _from_f32(out, x)
     code_t, mid = _tables(code, x.device)
+    kernels = _fp8_kernels(x)
+    if kernels is not None:  # qkernels/fp8/qdq.cu: the same float32 ops, one pass
+        return kernels.qdq_global_torch(x.detach().contiguous(), code_t, mid)
     return _qdq_global_torch(x, code_t, mid)
 
 

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 import qkernels.int8 as Q
 from ._checks import check_linear_input, compute_dtype
+from ._layers import fast_cuda as _fast_cuda
 from .fp8 import linear_fp8_native
 
 __all__ = ["SwitchBackLinear", "SwitchBackLinearGlobal", "SwitchBackLinearGlobalMemEfficient",
@@ -38,37 +39,89 @@ __all__ = ["SwitchBackLinear", "SwitchBackLinearGlobal", "SwitchBackLinearGlobal
            "quantize_global_transpose", "quantize_columnwise_and_transpose", "dequantize_rowwise",
            "int8_matmul_rowwise_dequantize", "int8_matmul_mixed_dequantize"]
 
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
 
 # --- custom ops over qkernels.int8 (shapes as in SPEC.md section 6) ---------------------------
+# On CUDA with the CuPy backend, well-formed calls go straight to the raw-pointer launchers
+# (qkernels.int8._cupy: torch allocations, torch's stream, the same kernels and bits); the
+# public qkernels.int8 API (array conversions, full validation, its errors) takes the rest.
+
+def _fast_float(x: Tensor):
+    """qkernels.int8._cupy for a nonempty 2-D float16/bfloat16/float32 CUDA tensor, else None."""
+    return _fast_cuda(x) if x.dim() == 2 and x.dtype in _FLOATS and x.numel() > 0 else None
+
+
+def _fast_matmul(a, b, state_a, state_b, bias, n_b: int):
+    """qkernels.int8._cupy where int8_matmul_*_dequantize's arguments are well formed CUDA
+    tensors on one device (n_b: state_b's length, 1 for the global scale), else None."""
+    fast = _fast_cuda(a)
+    if fast is None or a.dim() != 2 or b.dim() != 2 or a.dtype != torch.int8 or b.dtype != torch.int8:
+        return None
+    M, K = a.shape
+    N = b.shape[1]
+    ok = (b.shape[0] == K and M * N * K > 0 and b.device == a.device
+          and all(t.dim() == 1 and t.dtype in _FLOATS and t.device == a.device
+                  for t in (state_a, state_b) + (() if bias is None else (bias,)))
+          and state_a.shape[0] == M and state_b.shape[0] == (1 if n_b == 1 else N)
+          and (bias is None or bias.shape[0] == N))
+    return fast if ok else None
+
+
+def _matmul(a, b, state_a, state_b, bias, rowwise: bool):
+    fast = _fast_matmul(a, b, state_a, state_b, bias, 0 if rowwise else 1)
+    if fast is None:
+        fn = Q.int8_matmul_rowwise_dequantize if rowwise else Q.int8_matmul_mixed_dequantize
+        return fn(a, b, state_a, state_b, bias)
+    return fast.int8_matmul_dequant_torch(a.contiguous(), b.t().contiguous(), state_a.contiguous(),
+                                          state_b.contiguous(), None if bias is None else bias.contiguous(),
+                                          out_dtype=state_a.dtype, col_global=not rowwise)
+
 
 @torch.library.custom_op("qkernels::quantize_rowwise", mutates_args=())
 def quantize_rowwise(x: Tensor) -> tuple[Tensor, Tensor]:
     """x (M, K) float -> (int8 (M, K), row absmax (M,) in x's dtype)."""
-    return Q.quantize_rowwise(x.detach())
+    fast = _fast_float(x)
+    if fast is None:
+        return Q.quantize_rowwise(x.detach())
+    return fast.quantize_rowwise_torch(x.detach().contiguous())
 
 
 @torch.library.custom_op("qkernels::quantize_global", mutates_args=())
 def quantize_global(w: Tensor) -> tuple[Tensor, Tensor]:
     """w (N, K) float -> (int8 (N, K), absmax (1,) in w's dtype)."""
-    return Q.quantize_global(w.detach())
+    fast = _fast_float(w)
+    if fast is None:
+        return Q.quantize_global(w.detach())
+    return fast.quantize_global_torch(w.detach().contiguous())
 
 
 @torch.library.custom_op("qkernels::quantize_global_transpose", mutates_args=())
 def quantize_global_transpose(w: Tensor) -> tuple[Tensor, Tensor]:
     """w (N, K) float -> (int8 (K, N) contiguous = codes^T, absmax (1,))."""
-    return Q.quantize_global_transpose(w.detach())
+    fast = _fast_float(w)
+    if fast is None:
+        return Q.quantize_global_transpose(w.detach())
+    return fast.quantize_global_torch(w.detach().contiguous(), transpose=True)
 
 
 @torch.library.custom_op("qkernels::quantize_columnwise_and_transpose", mutates_args=())
 def quantize_columnwise_and_transpose(w: Tensor) -> tuple[Tensor, Tensor]:
     """w (N, K) float -> (int8 (K, N) contiguous, per-column absmax (K,) in w's dtype)."""
-    return Q.quantize_columnwise_and_transpose(w.detach())
+    fast = _fast_float(w)
+    if fast is None:
+        return Q.quantize_columnwise_and_transpose(w.detach())
+    return fast.quantize_columnwise_and_transpose_torch(w.detach().contiguous())
 
 
 @torch.library.custom_op("qkernels::dequantize_rowwise", mutates_args=())
 def dequantize_rowwise(q: Tensor, state: Tensor) -> Tensor:
     """q int8 (M, K), state (M,) -> q * state / 127 (M, K) in state's dtype."""
-    return Q.dequantize_rowwise(q, state)
+    fast = _fast_cuda(q)
+    if (fast is None or q.dim() != 2 or q.dtype != torch.int8 or q.numel() == 0 or state.dim() != 1
+            or state.dtype not in _FLOATS or state.device != q.device or state.shape[0] != q.shape[0]):
+        return Q.dequantize_rowwise(q, state)
+    return fast.dequantize_rowwise_torch(q.contiguous(), state.contiguous())
 
 
 @torch.library.custom_op("qkernels::int8_matmul_rowwise_dequantize", mutates_args=())
@@ -76,14 +129,14 @@ def int8_matmul_rowwise_dequantize(a: Tensor, b: Tensor, state_a: Tensor, state_
                                    bias: Optional[Tensor]) -> Tensor:
     """a int8 (M, K), b int8 (K, N) (usually W_int8.t()), state_a (M,), state_b (N,), bias (N,)
     -> (M, N) in state_a's dtype."""
-    return Q.int8_matmul_rowwise_dequantize(a, b, state_a, state_b, bias)
+    return _matmul(a, b, state_a, state_b, bias, rowwise=True)
 
 
 @torch.library.custom_op("qkernels::int8_matmul_mixed_dequantize", mutates_args=())
 def int8_matmul_mixed_dequantize(a: Tensor, b: Tensor, state_a: Tensor, state_b: Tensor,
                                  bias: Optional[Tensor]) -> Tensor:
     """As int8_matmul_rowwise_dequantize with state_b one global scale (1,)."""
-    return Q.int8_matmul_mixed_dequantize(a, b, state_a, state_b, bias)
+    return _matmul(a, b, state_a, state_b, bias, rowwise=False)
 
 
 @quantize_rowwise.register_fake

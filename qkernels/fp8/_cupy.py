@@ -226,3 +226,23 @@ def quantize_global_torch(w, fp8_dtype, transpose: bool = False):
             launch_quant_global(w.data_ptr(), _tname(w), fmt, ws.data_ptr(), q.data_ptr(),
                                 scale.data_ptr(), N * K)
     return q, scale
+
+
+def qdq_global_torch(x, code, mid):
+    """Global quantize-dequantize (qdq.cu) of a contiguous CUDA tensor x (any shape, float16 /
+    bfloat16 / float32, nonempty) with the float32 CUDA tables code (256,) and mid (255,) on
+    x's device: a new tensor of x's shape and dtype. Two launches on torch's current stream
+    (absmax, then the lookup), no host synchronization; any compute capability."""
+    import torch
+    from ..int8._cupy import launch_absmax_global as absmax_global
+    n = x.numel()
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    ws = torch.zeros((1,), dtype=torch.int32, device=x.device)
+    dtype = _tname(x)
+    with _context(x):
+        absmax_global(x.data_ptr(), dtype, n, ws.data_ptr())
+        k = get_kernel(__package__, "qdq.cu", f"qdq_global<{_DT[dtype]}>")
+        grid = max(1, min(-(-n // 1024), 16 * multiprocessor_count(x.device.index)))
+        k((grid,), (256,), (_u64(x.data_ptr()), np.int64(n), _u64(ws.data_ptr()),
+                            _u64(code.data_ptr()), _u64(mid.data_ptr()), _u64(y.data_ptr())))
+    return y
