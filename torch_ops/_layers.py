@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import torch
 
@@ -23,16 +24,15 @@ from reference.state import QuantState
 __all__ = ["move_state", "apply_to_quantized_weight", "LoadReport", "plain", "tensor_bytes", "fast_cuda"]
 
 
-def fast_cuda(x: torch.Tensor):
-    """qkernels.int8._cupy (the raw-pointer torch launchers) when x is a CUDA tensor and the
-    CuPy backend may run, else None."""
+def fast_cuda(x: torch.Tensor, family: str = "int8"):
+    """qkernels.<family>._cupy (the raw-pointer torch launchers; family "int8" or "fp8") when
+    x is a CUDA tensor and the CuPy backend may run, else None."""
     if not x.is_cuda:
         return None
     from qkernels._backend import backend_status, requested_backend
     if requested_backend() not in (None, "cupy") or not backend_status("cupy")[0]:
         return None
-    from qkernels.int8 import _cupy
-    return _cupy
+    return importlib.import_module(f"qkernels.{family}._cupy")
 
 
 def plain(t: torch.Tensor) -> torch.Tensor:

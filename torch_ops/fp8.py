@@ -31,6 +31,7 @@ import qkernels
 from reference import fp8 as ref
 from reference.codebooks import fp8_map, midpoints
 from ._checks import check_linear_input, compute_dtype
+from ._layers import fast_cuda
 
 __all__ = ["matmul_fp8_mixed", "matmul_fp8_global", "LinearFP8Mixed", "LinearFP8Global",
            "qdq_global", "qdq_blockwise", "fp8_block_sizes", "check_native_fp8"]
@@ -252,13 +253,7 @@ def check_native_fp8(x: Tensor, in_features: int, out_features: int, what: str) 
 
 def _fp8_kernels(x: Tensor):
     """qkernels.fp8._cupy when x is a CUDA tensor and the CuPy backend may run, else None."""
-    if not x.is_cuda:
-        return None
-    from qkernels._backend import backend_status, requested_backend
-    if requested_backend() not in (None, "cupy") or not backend_status("cupy")[0]:
-        return None
-    from qkernels.fp8 import _cupy
-    return _cupy
+    return fast_cuda(x, "fp8")
 
 
 def _check_quant_input(x: Tensor, fp8_dtype: torch.dtype, what: str) -> None:

@@ -235,6 +235,13 @@ def qdq_global_torch(x, code, mid):
     (absmax, then the lookup), no host synchronization; any compute capability."""
     import torch
     from ..int8._cupy import launch_absmax_global as absmax_global
+    for t, size, what in ((code, 256, "code"), (mid, 255, "mid")):
+        if t.dtype != torch.float32 or t.numel() != size or t.device != x.device or not t.is_contiguous():
+            raise ValueError(f"qdq_global_torch: {what} must be a contiguous float32 ({size},) tensor on "
+                             f"{x.device}; got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if x.numel() == 0 or not x.is_contiguous() or _tname(x) not in _DT:
+        raise ValueError(f"qdq_global_torch: x must be a nonempty contiguous float16/bfloat16/float32 "
+                         f"tensor; got {x.dtype} {tuple(x.shape)}")
     n = x.numel()
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     ws = torch.zeros((1,), dtype=torch.int32, device=x.device)
