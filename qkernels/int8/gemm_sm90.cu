@@ -280,6 +280,24 @@ __device__ __forceinline__ void stage_w_outliers(u16* __restrict__ wo, const i8*
 template <int ODT> struct Out { typedef typename Storage<ODT>::type type; };
 template <> struct Out<3> { typedef int type; };
 
+// The two outputs of columns col, col + 1 (< N; col + 1 >= N repeats col) from accumulators
+// a0, a1: int8_gemm's epilogue operation for operation, OUTL's sums s0, s1 added last.
+template <int CDT, int BDT, bool CGLOBAL, bool OUTL>
+__device__ __forceinline__ void pair_values(int N, int col, int a0, int a1, float r,
+                                            const void* __restrict__ cs, const void* __restrict__ bias,
+                                            float s0, float s1, float& v0, float& v1) {
+  typedef typename Storage<CDT>::type CT;
+  const int col1 = col + 1 < N ? col + 1 : col;
+  const float c0 = to_f32<CDT>(reinterpret_cast<const CT*>(cs)[CGLOBAL ? 0 : col]);
+  const float c1 = to_f32<CDT>(reinterpret_cast<const CT*>(cs)[CGLOBAL ? 0 : col1]);
+  v0 = Bias<BDT>::add(__fmul_rn(__fmul_rn(__fmul_rn((float)a0, r), c0), QK_KDEQ), bias, col);
+  v1 = Bias<BDT>::add(__fmul_rn(__fmul_rn(__fmul_rn((float)a1, r), c1), QK_KDEQ), bias, col1);
+  if constexpr (OUTL) {
+    v0 = __fadd_rn(v0, __fmul_rn(__fmul_rn(s0, c0), QK_INV127));
+    v1 = __fadd_rn(v1, __fmul_rn(__fmul_rn(s1, c1), QK_INV127));
+  }
+}
+
 // out[row, col], out[row, col + 1] from accumulators a0, a1 (the pair past N is dropped).
 // r is row_scale[row] as float32; the epilogue is int8_gemm's operation for operation.
 // OUTL: s0, s1 are the outlier sums of the two outputs (see OUTL above), added last.
@@ -299,16 +317,8 @@ __device__ __forceinline__ void store_pair(typename Out<ODT>::type* __restrict__
       if (pair) p[1] = a1;
     }
   } else {
-    typedef typename Storage<CDT>::type CT;
-    const int col1 = pair ? col + 1 : col;
-    const float c0 = to_f32<CDT>(reinterpret_cast<const CT*>(cs)[CGLOBAL ? 0 : col]);
-    const float c1 = to_f32<CDT>(reinterpret_cast<const CT*>(cs)[CGLOBAL ? 0 : col1]);
-    float v0 = Bias<BDT>::add(__fmul_rn(__fmul_rn(__fmul_rn((float)a0, r), c0), QK_KDEQ), bias, col);
-    float v1 = Bias<BDT>::add(__fmul_rn(__fmul_rn(__fmul_rn((float)a1, r), c1), QK_KDEQ), bias, col1);
-    if constexpr (OUTL) {
-      v0 = __fadd_rn(v0, __fmul_rn(__fmul_rn(s0, c0), QK_INV127));
-      v1 = __fadd_rn(v1, __fmul_rn(__fmul_rn(s1, c1), QK_INV127));
-    }
+    float v0, v1;
+    pair_values<CDT, BDT, CGLOBAL, OUTL>(N, col, a0, a1, r, cs, bias, s0, s1, v0, v1);
     typename Storage<ODT>::type* p = out + (i64)row * N + col;
     if (vec_out && pair) {
       if constexpr (ODT == QK_DT_F32) {
@@ -343,8 +353,16 @@ __device__ __forceinline__ void gemm(const i8* __restrict__ A, const i8* __restr
   constexpr int A_PASSES = BM / RP, B_PASSES = BN / RP;
   constexpr int ACC = BN / 2;             // int32 accumulators per thread
 
+  // 16-bit outputs are staged per tile in shared memory (the two ring stages the next tile's
+  // prologue leaves free), rows OT_PITCH bytes apart (+16: the lanes' 4-byte writes of one
+  // instruction fall in 32 different banks), then leave in coalesced 16-byte stores.
+  // Where the tile does not fit in two stages (BK = 64), the accumulators are stored directly.
+  constexpr int OT_PITCH = BN * 2 + 16;
+  constexpr bool STAGED = (ODT == QK_DT_F16 || ODT == QK_DT_BF16) && BM * OT_PITCH <= 2 * STAGE_BYTES;
+
   extern __shared__ __align__(128) u8 smem_raw[];
   const u32 smem = (smem_u32(smem_raw) + 1023u) & ~1023u;  // swizzle atoms are 1024-aligned
+  u8* const ot = smem_raw + (smem - smem_u32(smem_raw)) + (STAGES - 2) * STAGE_BYTES;
   // OUTL: BN x WO_STRIDE 16-bit weight values after the stages (the launcher adds the bytes)
   u16* const wo = reinterpret_cast<u16*>(smem_raw + (smem - smem_u32(smem_raw)) + STAGES * STAGE_BYTES);
 
@@ -507,12 +525,48 @@ __device__ __forceinline__ void gemm(const i8* __restrict__ A, const i8* __restr
           for (int i = 0; i < XT; ++i) mma_16816<XBF>(s, ax[i], b0, b1);
         }
       }
-      if (row0 < M)
-        store_pair<ODT, CDT, BDT, CGLOBAL, OUTL>(out, N, row0, col, acc[4 * j], acc[4 * j + 1], r0s,
-                                                 col_scale, bias, vec_out, s[0], s[1]);
-      if (row1 < M)
-        store_pair<ODT, CDT, BDT, CGLOBAL, OUTL>(out, N, row1, col, acc[4 * j + 2], acc[4 * j + 3], r1s,
-                                                 col_scale, bias, vec_out, s[2], s[3]);
+      if constexpr (STAGED) {             // two 16-bit outputs per word into the staged tile
+        if (col < N) {
+          float v[4];
+          pair_values<CDT, BDT, CGLOBAL, OUTL>(N, col, acc[4 * j], acc[4 * j + 1], r0s, col_scale,
+                                               bias, s[0], s[1], v[0], v[1]);
+          pair_values<CDT, BDT, CGLOBAL, OUTL>(N, col, acc[4 * j + 2], acc[4 * j + 3], r1s, col_scale,
+                                               bias, s[2], s[3], v[2], v[3]);
+          const int lr = row0 - m_out, lc = 8 * j + 2 * t;
+          const u32 w0 = (u32)from_f32<ODT>(v[0]) | ((u32)from_f32<ODT>(v[1]) << 16);
+          const u32 w1 = (u32)from_f32<ODT>(v[2]) | ((u32)from_f32<ODT>(v[3]) << 16);
+          *reinterpret_cast<u32*>(ot + lr * OT_PITCH + 2 * lc) = w0;
+          *reinterpret_cast<u32*>(ot + (lr + 8) * OT_PITCH + 2 * lc) = w1;
+        }
+      } else {
+        if (row0 < M)
+          store_pair<ODT, CDT, BDT, CGLOBAL, OUTL>(out, N, row0, col, acc[4 * j], acc[4 * j + 1], r0s,
+                                                   col_scale, bias, vec_out, s[0], s[1]);
+        if (row1 < M)
+          store_pair<ODT, CDT, BDT, CGLOBAL, OUTL>(out, N, row1, col, acc[4 * j + 2], acc[4 * j + 3], r1s,
+                                                   col_scale, bias, vec_out, s[2], s[3]);
+      }
+    }
+    if constexpr (STAGED) {               // the tile's rows leave in 16-byte coalesced stores
+      __syncthreads();
+      constexpr int CH = BN / 8;          // 16-byte chunks per tile row
+      const bool vec16 = (N & 7) == 0 && (reinterpret_cast<unsigned long long>(out) & 15) == 0;
+#pragma unroll 4
+      for (int id = tid; id < BM * CH; id += THREADS) {
+        const int lr = id / CH, c8 = (id % CH) * 8;
+        const int row = m_out + lr, col = n_out + c8;
+        if (row >= M || col >= N) continue;
+        const u8* src = ot + lr * OT_PITCH + 2 * c8;
+        typename Storage<ODT>::type* dst = out + (i64)row * N + col;
+        if (vec16 && col + 8 <= N) {
+          *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+        } else {
+          const u16* h = reinterpret_cast<const u16*>(src);
+          for (int e = 0; e < 8 && col + e < N; ++e) dst[e] = h[e];
+        }
+      }
+      // the next tile's first wgmma waits at the barrier atop its main loop, after which
+      // its loads may reuse these stages
     }
     if (next >= tiles) break;
     tile = next;
