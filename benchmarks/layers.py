@@ -1,11 +1,20 @@
 """Benchmark section "layers": forward + backward of one training layer (SwitchBackLinear
 variants, LinearFP8Mixed / LinearFP8Global, simulated and native) beside bf16 nn.Linear and,
 where importable, bitsandbytes' Triton SwitchBack. Shapes are issue 5's (tokens x in -> out).
-Time is eager (CUDA events around forward + backward, median of rounds): autograd's
-backward is not captured into a CUDA graph here. FLOPs: 6 * tokens * in * out."""
+
+Three times per layer, each a median of CUDA events:
+- graph: the step (forward, then ``torch.autograd.grad`` of the output against the input,
+  weight and bias) captured into a CUDA graph over 4 rotated input sets: GPU time, host cost
+  excluded. Only for the layers whose step is capturable (no host synchronization, no
+  allocator outside torch): nn.Linear, SwitchBack int8 and fp8, LinearFP8Mixed native.
+- eager: 4 steps launched back to back from Python (a training loop's steady state: the host
+  may run ahead of the GPU while it can).
+- one step from idle (in the note): a single eager step after a synchronization, so the host
+  time before the first kernel and between kernels is all exposed.
+FLOPs: 6 * tokens * in * out."""
 from __future__ import annotations
 
-from .timing import Row, eager_us
+from .timing import Row, cuda_graph_us, eager_us
 
 SECTION = "layers"
 GPU_SIZES = {"small": [(4096, 1024, 4096)],
@@ -35,44 +44,62 @@ def _layers(k: int, n: int):
     return out
 
 
-def _fwd_bwd_us(make, x, g) -> float:
+_CAPTURABLE = ("nn.Linear", "SwitchBackLinear", "LinearFP8Mixed native")
+
+
+def _fwd_bwd_us(name, make, xs, gs) -> tuple[float, float, float]:
+    """(graph, eager, one step from idle) microseconds per forward + backward step."""
+    import torch
     layer = make()
+    params = list(layer.parameters())
 
-    def step():
-        layer.zero_grad(set_to_none=True)
+    def step(x, g):
         xx = x.detach().requires_grad_()
-        layer(xx).backward(g)
+        torch.autograd.grad(layer(xx), [xx] + params, g)
 
-    for _ in range(3):
-        step()
-    return eager_us([step], rounds=7)
+    steps = [lambda x=x, g=g: step(x, g) for x, g in zip(xs, gs)]
+    for fn in steps:
+        fn()
+    idle = eager_us(steps[:1], rounds=7)
+    eager = eager_us(steps, rounds=7)
+    graph = float("nan")
+    if name.startswith(_CAPTURABLE):
+        graph = cuda_graph_us(steps, replays=5, target_ms=60.0)
+    return graph, eager, idle
 
 
 def gpu_rows(sizes: str = "full") -> list[Row]:
     import torch
     rows = []
     for m, k, n in GPU_SIZES[sizes]:
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+        xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+        gs = [torch.randn(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
         times = {}
         for name, make in _layers(k, n).items():
             try:
-                times[name] = _fwd_bwd_us(make, x, g)
+                times[name] = _fwd_bwd_us(name, make, xs, gs)
             except Exception as exc:  # a variant that cannot run here is reported, not fatal
                 rows.append(Row(SECTION, name, f"{m}x{k}->{n}", "bfloat16", "-", float("nan"),
                                 note=f"failed: {type(exc).__name__}: {str(exc)[:80]}"))
             torch.cuda.empty_cache()
-        for name, us in times.items():
+        base = times.get("nn.Linear")
+        for name, (graph, eager, idle) in times.items():
+            captured = graph == graph
+            note = f"fwd+bwd; one step from idle {idle:.0f} us"
+            if name != "nn.Linear" and base is not None:
+                note += f"; eager vs nn.Linear {base[1] / eager:.2f}x"
             row = Row(SECTION, name, f"{m}x{k}->{n}", "bfloat16",
-                      "torch" if name == "nn.Linear" else "qkernels", us, us,
-                      flops=6.0 * m * k * n, note="fwd+bwd, eager")
-            if name != "nn.Linear":
-                row.ratios["torch"] = times["nn.Linear"] / us
+                      "torch" if name == "nn.Linear" else "qkernels",
+                      graph if captured else eager, eager, flops=6.0 * m * k * n,
+                      note=note + ("" if captured else "; not capturable: time is eager"))
+            if name != "nn.Linear" and base is not None:
+                # graph against graph where both exist, else eager against eager
+                row.ratios["torch"] = base[0] / graph if captured else base[1] / eager
             bnb = "bnb SwitchBackLinearGlobal (Triton)"
             if bnb in times and name.startswith("SwitchBack") and name != bnb:
-                row.ratios["bnb"] = times[bnb] / us
+                row.ratios["bnb"] = times[bnb][1] / eager
             rows.append(row)
-        del x, g
+        del xs, gs
     return rows
 
 

@@ -294,6 +294,10 @@ def fp8_rowwise(x: Tensor, fp8_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Row-wise float8 quantization of x (M, K) float16/bfloat16/float32, any strides: (q (M, K)
     fp8_dtype contiguous, scale (M, 1) float32) with ``x ~= q * scale``, ``scale = rowmax *
     f32(1/fp8_max)`` (1 for a zero row; NaN for a NaN row, whose codes are NaN)."""
+    return _fp8_rowwise_impl(x, fp8_dtype)
+
+
+def _fp8_rowwise_impl(x: Tensor, fp8_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     _check_quant_input(x, fp8_dtype, "fp8_rowwise")
     kernels = _fp8_kernels(x)
     if kernels is not None:
@@ -310,6 +314,10 @@ def fp8_rowwise(x: Tensor, fp8_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
 def fp8_global(x: Tensor, fp8_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Tensor-wise float8 quantization of x (N, K), any strides: (q (N, K) fp8_dtype
     contiguous, scale (1, 1) float32); a NaN in x leaves the scale at 1 (``amax > 0`` fails)."""
+    return _fp8_global_impl(x, fp8_dtype)
+
+
+def _fp8_global_impl(x: Tensor, fp8_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     _check_quant_input(x, fp8_dtype, "fp8_global")
     kernels = _fp8_kernels(x)
     if kernels is not None:
@@ -386,6 +394,10 @@ def fp8_scaled_mm(a: Tensor, b_nk: Tensor, scale_a: Tensor, scale_b: Tensor,
     row-major, scale_a (M, 1) and scale_b (N, 1) float32, bias (N,) in out_dtype or None; out
     (M, N) in out_dtype. One torch._scaled_mm with row-wise scales (float32 accumulation, the
     bias in its epilogue where the build allows); see the routes above."""
+    return _fp8_scaled_mm_impl(a, b_nk, scale_a, scale_b, out_dtype, bias)
+
+
+def _fp8_scaled_mm_impl(a, b_nk, scale_a, scale_b, out_dtype, bias=None):
     bias_dtype = None if bias is None else bias.dtype
     key = (a.device.type, a.dtype, b_nk.dtype, out_dtype, bias_dtype)
     route = _ROUTES.get(key)
@@ -414,6 +426,15 @@ def _(a, b_nk, scale_a, scale_b, out_dtype, bias=None):
     return a.new_empty((a.shape[0], b_nk.shape[0]), dtype=out_dtype)
 
 
+def _native_ops():
+    """(fp8_rowwise, fp8_global, fp8_scaled_mm): the custom ops under torch.compile (the graph
+    keeps them), their bodies in eager mode (the same code minus the torch.library dispatch,
+    tens of microseconds of host time per call)."""
+    if torch.compiler.is_compiling():
+        return fp8_rowwise, fp8_global, fp8_scaled_mm
+    return _fp8_rowwise_impl, _fp8_global_impl, _fp8_scaled_mm_impl
+
+
 class FP8NativeLinearFunction(torch.autograd.Function):
     """Native-FP8 linear on X (M, K), W (N, K) of one float dtype, bias (N,) or None.
 
@@ -426,6 +447,7 @@ class FP8NativeLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, X, W, bias, w_rowwise: bool, mem_efficient: bool):
+        fp8_rowwise, fp8_global, fp8_scaled_mm = _native_ops()
         Xq, sX = fp8_rowwise(X, E4M3)
         if w_rowwise:
             Wq, sW = fp8_rowwise(W, E4M3)
@@ -449,6 +471,7 @@ class FP8NativeLinearFunction(torch.autograd.Function):
             X, W = ctx.saved_tensors
         G = G.contiguous()
         dX = dW = dbias = None
+        fp8_rowwise, fp8_global, fp8_scaled_mm = _native_ops()
         if ctx.needs_input_grad[0]:
             Gq, sG = fp8_rowwise(G, E5M2)
             if ctx.w_rowwise:

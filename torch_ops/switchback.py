@@ -172,6 +172,53 @@ int8_matmul_rowwise_dequantize.register_fake(_fake_matmul)
 int8_matmul_mixed_dequantize.register_fake(_fake_matmul)
 
 
+# --- eager CUDA: the raw launchers without the custom-op dispatch -----------------------------
+# The autograd functions below run on tensors they have shaped themselves (2-D, one float
+# dtype, one device). In eager mode on CUDA they call qkernels.int8._cupy directly: the same
+# kernels and bits as the custom ops' CUDA bodies, minus the torch.library dispatch (tens of
+# microseconds of host time per call, several calls per step, which the GPU waits for at the
+# smaller shapes). Under torch.compile they call the custom ops, which the graph keeps.
+
+def _direct(X: Tensor, W: Tensor, bias: Optional[Tensor] = None, shared: int = 1):
+    """qkernels.int8._cupy for an eager call on CUDA tensors of one device: X (M, K) and W
+    nonempty 2-D, float (W int8 in the memory-efficient backward), X.shape[1] ==
+    W.shape[shared] (1: the forward's W (N, K); 0: the backward's G (M, N) against W (N, K)),
+    bias None or (W.shape[0],) float. Else None: the custom ops, which validate and raise."""
+    if (torch.compiler.is_compiling() or X.dim() != 2 or W.dim() != 2 or X.numel() == 0
+            or W.numel() == 0 or W.device != X.device or X.shape[1] != W.shape[shared]
+            or X.dtype not in _FLOATS or W.dtype not in (_FLOATS + (torch.int8,) if shared == 0 else _FLOATS)):
+        return None
+    if bias is not None and (bias.shape != (W.shape[0],) or bias.device != X.device
+                             or bias.dtype not in _FLOATS):
+        return None
+    return _fast_cuda(X)
+
+
+def _rowwise(fast, x):
+    return quantize_rowwise(x) if fast is None else fast.quantize_rowwise_torch(x.contiguous())
+
+
+def _global(fast, w, transpose: bool = False):
+    if fast is None:
+        return (quantize_global_transpose if transpose else quantize_global)(w)
+    return fast.quantize_global_torch(w.contiguous(), transpose=transpose)
+
+
+def _columnwise_t(fast, w):
+    if fast is None:
+        return quantize_columnwise_and_transpose(w)
+    return fast.quantize_columnwise_and_transpose_torch(w.contiguous())
+
+
+def _mm(fast, a, b, state_a, state_b, bias, rowwise: bool):
+    """int8_matmul_{rowwise,mixed}_dequantize(a, b, ...) with a int8 (M, K), b int8 (K, N)."""
+    if fast is None:
+        fn = int8_matmul_rowwise_dequantize if rowwise else int8_matmul_mixed_dequantize
+        return fn(a, b, state_a, state_b, bias)
+    return fast.int8_matmul_dequant_torch(a, b.t().contiguous(), state_a, state_b, bias,
+                                          out_dtype=state_a.dtype, col_global=not rowwise)
+
+
 # --- autograd functions: X (M, K), W (N, K), bias (N,) or None, all of one float dtype --------
 
 class SwitchBackGlobal(torch.autograd.Function):
@@ -180,20 +227,22 @@ class SwitchBackGlobal(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, X, W, bias):
-        Xq, sX = quantize_rowwise(X)
-        Wq, sW = quantize_global(W)
+        fast = _direct(X, W, bias)
+        Xq, sX = _rowwise(fast, X)
+        Wq, sW = _global(fast, W)
         ctx.has_bias = bias is not None
         ctx.save_for_backward(X, W)
-        return int8_matmul_mixed_dequantize(Xq, Wq.t(), sX, sW, bias)
+        return _mm(fast, Xq, Wq.t(), sX, sW, bias, rowwise=False)
 
     @staticmethod
     def backward(ctx, G):
         X, W = ctx.saved_tensors
         dX = dW = dbias = None
         if ctx.needs_input_grad[0]:
-            Gq, sG = quantize_rowwise(G)
-            WqT, sW = quantize_global_transpose(W)               # (K, N)
-            dX = int8_matmul_mixed_dequantize(Gq, WqT.t(), sG, sW, None)
+            fast = _direct(G, W, shared=0)
+            Gq, sG = _rowwise(fast, G)
+            WqT, sW = _global(fast, W, transpose=True)           # (K, N)
+            dX = _mm(fast, Gq, WqT.t(), sG, sW, None, rowwise=False)
         if ctx.needs_input_grad[1]:
             dW = torch.matmul(G.t(), X)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -208,21 +257,24 @@ class SwitchBackGlobalMemEfficient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, X, W, bias):
-        Xq, sX = quantize_rowwise(X)
-        Wq, sW = quantize_global(W)
+        fast = _direct(X, W, bias)
+        Xq, sX = _rowwise(fast, X)
+        Wq, sW = _global(fast, W)
         ctx.has_bias = bias is not None
         ctx.save_for_backward(Xq, sX, Wq, sW)
-        return int8_matmul_mixed_dequantize(Xq, Wq.t(), sX, sW, bias)
+        return _mm(fast, Xq, Wq.t(), sX, sW, bias, rowwise=False)
 
     @staticmethod
     def backward(ctx, G):
         Xq, sX, Wq, sW = ctx.saved_tensors
         dX = dW = dbias = None
+        fast = _direct(G, Wq, shared=0)
         if ctx.needs_input_grad[0]:
-            Gq, sG = quantize_rowwise(G)
-            dX = int8_matmul_mixed_dequantize(Gq, Wq, sG, sW, None)  # Wq (N, K) as (K', N')
+            Gq, sG = _rowwise(fast, G)
+            dX = _mm(fast, Gq, Wq, sG, sW, None, rowwise=False)  # Wq (N, K) as (K', N')
         if ctx.needs_input_grad[1]:
-            dW = torch.matmul(G.t(), dequantize_rowwise(Xq, sX))
+            X = dequantize_rowwise(Xq, sX) if fast is None else fast.dequantize_rowwise_torch(Xq, sX)
+            dW = torch.matmul(G.t(), X)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = G.sum(0)
         return dX, dW, dbias
@@ -234,20 +286,22 @@ class SwitchBackVectorwise(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, X, W, bias):
-        Xq, sX = quantize_rowwise(X)
-        Wq, sW = quantize_rowwise(W)
+        fast = _direct(X, W, bias)
+        Xq, sX = _rowwise(fast, X)
+        Wq, sW = _rowwise(fast, W)
         ctx.has_bias = bias is not None
         ctx.save_for_backward(X, W)
-        return int8_matmul_rowwise_dequantize(Xq, Wq.t(), sX, sW, bias)
+        return _mm(fast, Xq, Wq.t(), sX, sW, bias, rowwise=True)
 
     @staticmethod
     def backward(ctx, G):
         X, W = ctx.saved_tensors
         dX = dW = dbias = None
         if ctx.needs_input_grad[0]:
-            Gq, sG = quantize_rowwise(G)
-            WqT, sWc = quantize_columnwise_and_transpose(W)      # (K, N), (K,)
-            dX = int8_matmul_rowwise_dequantize(Gq, WqT.t(), sG, sWc, None)
+            fast = _direct(G, W, shared=0)
+            Gq, sG = _rowwise(fast, G)
+            WqT, sWc = _columnwise_t(fast, W)                    # (K, N), (K,)
+            dX = _mm(fast, Gq, WqT.t(), sG, sWc, None, rowwise=True)
         if ctx.needs_input_grad[1]:
             dW = torch.matmul(G.t(), X)
         if ctx.has_bias and ctx.needs_input_grad[2]:

@@ -100,25 +100,37 @@ def _keep_bytes() -> int:
 
 class _on_stream:
     """Selects device ``device`` and the external stream ``stream`` (a raw cudaStream_t) for
-    CuPy launches; ``stream=None`` keeps the current one (the array-level entry points)."""
+    CuPy launches; ``stream=None`` keeps the current one (the array-level entry points).
+    Per-launch host cost matters on the hot paths: the device is switched only when it is not
+    already current, and the stream objects are cached (``_external_stream``)."""
+
+    __slots__ = ("_dev", "_stream", "_prev_dev", "_s")
 
     def __init__(self, device: int | None, stream: int | None):
-        import contextlib
-        import cupy
-        self._stack = contextlib.ExitStack()
-        self._dev = None if device is None else cupy.cuda.Device(device)
-        self._stream = stream
+        self._dev, self._stream = device, stream
 
     def __enter__(self):
+        import cupy
+        self._prev_dev = None
         if self._dev is not None:
-            self._stack.enter_context(self._dev)
+            cur = cupy.cuda.runtime.getDevice()
+            if cur != self._dev:
+                cupy.cuda.runtime.setDevice(self._dev)
+                self._prev_dev = cur
+        self._s = None
         if self._stream is not None:
             from .._interop import _external_stream
-            self._stack.enter_context(_external_stream(self._stream))
+            self._s = _external_stream(self._stream)
+            self._s.__enter__()
         return self
 
     def __exit__(self, *exc):
-        return self._stack.__exit__(*exc)
+        if self._s is not None:
+            self._s.__exit__(*exc)
+        if self._prev_dev is not None:
+            import cupy
+            cupy.cuda.runtime.setDevice(self._prev_dev)
+        return False
 
 
 # --- pointer-level launchers (all sizes validated by the caller) ---------------------------
@@ -511,7 +523,8 @@ def quantize_global_torch(w, transpose: bool = False):
     import torch
     N, K = w.shape
     q = torch.empty((K, N) if transpose else (N, K), dtype=torch.int8, device=w.device)
-    state = torch.zeros((1,), dtype=w.dtype, device=w.device)
+    # the quantizing kernel writes state (for N * K > 0, which the callers ensure)
+    state = torch.empty((1,), dtype=w.dtype, device=w.device)
     ws = torch.zeros((1,), dtype=torch.int32, device=w.device)
     dev, stream = _stream_of(w)
     with _on_stream(dev, stream):
@@ -530,7 +543,8 @@ def quantize_columnwise_and_transpose_torch(w):
     import torch
     N, K = w.shape
     q = torch.empty((K, N), dtype=torch.int8, device=w.device)
-    state = torch.zeros((K,), dtype=w.dtype, device=w.device)
+    # quant_transpose writes state from its first row of tiles (N > 0); N == 0 leaves zeros
+    state = (torch.empty if N else torch.zeros)((K,), dtype=w.dtype, device=w.device)
     ws = torch.zeros((max(K, 1),), dtype=torch.int32, device=w.device)
     dev, stream = _stream_of(w)
     with _on_stream(dev, stream):
