@@ -30,8 +30,11 @@
 //   tile's epilogue runs.
 //   Shared memory: STAGES * (128 + BN) * BK bytes + 1 KB for alignment; the defaults (256,
 //   128, 4) take 193 KB (1 CTA per SM); (128, 128, 3) takes 97 KB (2 CTAs per SM).
-//   Epilogue on the accumulator registers: each thread writes pairs of adjacent columns; the
-//   int32 product never reaches memory.
+//   Epilogue on the accumulator registers; the int32 product never reaches memory. 16-bit
+//   outputs go through the two ring stages that the next tile's prologue leaves free (the
+//   tile's rows BN * 2 + 16 bytes apart) and leave in coalesced 16-byte stores; float32 and
+//   int32 outputs (and BK = 64, whose two stages are too small) are stored from the registers
+//   as pairs of adjacent columns.
 //   Traffic per CTA and block: (128 + BN) * BK bytes from L2 for 2 * 128 * BN * BK ops.
 //   OUTL (LLM.int8()'s outlier columns, torch_ops/linear8bit.py): x (M, K) row-major in ODT's
 //   storage (the activations A was quantized from, float16 / bfloat16 / float32), idx int64
