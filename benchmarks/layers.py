@@ -36,6 +36,8 @@ def _layers(k: int, n: int):
     if torch.cuda.get_device_capability() >= (8, 9):
         out["SwitchBackLinear fp8"] = lambda: sb.SwitchBackLinear(k, n, quant_dtype="fp8", **kw)
         out["LinearFP8Mixed native"] = lambda: fp8.LinearFP8Mixed(k, n, native=True, **kw)
+        out["LinearFP8Mixed native, fp8 dW"] = lambda: fp8.LinearFP8Mixed(
+            k, n, native=True, fp8_weight_grad=True, **kw)
     try:
         from bitsandbytes.nn.triton_based_modules import SwitchBackLinearGlobal as BnbSB
         out["bnb SwitchBackLinearGlobal (Triton)"] = lambda: BnbSB(k, n, **kw)

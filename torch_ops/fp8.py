@@ -442,11 +442,16 @@ class FP8NativeLinearFunction(torch.autograd.Function):
     the bias added in the GEMM's epilogue. Backward: ``dX = fp8(G, e5m2, per row) @ fp8(W^T,
     e4m3, per input column or global)^T``; ``dW = G^T @ X`` in X's dtype (from the saved e4m3 X
     when ``mem_efficient``); ``dbias = sum(G, 0)``. Each quantization is one fused kernel on
-    CUDA (W^T's: two passes over W). dW stays a 16-bit GEMM: with float8 operands its error
-    against the exact product is a few percent (the tests hold it under 1%)."""
+    CUDA (W^T's: two passes over W). dW stays a 16-bit GEMM by default (bitsandbytes' rule:
+    the weight gradient in full precision; the tests hold its error under 1%). With
+    ``fp8_wgrad`` it is a float8 GEMM too, as in FP8 training recipes such as Transformer
+    Engine's: ``dW = fp8(G^T, e5m2, per output feature) @ fp8(X^T, e4m3, per input
+    feature)^T``, a few percent of error for about half the dW time; it needs the token count
+    to be a multiple of 16 (torch._scaled_mm's inner dimension) and falls back to the 16-bit
+    dW otherwise."""
 
     @staticmethod
-    def forward(ctx, X, W, bias, w_rowwise: bool, mem_efficient: bool):
+    def forward(ctx, X, W, bias, w_rowwise: bool, mem_efficient: bool, fp8_wgrad: bool = False):
         fp8_rowwise, fp8_global, fp8_scaled_mm = _native_ops()
         Xq, sX = fp8_rowwise(X, E4M3)
         if w_rowwise:
@@ -456,6 +461,7 @@ class FP8NativeLinearFunction(torch.autograd.Function):
             sW = sW.expand(W.shape[0], 1).contiguous()
         Y = fp8_scaled_mm(Xq, Wq, sX, sW, X.dtype, bias)
         ctx.w_rowwise, ctx.mem_efficient, ctx.has_bias = w_rowwise, mem_efficient, bias is not None
+        ctx.fp8_wgrad = fp8_wgrad and X.shape[0] % 16 == 0
         ctx.x_dtype = X.dtype
         if mem_efficient:
             ctx.save_for_backward(Xq, sX, W)
@@ -482,22 +488,27 @@ class FP8NativeLinearFunction(torch.autograd.Function):
             dX = fp8_scaled_mm(Gq, WtQ, sG, sWt, G.dtype)
         if ctx.needs_input_grad[1]:
             Xh = (Xq.float() * sX).to(ctx.x_dtype) if ctx.mem_efficient else X
-            dW = torch.matmul(G.t(), Xh.to(G.dtype)).to(W.dtype)
+            if ctx.fp8_wgrad:
+                GtQ, sGt = fp8_rowwise(G.t(), E5M2)           # (N, M), a scale per output feature
+                XtQ, sXt = fp8_rowwise(Xh.to(G.dtype).t(), E4M3)  # (K, M), per input feature
+                dW = fp8_scaled_mm(GtQ, XtQ, sGt, sXt, G.dtype).to(W.dtype)
+            else:
+                dW = torch.matmul(G.t(), Xh.to(G.dtype)).to(W.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = G.sum(0)
-        return dX, dW, dbias, None, None
+        return dX, dW, dbias, None, None, None
 
 
 def linear_fp8_native(x: Tensor, weight: Tensor, bias: Tensor | None, w_rowwise: bool = True,
-                      mem_efficient: bool = False) -> Tensor:
+                      mem_efficient: bool = False, fp8_wgrad: bool = False) -> Tensor:
     """Native-FP8 ``F.linear``: x (*, K), weight (N, K), bias (N,); returns (*, N) in the
-    compute dtype. See FP8NativeLinearFunction."""
+    compute dtype. See FP8NativeLinearFunction (``fp8_wgrad``: dW as a float8 GEMM too)."""
     N, K = weight.shape
     check_native_fp8(x, K, N, "native FP8")
     dt = compute_dtype(x)
     X = x.reshape(-1, K).to(dt)
     b = None if bias is None else bias.to(dt)
-    Y = FP8NativeLinearFunction.apply(X, weight.to(dt), b, w_rowwise, mem_efficient)
+    Y = FP8NativeLinearFunction.apply(X, weight.to(dt), b, w_rowwise, mem_efficient, fp8_wgrad)
     return Y.reshape(*x.shape[:-1], N)
 
 
@@ -509,10 +520,14 @@ class _LinearFP8(nn.Linear):
     _matmul = None  # set by subclasses
 
     def __init__(self, input_features: int, output_features: int, bias: bool = True,
-                 native: bool = False, device=None, dtype=None):
+                 native: bool = False, device=None, dtype=None, fp8_weight_grad: bool = False):
         super().__init__(input_features, output_features, bias, device=device, dtype=dtype)
+        if fp8_weight_grad and not native:
+            raise ValueError(f"{type(self).__name__}: fp8_weight_grad=True needs native=True (the "
+                             f"simulated path keeps bitsandbytes' full-precision weight gradient)")
         self.bsz, self.bsz2 = fp8_block_sizes(input_features, output_features)
         self.native = bool(native)
+        self.fp8_weight_grad = bool(fp8_weight_grad)
 
     @property
     def fw_code(self) -> Tensor:
@@ -528,7 +543,8 @@ class _LinearFP8(nn.Linear):
         name = type(self).__name__
         check_linear_input(x, self.in_features, self.weight, name)
         if self.native:
-            return linear_fp8_native(x, self.weight, self.bias, w_rowwise=True)
+            return linear_fp8_native(x, self.weight, self.bias, w_rowwise=True,
+                                     fp8_wgrad=self.fp8_weight_grad)
         dt = compute_dtype(x)
         W = self.weight.to(dt)
         out = type(self)._matmul(x.to(dt), W.t(), "e4m3", "e5m2", None, self.bsz, self.bsz2)
@@ -537,14 +553,17 @@ class _LinearFP8(nn.Linear):
         return out
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", native=True" if self.native else "")
+        return super().extra_repr() + (", native=True" if self.native else "") + \
+            (", fp8_weight_grad=True" if self.fp8_weight_grad else "")
 
 
 class LinearFP8Mixed(_LinearFP8):
-    """``LinearFP8Mixed(input_features, output_features, bias=True, native=False)``: a drop-in
-    nn.Linear whose forward is matmul_fp8_mixed (blockwise E4M3 activations, global E4M3
-    weight, blockwise E5M2 output gradient; weight gradient in full precision). With
-    ``native=True`` the GEMMs run in float8 on the tensor cores (see module docstring)."""
+    """``LinearFP8Mixed(input_features, output_features, bias=True, native=False,
+    fp8_weight_grad=False)``: a drop-in nn.Linear whose forward is matmul_fp8_mixed
+    (blockwise E4M3 activations, global E4M3 weight, blockwise E5M2 output gradient; weight
+    gradient in full precision). With ``native=True`` the GEMMs run in float8 on the tensor
+    cores (see module docstring); ``fp8_weight_grad=True`` (native only) makes the weight
+    gradient a float8 GEMM as well (FP8NativeLinearFunction)."""
 
     _matmul = staticmethod(matmul_fp8_mixed)
 

@@ -57,7 +57,9 @@ def launch_rows(x: int, dtype: str, fmt: str, q: int, scale: int, rows: int, col
     threads = min(1024, max(32, -(-(-(-need // nv)) // 32) * 32))
     vec_ok = int(_aligned(x, q) and (cols * es) % 16 == 0)
     k = _kernel(f"fp8_quantize_rows<{_DT[dtype]}, {_E5M2[fmt]}, {nv}>")
-    k((min(rows, 1 << 30),), (threads,), (_u64(x), _u64(q), _u64(scale), np.int32(rows),
+    # one wave of CTAs (<= 64 registers a thread), each walking rows with the next in flight
+    grid = min(rows, min(32, max(1, 1024 // threads)) * multiprocessor_count(_device()))
+    k((grid,), (threads,), (_u64(x), _u64(q), _u64(scale), np.int32(rows),
                                           np.int32(cols), np.int32(vec_ok)))
 
 

@@ -9,12 +9,13 @@
 // The division is IEEE (__fdiv_rn) and the float8 rounding is cvt.rn.satfinite (nearest even,
 // sm_89+) on |y| clamped to fmax, with the sign put back and a NaN quotient giving 0x7F.
 //
-// fp8_quantize_rows<DT, E5M2, NV>       one CTA per row (grid-stride over rows)
+// fp8_quantize_rows<DT, E5M2, NV>       a CTA per row at a time, grid-stride over rows
 //   in:  x (rows, cols) DT row-major.   out: q u8 (rows, cols), scale f32 (rows,)
 //   Each thread caches NV 16-byte vectors of its row in registers (NV * blockDim * 16 bytes
 //   per row, 16K elements of a 16-bit row at 1024 threads), so the row is read once: the
-//   absmax, a CTA max, then the codes from the registers. Columns past the cache are read
-//   twice. Traffic: ES + 1 bytes per element.
+//   absmax, a CTA max, then the codes from the registers; the CTA's next row is loaded
+//   meanwhile (the launcher starts one wave of CTAs, as int8.cu's row_quant). Columns past
+//   the cache are read twice. Traffic: ES + 1 bytes per element.
 // fp8_absmax_global<DT>                  grid-stride NaN-propagating max |x|, one atomicMax per
 //   CTA on the float's bits into out u32 (1,) (zeroed by the caller; NaN's bits sort above Inf).
 // fp8_quantize_global<DT, E5M2>          codes with the one scale of that absmax; writes scale
@@ -99,14 +100,24 @@ fp8_quantize_rows(const typename Storage<DT>::type* __restrict__ x, u8* __restri
   __shared__ float red[32];
   const int tid = threadIdx.x, nt = blockDim.x;
   const i64 cached = (i64)NV * VEC * nt;  // columns held in registers
+  uint4 next[NV];                          // the CTA's next row, loaded a row ahead
+  auto fetch = [&](int row) {
+#pragma unroll
+    for (int k = 0; k < NV; ++k)
+      next[k] = row < rows ? load_raw16<DT>(x + (i64)row * cols, ((i64)k * nt + tid) * VEC, cols, vec_ok)
+                           : make_uint4(0u, 0u, 0u, 0u);  // zeros past cols
+  };
+  fetch(blockIdx.x);
   for (int row = blockIdx.x; row < rows; row += gridDim.x) {
     const T* xr = x + (i64)row * cols;
     u8* qr = q + (i64)row * cols;
     uint4 raw[NV];
+#pragma unroll
+    for (int k = 0; k < NV; ++k) raw[k] = next[k];
+    fetch(row + gridDim.x);                // in flight during this row's reduction and stores
     float m = 0.0f;
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
-      raw[k] = load_raw16<DT>(xr, ((i64)k * nt + tid) * VEC, cols, vec_ok);  // zeros past cols
       float v[VEC];
       raw16_to_f32<DT>(raw[k], v);
       m = absmax_of(v, m);
