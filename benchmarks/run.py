@@ -30,11 +30,16 @@ SECTIONS = {  # name -> module; a section whose module is missing is reported, n
 
 
 def _commit() -> str:
+    """HEAD's short hash, with "+ local changes" when tracked files differ from it."""
+    here = pathlib.Path(__file__).parent
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=pathlib.Path(__file__).parent).stdout.strip() or "?"
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=here).stdout.strip() or "?"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=here).stdout.strip()
     except OSError:
         return "?"
+    return head + (" + local changes" if dirty else "")
 
 
 def format_table(rows: list[timing.Row], copy_gbps: float | None, gemm_tflops: float | None) -> str:
