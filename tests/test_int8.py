@@ -489,6 +489,28 @@ def test_gpu_quantizers_large_and_misaligned():
             torch.cuda.empty_cache()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,cols", [(20000, 256), (9000, 4096), (3000, 20000)])
+def test_gpu_outlier_columns_many_rows_per_cta(rows, cols):
+    """More rows than row_quant's one wave of CTAs (each CTA walks several rows and zeroes a
+    column from its first outlier in it on; outlier_cols zeroes the rows before): a few
+    systematic outlier columns, one that appears only in the last rows, and columns past the
+    register cache (20000), against the reference; the torch and the array entry points."""
+    import torch
+    rng = np.random.default_rng(31)
+    x32 = rng.standard_normal((rows, cols)).astype(np.float32)
+    x32[:, [3, cols // 2, cols - 1]] *= 20.0
+    x32[rows - 5:, 17] = 50.0
+    x = x32.astype(np.float16)
+    want = ref.int8_vectorwise_quant(x, 6.0)
+    import cupy
+    for arr in (torch.from_numpy(x).cuda(), cupy.asarray(x)):
+        with qkernels.use_backend("cupy"):
+            got = Q.int8_vectorwise_quant(arr, 6.0)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g.get() if hasattr(g, "get") else _np(g), w)
+
+
 GEMM_SHAPES = [(1, 1, 1), (1, 8, 16), (3, 5, 7), (16, 8, 32), (17, 9, 33), (128, 128, 64),
                (129, 130, 65), (127, 255, 100), (256, 128, 4096), (200, 136, 48), (64, 300, 15),
                (1000, 24, 8), (5, 1000, 2000), (300, 257, 1024), (1, 4096, 4096), (513, 511, 513)]
