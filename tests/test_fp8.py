@@ -216,3 +216,100 @@ def test_gpu_torch_paths_misaligned_and_against_torch_expression(fmt):
             assert np.array_equal(qg.view(torch.uint8).cpu().numpy(), rq) and same_scales(sg.cpu(), rs)
             tq, ts = torch_global(v, fmt)
             assert torch.equal(qg.view(torch.uint8), tq.reshape(qg.shape)) and same_scales(sg.cpu(), ts.cpu())
+
+
+def boundary_rows(fmt: str, dtype: torch.dtype, cols: int = 3000, seed: int = 0) -> torch.Tensor:
+    """Rows whose quotients x / scale sit on or beside float8 rounding boundaries, where the
+    kernels' multiply-by-reciprocal shortcut must fall back to the division: scales that are
+    powers of two (amax = fmax * 2^k) with every float8 midpoint and grid value, and (float32)
+    the same nudged by 1 to 4 ulps; a row of one random scale with midpoints times it."""
+    g = np.random.default_rng(seed)
+    grid = ref.fp8_bits_to_float32(np.arange(0, 0x7F, dtype=np.uint8), fmt).astype(np.float64)
+    grid = grid[np.isfinite(grid)]
+    mids = (grid[:-1] + grid[1:]) / 2
+    fmax = float(ref.FP8_MAX[fmt])
+    rows = []
+    for k in ((-6, 0) if dtype == torch.float16 else (-20, 0, 7)):  # inside float16's range
+        v = g.choice(np.concatenate([mids, grid]), cols) * g.choice([-1.0, 1.0], cols)
+        v[0] = fmax
+        row = (v * 2.0 ** k).astype(np.float32)
+        rows.append(row)
+        if dtype == torch.float32:
+            nudged = (row.view(np.int32) + g.integers(-4, 5, cols).astype(np.int32)).view(np.float32)
+            nudged = np.where(row == 0, row, nudged)
+            nudged[0] = row[0]
+            rows.append(nudged)
+    s = ref.fp8_scale(np.float32(3.7e3), fmt)
+    row = (g.choice(mids, cols) * np.float64(s)).astype(np.float32)
+    row[0] = 3.7e3
+    rows.append(row)
+    return torch.from_numpy(np.stack(rows)).to(dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=str)
+def test_gpu_quantizers_at_float8_rounding_boundaries(fmt, dtype):
+    """Every quantizer, fused one included, equals the reference's IEEE division on quotients
+    that are float8 ties or lie a few ulps from them."""
+    x = boundary_rows(fmt, dtype, seed=TORCH_DTYPES.index(dtype))
+    xs = x.cuda()
+    for v, r in ((xs, f32(x)), (xs.t().contiguous(), f32(x).T.copy())):
+        q, s = F.quantize_fp8_rowwise(v, fmt)
+        rq, rs = ref.quantize_fp8_rowwise_f32(r, fmt)
+        assert np.array_equal(q.cpu().numpy(), rq) and same_scales(s.cpu(), rs)
+        qt, st = F.quantize_fp8_columnwise_and_transpose(v, fmt)
+        rq, rs = ref.quantize_fp8_rowwise_f32(r.T, fmt)
+        assert np.array_equal(qt.cpu().numpy(), rq) and same_scales(st.cpu(), rs)
+        qg, sg = F.quantize_fp8_global(v, fmt)
+        rq, rs = ref.quantize_fp8_global_f32(r, fmt)
+        assert np.array_equal(qg.cpu().numpy(), rq) and same_scales(sg.cpu(), rs)
+        qgt, _ = F.quantize_fp8_global_transpose(v, fmt)
+        assert np.array_equal(qgt.cpu().numpy(), rq.T)
+    _check_rows_cols(xs, TORCH_FP8[fmt], TORCH_FP8[fmt], with_colsum=False)
+
+
+def _check_rows_cols(x: torch.Tensor, row_fp8, col_fp8, with_colsum: bool):
+    """quantize_rows_cols_torch(x) against the reference (codes, scales) and a float64 sum."""
+    from qkernels.fp8 import _cupy as K
+    q, sq, qT, sqT, dbias = K.quantize_rows_cols_torch(x, row_fp8, col_fp8, with_colsum)
+    names = {v: k for k, v in TORCH_FP8.items()}
+    xf = f32(x)
+    rq, rs = ref.quantize_fp8_rowwise_f32(xf, names[row_fp8])
+    assert q.dtype == row_fp8 and sq.shape == (x.shape[0], 1)
+    assert np.array_equal(q.view(torch.uint8).cpu().numpy(), rq) and same_scales(sq.cpu(), rs)
+    rq, rs = ref.quantize_fp8_rowwise_f32(xf.T, names[col_fp8])
+    assert qT.dtype == col_fp8 and qT.shape == (x.shape[1], x.shape[0]) and sqT.shape == (x.shape[1], 1)
+    assert np.array_equal(qT.view(torch.uint8).cpu().numpy(), rq) and same_scales(sqT.cpu(), rs)
+    if not with_colsum:
+        assert dbias is None
+        return
+    assert dbias.dtype == x.dtype and dbias.shape == (x.shape[1],)
+    exact = x.double().sum(0).cpu()
+    got = dbias.double().cpu()
+    finite = torch.isfinite(exact)
+    assert torch.equal(torch.isnan(got), torch.isnan(exact))
+    assert torch.equal(got[torch.isinf(exact)], exact[torch.isinf(exact)])
+    # float32 accumulation of M terms, then one rounding to x's dtype
+    eps = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}[x.dtype]
+    bound = exact.abs() * eps + x.double().abs().sum(0).cpu() * x.shape[0] * 2.0 ** -24 + 1e-30
+    fin = finite & torch.isfinite(got)
+    assert torch.all((got - exact)[fin].abs() <= bound[fin] * 1.0001)
+    bits = lambda t: t.view(torch.int32 if t.element_size() == 4 else torch.int16)
+    assert torch.equal(bits(K.quantize_rows_cols_torch(x, row_fp8, col_fp8, True)[4]), bits(dbias))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=str)
+def test_gpu_rows_cols_fused_matches_reference(dtype):
+    """The fused backward quantizer (G's row codes, G^T's row codes, dbias) on odd shapes,
+    rows and columns past a tile and a slab, misaligned rows, and zero / NaN / Inf rows."""
+    shapes = GPU_SHAPES + [(129, 130), (300, 4100), (1030, 33), (16, 9000)]
+    for i, shape in enumerate(shapes):
+        x = special_rows(*shape, dtype, seed=100 + i).cuda()
+        _check_rows_cols(x, torch.float8_e5m2, torch.float8_e5m2, with_colsum=True)
+        _check_rows_cols(x, torch.float8_e4m3fn, torch.float8_e5m2, with_colsum=i % 2 == 0)
+    base = special_rows(70, 4104, dtype, seed=9).cuda()
+    shifted = base.reshape(-1)[3:3 + 69 * 4097].view(69, 4097)  # contiguous, 6 bytes off
+    _check_rows_cols(shifted, torch.float8_e5m2, torch.float8_e5m2, with_colsum=True)
+    _check_rows_cols(base.t().contiguous(), torch.float8_e5m2, torch.float8_e5m2, with_colsum=True)

@@ -114,6 +114,57 @@ def launch_quant_transpose(x: int, dtype: str, fmt: str, absmax_u32: int, qT: in
        np.int32(vec_in), np.int32(vec_out)))
 
 
+def launch_absmax_rows_cols(x: int, dtype: str, M: int, N: int, row_u32: int, col_u32: int,
+                            colsum: int, parts: int):
+    """Row and column absmax of x (M, N) into row_u32 (M,) and col_u32 (N,) (zeroed by the
+    caller), and the column sums of ``parts`` slabs of rows into colsum f32 (parts, N) unless
+    colsum is 0; parts must be ``rows_cols_parts(dtype, M, N)``."""
+    threads, gx, rpc = _rows_cols_plan(dtype, M, N)
+    vec_ok = int(_aligned(x) and (N * _ES[dtype]) % 16 == 0)
+    k = _kernel(f"fp8_absmax_rows_cols<{_DT[dtype]}>")
+    k((gx, parts), (threads,), (_u64(x), np.int32(M), np.int32(N), np.int32(rpc), _u64(row_u32),
+                                _u64(col_u32), _u64(colsum), np.int32(vec_ok)),
+      shared_mem=rpc * (threads // 32) * 4)
+
+
+def launch_quant_rows_cols(x: int, dtype: str, row_fmt: str, col_fmt: str, row_u32: int,
+                           col_u32: int, q: int, qT: int, srow: int, scol: int, colsum: int,
+                           parts: int, dbias: int, M: int, N: int):
+    """q u8 (M, N) row-wise codes of x (M, N), qT u8 (N, M) row-wise codes of x^T, their
+    scales srow f32 (M,) and scol f32 (N,) from launch_absmax_rows_cols' maxima; with parts > 0,
+    dbias (N,) in x's dtype = the sum of colsum's parts rows."""
+    es = _ES[dtype]
+    vec_in = int(_aligned(x) and (N * es) % 16 == 0)
+    vec_row = int(_aligned(q) and N % (16 // es) == 0)
+    vec_t = int(_aligned(qT) and M % 16 == 0)
+    fmts = {"e4m3": 0, "e5m2": 1}
+    k = _kernel(f"fp8_quantize_rows_cols<{_DT[dtype]}, {fmts[row_fmt]}, {fmts[col_fmt]}>")
+    k((-(-N // _RQ_TILE), -(-M // _RQ_TILE)), (256,),
+      (_u64(x), _u64(row_u32), _u64(col_u32), _u64(q), _u64(qT), _u64(srow), _u64(scol),
+       _u64(colsum), np.int32(parts), _u64(dbias), np.int32(M), np.int32(N), np.int32(vec_in),
+       np.int32(vec_row), np.int32(vec_t)))
+
+
+_RQ_TILE = 128
+
+
+def _rows_cols_plan(dtype: str, M: int, N: int) -> tuple[int, int, int]:
+    """(threads, column blocks, rows per CTA) of fp8_absmax_rows_cols: two 16-byte vectors of a
+    row per thread, up to 256 threads across; slabs of rows sized for about four CTAs per SM."""
+    vec = 16 // _ES[dtype]
+    pairs = -(-N // (2 * vec))
+    threads = min(256, -(-pairs // 32) * 32)
+    gx = -(-pairs // threads)
+    want = max(1, (4 * multiprocessor_count(_device())) // gx)
+    rpc = min(256, max(16, -(-M // want)))
+    return threads, gx, rpc + (rpc & 1)
+
+
+def rows_cols_parts(dtype: str, M: int, N: int) -> int:
+    """The number of column-sum slabs (colsum's rows) of fp8_absmax_rows_cols for x (M, N)."""
+    return -(-M // _rows_cols_plan(dtype, M, N)[2])
+
+
 # --- array level (qkernels.fp8's backend tables) ---------------------------------------------
 
 def _zeros_u32(n: int):
@@ -255,3 +306,37 @@ def qdq_global_torch(x, code, mid):
         k((grid,), (256,), (_u64(x.data_ptr()), np.int64(n), _u64(ws.data_ptr()),
                             _u64(code.data_ptr()), _u64(mid.data_ptr()), _u64(y.data_ptr())))
     return y
+
+
+def quantize_rows_cols_torch(x, row_fp8, col_fp8, with_colsum: bool):
+    """Row-wise float8 codes of x and of x^T, and x's column sums, in two reads of x: for a
+    contiguous 2-D CUDA tensor x (M, N) of float16 / bfloat16 / float32 (M, N > 0; the caller
+    has validated), returns (q (M, N) row_fp8, scale (M, 1), qT (N, M) col_fp8, scale (N, 1),
+    colsum (N,) in x's dtype or None). The codes and scales are those of quantize_rowwise_torch
+    of x and of x.t(); colsum sums float32 slabs of rows in a fixed order (the same bits every
+    run; not the order of torch's x.sum(0)). The backward of the native FP8 layers: G's codes
+    for dX, G^T's for dW, and dbias."""
+    import torch
+    M, N = x.shape
+    dev = x.device
+    q = torch.empty((M, N), dtype=row_fp8, device=dev)
+    qT = torch.empty((N, M), dtype=col_fp8, device=dev)
+    srow = torch.empty((M, 1), dtype=torch.float32, device=dev)
+    scol = torch.empty((N, 1), dtype=torch.float32, device=dev)
+    amax = torch.zeros((M + N,), dtype=torch.int32, device=dev)
+    dtype = _tname(x)
+    parts = rows_cols_parts(dtype, M, N)
+    colsum = dbias = None
+    if with_colsum:
+        colsum = torch.empty((parts, N), dtype=torch.float32, device=dev)
+        dbias = torch.empty((N,), dtype=x.dtype, device=dev)
+    rows_u32 = amax.data_ptr()
+    cols_u32 = rows_u32 + 4 * M
+    sums = 0 if colsum is None else colsum.data_ptr()
+    with _context(x):
+        launch_absmax_rows_cols(x.data_ptr(), dtype, M, N, rows_u32, cols_u32, sums, parts)
+        launch_quant_rows_cols(x.data_ptr(), dtype, _fmt(row_fp8), _fmt(col_fp8), rows_u32, cols_u32,
+                               q.data_ptr(), qT.data_ptr(), srow.data_ptr(), scol.data_ptr(),
+                               sums, parts if with_colsum else 0,
+                               0 if dbias is None else dbias.data_ptr(), M, N)
+    return q, srow, qT, scol, dbias
