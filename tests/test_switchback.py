@@ -432,16 +432,19 @@ def test_gpu_native_fp8_switchback(vectorwise, mem_efficient):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", list(VARIANTS) + ["fp8"])
+@pytest.mark.parametrize("variant", list(VARIANTS) + ["fp8", "fp8 dW"])
 def test_gpu_training_step_captures_in_a_cuda_graph(variant):
     """Forward and backward launch no host synchronization and allocate only through torch:
     the whole step captures in a CUDA graph, and replaying it on new inputs gives eager's
     output and gradients bit for bit."""
-    if variant == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+    if variant.startswith("fp8") and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("needs compute capability >= 8.9")
     torch.manual_seed(14)
     M, K, N = 192, 256, 128
-    if variant == "fp8":
+    if variant == "fp8 dW":  # the native FP8 layer with its fused quantizers
+        from torch_ops.fp8 import LinearFP8Mixed
+        layer = LinearFP8Mixed(K, N, native=True, fp8_weight_grad=True, dtype=torch.bfloat16, device="cuda")
+    elif variant == "fp8":
         layer = SwitchBackLinear(K, N, dtype=torch.bfloat16, device="cuda", quant_dtype="fp8")
     else:
         layer = VARIANTS[variant](K, N, dtype=torch.bfloat16, device="cuda")

@@ -449,55 +449,99 @@ class FP8NativeLinearFunction(torch.autograd.Function):
     feature)^T``, for about half the dW time (the tests hold its relative error to the exact
     product under 10%, against under 1% for the 16-bit dW); it needs the token count
     to be a multiple of 16 (torch._scaled_mm's inner dimension) and falls back to the 16-bit
-    dW otherwise."""
+    dW otherwise. Under ``fp8_wgrad`` the forward also forms X^T's codes, saved for dW in place
+    of X (or of its e4m3 codes: 1 byte per element either way), and, with row-wise W scales,
+    W^T's codes for dX (1 byte per weight saved); the backward takes G's codes, G^T's and
+    dbias from one fused kernel pair, each pair reading its tensor twice."""
 
     @staticmethod
     def forward(ctx, X, W, bias, w_rowwise: bool, mem_efficient: bool, fp8_wgrad: bool = False):
         fp8_rowwise, fp8_global, fp8_scaled_mm = _native_ops()
-        Xq, sX = fp8_rowwise(X, E4M3)
-        if w_rowwise:
-            Wq, sW = fp8_rowwise(W, E4M3)
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        fp8_wgrad = fp8_wgrad and X.shape[0] % 16 == 0
+        XtQ = sXt = WtQ = sWt = None
+        if fp8_wgrad and need_dw:   # X^T's codes now, saved in place of X
+            Xq, sX, XtQ, sXt, _ = _codes_both_ways(X, E4M3, E4M3, False)
         else:
+            Xq, sX = fp8_rowwise(X, E4M3)
+        if not w_rowwise:
             Wq, sW = fp8_global(W, E4M3)
             sW = sW.expand(W.shape[0], 1).contiguous()
+        elif fp8_wgrad and need_dx:  # W^T's codes for dX now, from the same two reads of W
+            Wq, sW, WtQ, sWt, _ = _codes_both_ways(W, E4M3, E4M3, False)
+        else:
+            Wq, sW = fp8_rowwise(W, E4M3)
         Y = fp8_scaled_mm(Xq, Wq, sX, sW, X.dtype, bias)
         ctx.w_rowwise, ctx.mem_efficient, ctx.has_bias = w_rowwise, mem_efficient, bias is not None
-        ctx.fp8_wgrad = fp8_wgrad and X.shape[0] % 16 == 0
-        ctx.x_dtype = X.dtype
-        if mem_efficient:
-            ctx.save_for_backward(Xq, sX, W)
+        ctx.fp8_wgrad, ctx.x_dtype, ctx.w_dtype = fp8_wgrad, X.dtype, W.dtype
+        ctx.xt, ctx.wt = XtQ is not None, WtQ is not None
+        if ctx.xt:
+            saved_x = (XtQ, sXt)
         else:
-            ctx.save_for_backward(X, W)
+            saved_x = (Xq, sX) if mem_efficient else (X,)
+        saved_w = (WtQ, sWt) if ctx.wt else (W,)
+        ctx.save_for_backward(*saved_x, *saved_w)
         return Y
 
     @staticmethod
     def backward(ctx, G):
-        if ctx.mem_efficient:
-            Xq, sX, W = ctx.saved_tensors
+        saved = list(ctx.saved_tensors)
+        if ctx.wt:
+            WtQ, sWt = saved[-2:]
+            del saved[-2:]
         else:
-            X, W = ctx.saved_tensors
+            W = saved.pop()
+        if ctx.xt:
+            XtQ, sXt = saved
+        elif ctx.mem_efficient:
+            Xq, sX = saved
+        else:
+            (X,) = saved
         G = G.contiguous()
         dX = dW = dbias = None
         fp8_rowwise, fp8_global, fp8_scaled_mm = _native_ops()
+        want_dbias = ctx.has_bias and ctx.needs_input_grad[2]
+        if ctx.fp8_wgrad and all(ctx.needs_input_grad[:2]):
+            Gq, sG, GtQ, sGt, dbias = _codes_both_ways(G, E5M2, E5M2, want_dbias)
+        else:
+            Gq = GtQ = None
         if ctx.needs_input_grad[0]:
-            Gq, sG = fp8_rowwise(G, E5M2)
-            if ctx.w_rowwise:
-                WtQ, sWt = fp8_rowwise(W.t(), E4M3)        # per input channel: (K, N)
-            else:
-                WtQ, sWt = fp8_global(W.t(), E4M3)
-                sWt = sWt.expand(W.shape[1], 1).contiguous()
+            if Gq is None:
+                Gq, sG = fp8_rowwise(G, E5M2)
+            if not ctx.wt:
+                if ctx.w_rowwise:
+                    WtQ, sWt = fp8_rowwise(W.t(), E4M3)        # per input channel: (K, N)
+                else:
+                    WtQ, sWt = fp8_global(W.t(), E4M3)
+                    sWt = sWt.expand(W.shape[1], 1).contiguous()
             dX = fp8_scaled_mm(Gq, WtQ, sG, sWt, G.dtype)
         if ctx.needs_input_grad[1]:
-            Xh = (Xq.float() * sX).to(ctx.x_dtype) if ctx.mem_efficient else X
             if ctx.fp8_wgrad:
-                GtQ, sGt = fp8_rowwise(G.t(), E5M2)           # (N, M), a scale per output feature
-                XtQ, sXt = fp8_rowwise(Xh.to(G.dtype).t(), E4M3)  # (K, M), per input feature
-                dW = fp8_scaled_mm(GtQ, XtQ, sGt, sXt, G.dtype).to(W.dtype)
+                if GtQ is None:
+                    GtQ, sGt = fp8_rowwise(G.t(), E5M2)       # (N, M), a scale per output feature
+                dW = fp8_scaled_mm(GtQ, XtQ, sGt, sXt, G.dtype).to(ctx.w_dtype)
             else:
-                dW = torch.matmul(G.t(), Xh.to(G.dtype)).to(W.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+                Xh = (Xq.float() * sX).to(ctx.x_dtype) if ctx.mem_efficient else X
+                dW = torch.matmul(G.t(), Xh.to(G.dtype)).to(ctx.w_dtype)
+        if want_dbias and dbias is None:
             dbias = G.sum(0)
         return dX, dW, dbias, None, None, None
+
+
+def _codes_both_ways(x: Tensor, row_fp8: torch.dtype, col_fp8: torch.dtype, with_colsum: bool):
+    """(q, s, qT, sT, colsum or None): ``fp8_rowwise(x, row_fp8)``, ``fp8_rowwise(x.t(),
+    col_fp8)`` and ``x.sum(0)``. In eager mode on CUDA with the CuPy kernels one fused kernel
+    pair (qkernels.fp8._cupy.quantize_rows_cols_torch: two reads of x instead of three or
+    four, the same codes bit for bit; colsum sums float32 slabs of rows, a fixed order that is
+    not x.sum(0)'s); else the separate ops."""
+    if x.numel() and not torch.compiler.is_compiling():
+        kernels = _fp8_kernels(x)
+        if kernels is not None:
+            return kernels.quantize_rows_cols_torch(x.contiguous(), row_fp8, col_fp8, with_colsum)
+    fp8_rowwise = _native_ops()[0]
+    q, s = fp8_rowwise(x, row_fp8)
+    qT, sT = fp8_rowwise(x.t(), col_fp8)
+    return q, s, qT, sT, (x.sum(0) if with_colsum else None)
 
 
 def linear_fp8_native(x: Tensor, weight: Tensor, bias: Tensor | None, w_rowwise: bool = True,
