@@ -23,6 +23,7 @@ SECTIONS = {  # name -> module; a section whose module is missing is reported, n
     "blockwise": "benchmarks.blockwise",
     "fourbit": "benchmarks.fourbit",
     "int8": "benchmarks.int8",
+    "fp8": "benchmarks.fp8",
     "optim": "benchmarks.optim",
     "layers": "benchmarks.layers",
     "layers4bit8bit": "benchmarks.layers4bit8bit",
