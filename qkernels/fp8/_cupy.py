@@ -119,12 +119,11 @@ def launch_absmax_rows_cols(x: int, dtype: str, M: int, N: int, row_u32: int, co
     """Row and column absmax of x (M, N) into row_u32 (M,) and col_u32 (N,) (zeroed by the
     caller), and the column sums of ``parts`` slabs of rows into colsum f32 (parts, N) unless
     colsum is 0; parts must be ``rows_cols_parts(dtype, M, N)``."""
-    threads, gx, rpc = _rows_cols_plan(dtype, M, N)
+    gx, rpc = _rows_cols_plan(dtype, M, N)
     vec_ok = int(_aligned(x) and (N * _ES[dtype]) % 16 == 0)
     k = _kernel(f"fp8_absmax_rows_cols<{_DT[dtype]}>")
-    k((gx, parts), (threads,), (_u64(x), np.int32(M), np.int32(N), np.int32(rpc), _u64(row_u32),
-                                _u64(col_u32), _u64(colsum), np.int32(vec_ok)),
-      shared_mem=rpc * (threads // 32) * 4)
+    k((gx, parts), (256,), (_u64(x), np.int32(M), np.int32(N), np.int32(rpc), _u64(row_u32),
+                            _u64(col_u32), _u64(colsum), np.int32(vec_ok)))
 
 
 def launch_quant_rows_cols(x: int, dtype: str, row_fmt: str, col_fmt: str, row_u32: int,
@@ -148,21 +147,18 @@ def launch_quant_rows_cols(x: int, dtype: str, row_fmt: str, col_fmt: str, row_u
 _RQ_TILE = 128
 
 
-def _rows_cols_plan(dtype: str, M: int, N: int) -> tuple[int, int, int]:
-    """(threads, column blocks, rows per CTA) of fp8_absmax_rows_cols: two 16-byte vectors of a
-    row per thread, up to 256 threads across; slabs of rows sized for about four CTAs per SM."""
-    vec = 16 // _ES[dtype]
-    pairs = -(-N // (2 * vec))
-    threads = min(256, -(-pairs // 32) * 32)
-    gx = -(-pairs // threads)
-    want = max(1, (4 * multiprocessor_count(_device())) // gx)
-    rpc = min(256, max(16, -(-M // want)))
-    return threads, gx, rpc + (rpc & 1)
+def _rows_cols_plan(dtype: str, M: int, N: int) -> tuple[int, int]:
+    """(column strips, rows per CTA) of fp8_absmax_rows_cols: strips of 64 16-byte vectors,
+    slabs of a multiple of 32 rows sized for about four CTAs per SM."""
+    strips = -(-N // (64 * (16 // _ES[dtype])))
+    want = max(1, (4 * multiprocessor_count(_device())) // strips)
+    rpc = max(32, -(-M // want))
+    return strips, -(-rpc // 32) * 32
 
 
 def rows_cols_parts(dtype: str, M: int, N: int) -> int:
     """The number of column-sum slabs (colsum's rows) of fp8_absmax_rows_cols for x (M, N)."""
-    return -(-M // _rows_cols_plan(dtype, M, N)[2])
+    return -(-M // _rows_cols_plan(dtype, M, N)[1])
 
 
 # --- array level (qkernels.fp8's backend tables) ---------------------------------------------

@@ -36,9 +36,10 @@
 // fp8_absmax_rows_cols<DT>     x (M, N) -> row_amax u32 (M,), col_amax u32 (N,) (both zeroed by
 //   the caller; NaN-propagating, float bits, one atomicMax per row / column and CTA) and
 //   colsum f32 (gridDim.y, N) unless null: each CTA's column sums over its slab of rows (not atomics, so
-//   that the sum is the same every run). CTA: up to 256 threads side by side over 2 vectors each
-//   of a row, walking rows_per_cta rows; row maxima through shared memory (rows_per_cta x warps
-//   floats, dynamic), one barrier per CTA.
+//   that the sum is the same every run). CTA: 8 warps over a strip of 64 16-byte vectors of the
+//   columns and a slab of rows_per_cta rows, warp w taking rows w, w + 8, ...; one atomicMax per
+//   row and strip, and per column and CTA after a reduction over the warps in shared memory
+//   (few atomics on one address: narrow matrices stay memory-bound).
 // fp8_quantize_rows_cols<DT, RFMT, CFMT>   x (M, N) -> q u8 (M, N) row-wise codes (RFMT: 0 e4m3,
 //   1 e5m2), qT u8 (N, M) the row-wise codes of x^T (CFMT), their scales srow (M,), scol (N,),
 //   and, with parts > 0, dbias (N,) DT = sum over the parts of colsum in a fixed order (the
@@ -380,32 +381,34 @@ fp8_quantize_transpose(const typename Storage<DT>::type* __restrict__ x, const u
 }
 
 // ------------------------------------------------------------------------------------------
-#define RC_VPT 2  // 16-byte vectors per thread and row
-#define RC_ROWS 4  // rows loaded together
+#define RC_VPT 2   // 16-byte vectors per lane and row: a warp spans 64 vectors of a row
+#define RC_ROWS 4  // rows a warp loads together
 template <int DT>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, 3)
 fp8_absmax_rows_cols(const typename Storage<DT>::type* __restrict__ x, int M, int N, int rows_per_cta,
                      u32* __restrict__ row_amax, u32* __restrict__ col_amax, float* __restrict__ colsum,
                      int vec_ok) {
   constexpr int VEC = 16 / Storage<DT>::bytes;
-  extern __shared__ float rmax[];  // [rows_per_cta][nw]
-  const int tid = threadIdx.x, nt = blockDim.x, nw = nt >> 5, warp = tid >> 5, lane = tid & 31;
-  const i64 c0 = (i64)blockIdx.x * nt * RC_VPT * VEC;
+  constexpr int SPAN = 32 * RC_VPT * VEC;  // columns of the CTA's strip
+  __shared__ float red[8][SPAN];
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const i64 c0 = (i64)blockIdx.x * SPAN;
   const int r0 = blockIdx.y * rows_per_cta, r1 = min(M, r0 + rows_per_cta);
   float cm[RC_VPT][VEC], cs[RC_VPT][VEC];
 #pragma unroll
   for (int k = 0; k < RC_VPT; ++k)
 #pragma unroll
     for (int j = 0; j < VEC; ++j) cm[k][j] = cs[k][j] = 0.0f;
-  for (int r = r0; r < r1; r += RC_ROWS) {  // RC_ROWS rows at a time, their loads in flight
+  // warp w takes rows r0 + w, r0 + w + 8, ...: RC_ROWS of them at a time, their loads in flight
+  for (int r = r0 + warp; r < r1; r += 8 * RC_ROWS) {
     uint4 raw[RC_ROWS][RC_VPT];
 #pragma unroll
     for (int h = 0; h < RC_ROWS; ++h)
 #pragma unroll
       for (int k = 0; k < RC_VPT; ++k) {
-        const i64 c = c0 + ((i64)k * nt + tid) * VEC;
-        raw[h][k] = r + h < r1 ? load_raw16<DT>(x + (i64)(r + h) * N, c, N, vec_ok)
-                               : make_uint4(0u, 0u, 0u, 0u);
+        const int row = r + 8 * h;
+        const i64 c = c0 + ((i64)k * 32 + lane) * VEC;
+        raw[h][k] = row < r1 ? load_raw16<DT>(x + (i64)row * N, c, N, vec_ok) : make_uint4(0u, 0u, 0u, 0u);
       }
 #pragma unroll
     for (int h = 0; h < RC_ROWS; ++h) {
@@ -424,24 +427,29 @@ fp8_absmax_rows_cols(const typename Storage<DT>::type* __restrict__ x, int M, in
       }
 #pragma unroll
       for (int off = 16; off >= 1; off /= 2) m = nan_max(__shfl_xor_sync(0xffffffffu, m, off), m);
-      if (lane == 0 && r + h < r1) rmax[(r + h - r0) * nw + warp] = m;
+      if (lane == 0 && r + 8 * h < r1) atomicMax(row_amax + r + 8 * h, __float_as_uint(m));
     }
   }
+  // the strip's column maxima, then its column sums, over the 8 warps in a fixed order
 #pragma unroll
-  for (int k = 0; k < RC_VPT; ++k) {
-    const i64 c = c0 + ((i64)k * nt + tid) * VEC;
+  for (int pass = 0; pass < 2; ++pass) {
+    if (pass == 1 && colsum == nullptr) break;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j)
-      if (c + j < N) {
-        atomicMax(col_amax + c + j, __float_as_uint(cm[k][j]));
-        if (colsum != nullptr) colsum[(i64)blockIdx.y * N + c + j] = cs[k][j];
+    for (int k = 0; k < RC_VPT; ++k)
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) red[warp][(k * 32 + lane) * VEC + j] = pass == 0 ? cm[k][j] : cs[k][j];
+    __syncthreads();
+    for (int i = tid; i < SPAN; i += 256) {
+      const i64 c = c0 + i;
+      float a = red[0][i];
+#pragma unroll
+      for (int w = 1; w < 8; ++w) a = pass == 0 ? nan_max(red[w][i], a) : a + red[w][i];
+      if (c < N) {
+        if (pass == 0) atomicMax(col_amax + c, __float_as_uint(a));
+        else colsum[(i64)blockIdx.y * N + c] = a;
       }
-  }
-  __syncthreads();
-  for (int i = tid; i < r1 - r0; i += nt) {
-    float m = rmax[i * nw];
-    for (int w = 1; w < nw; ++w) m = nan_max(rmax[i * nw + w], m);
-    atomicMax(row_amax + r0 + i, __float_as_uint(m));
+    }
+    __syncthreads();
   }
 }
 
