@@ -222,7 +222,8 @@ def boundary_rows(fmt: str, dtype: torch.dtype, cols: int = 3000, seed: int = 0)
     """Rows whose quotients x / scale sit on or beside float8 rounding boundaries, where the
     kernels' multiply-by-reciprocal shortcut must fall back to the division: scales that are
     powers of two (amax = fmax * 2^k) with every float8 midpoint and grid value, and (float32)
-    the same nudged by 1 to 4 ulps; a row of one random scale with midpoints times it."""
+    the same nudged by 1 to 4 ulps; a row of one random scale with midpoints times it; a row of
+    signed zeros and values down to 2^-60 of its amax; (not float16) a row of amax 2^-70."""
     g = np.random.default_rng(seed)
     grid = ref.fp8_bits_to_float32(np.arange(0, 0x7F, dtype=np.uint8), fmt).astype(np.float64)
     grid = grid[np.isfinite(grid)]
@@ -243,6 +244,13 @@ def boundary_rows(fmt: str, dtype: torch.dtype, cols: int = 3000, seed: int = 0)
     row = (g.choice(mids, cols) * np.float64(s)).astype(np.float32)
     row[0] = 3.7e3
     rows.append(row)
+    # signed zeros and values 2^-1 .. 2^-60 of the row's amax (float8 subnormals, underflow)
+    row = (g.uniform(1, 2, cols) * 2.0 ** -g.integers(1, 61, cols) * g.choice([-1.0, 1.0], cols))
+    row[:3] = (1.5, -0.0, 0.0)
+    rows.append(row.astype(np.float32))
+    if dtype != torch.float16:  # amax 2^-70: a scale below fp8x4's 2^-60, which divides
+        rows.append((g.choice(np.concatenate([mids, grid]), cols) * 2.0 ** -70 / fmax * 1.75).astype(np.float32))
+        rows[-1][0] = 1.75 * 2.0 ** -70
     return torch.from_numpy(np.stack(rows)).to(dtype)
 
 

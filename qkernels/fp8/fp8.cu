@@ -6,9 +6,9 @@
 // The rule, per row or over the whole tensor, in float32 (the reference's, bit for bit):
 //   amax = max |x| (NaN propagates)   scale = amax > 0 ? amax * f32(1/fmax) : 1
 //   (NaN amax: scale NaN row-wise, 1 for the global scale)   code = fp8(clamp(x / scale))
-// The quotient is IEEE (__fdiv_rn's), though mostly formed as x * f32(1/scale) with a check that
-// proves the float8 code the same (fp8x4); the float8 rounding is cvt.rn.satfinite (nearest
-// even, sm_89+) on |y| clamped to fmax, with the sign put back and a NaN quotient giving 0x7F.
+// The quotient is IEEE (__fdiv_rn's), though formed without dividing wherever that is proven to
+// give the same code (fp8x4); the float8 rounding is cvt.rn.satfinite (nearest even, sm_89+) on
+// |y| clamped to fmax, with the sign put back and a NaN quotient giving 0x7F.
 //
 // fp8_quantize_rows<DT, E5M2, NV>       a CTA per row at a time, grid-stride over rows
 //   in:  x (rows, cols) DT row-major.   out: q u8 (rows, cols), scale f32 (rows,)
@@ -75,10 +75,10 @@ __device__ __forceinline__ u32 fp8_pair(float ya, float yb) {
   return r;
 }
 
-// The reciprocal that fp8x4 multiplies by: f32(1/s) when s and 1/s are normal floats
-// (2^-125 <= s <= 2^125), else 0, which makes fp8x4 divide.
+// The reciprocal that fp8x4 multiplies by: f32(1/s) for 2^-60 <= s <= 2^125, else 0, which
+// makes fp8x4 divide. (The bound below keeps fp8x4's residuals x - s * y clear of underflow.)
 __device__ __forceinline__ float fp8_recip(float s) {
-  return (s >= 0x1p-125f && s <= 0x1p125f) ? __frcp_rn(s) : 0.0f;
+  return (s >= 0x1p-60f && s <= 0x1p125f) ? __frcp_rn(s) : 0.0f;
 }
 
 // Four float8 codes of float32 values (a in the low byte), rounded nearest-even and saturated.
@@ -105,39 +105,59 @@ __device__ __noinline__ u32 fp8x4_divide(float x0, float x1, float x2, float x3,
 
 // The codes of x[0..3] (x[0] in the low byte) for scales s[i], r[i] = fp8_recip(s[i]): those
 // of the IEEE quotients f32(x / s) (fp8_pair(__fdiv_rn(x, s))), mostly without dividing.
-// With r normal, y = f32(x * r) = (x / s)(1 + d), |d| < 2^-22; y (1 -+ 2^-21), rounded, lie
-// below and above both x / s and f32(x / s), and rounding to float8 is monotone, so when the
-// two give one code it is f32(x / s)'s (signs included: the rounding is symmetric). Otherwise
-// (a float8 rounding boundary within about 8 ulps: some 16 in 2^20 quotients), for NaN, or
-// when an r is 0, divide. MAY_NAN: x may hold a NaN while r != 0 (a global scale, which stays
-// finite); row and column scales are NaN or Inf (r = 0) wherever their x holds a NaN or Inf,
-// so their quotients y are finite and need no test.
-template <bool E5M2, bool MAY_NAN>
+// NARROW (16-bit inputs: at most 11 significant bits): q = y - (s y - x) r with y = f32(x r),
+// one Newton step from the reciprocal's product (Markstein's correction; two FMAs), equals
+// f32(x / s) itself for every 16-bit x and every scale of the rule (f32(amax * f32(1 / fmax))
+// of a 16-bit amax >= |x|, or 1): tests/test_fp8_quotient.py checks all pairs of mantissas at
+// every exponent distance where a code can be non-zero, and with 2^-60 <= s <= 2^125 nothing
+// underflows, so the check covers every exponent. (Written s y - x, not x - s y, so that
+// x = -0 keeps its sign.) Wider inputs (float32): y = (x / s)(1 + d), |d| < 2^-22; y (1 -+
+// 2^-21), rounded, lie below and above both x / s and f32(x / s), and rounding to float8 is
+// monotone, so when the two give one code it is f32(x / s)'s (signs included: the rounding is
+// symmetric); a float8 rounding boundary within about 8 ulps (some 16 in 2^20 quotients)
+// divides. Either way a zero r (an out-of-range or NaN scale) divides. MAY_NAN: x may hold a NaN
+// or Inf while r != 0 (a global scale, which stays finite): those divide too; row and column
+// scales are NaN or Inf (r = 0) wherever their x holds a NaN or Inf.
+template <int DT> constexpr bool kNarrow = Storage<DT>::bytes == 2;  // fp8x4's NARROW for DT
+template <bool E5M2, bool MAY_NAN, bool NARROW>
 __device__ __forceinline__ u32 fp8x4(const float (&x)[4], const float (&s)[4], const float (&r)[4]) {
-  float y[4], lo[4], hi[4];
+  bool ok = r[0] != 0.0f && r[1] != 0.0f && r[2] != 0.0f && r[3] != 0.0f;
+  if (MAY_NAN) {
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    y[i] = __fmul_rn(x[i], r[i]);
-    lo[i] = __fmul_rn(y[i], 0x1.fffffcp-1f);  // 1 - 2^-21
-    hi[i] = __fmul_rn(y[i], 0x1.000008p+0f);  // 1 + 2^-21
+    for (int i = 0; i < 4; ++i) ok = ok && fabsf(x[i]) < __int_as_float(0x7F800000);
   }
-  const u32 cl = fp8_cvt4<E5M2>(lo[0], lo[1], lo[2], lo[3]);
-  const u32 ch = fp8_cvt4<E5M2>(hi[0], hi[1], hi[2], hi[3]);
-  const bool ok = cl == ch && r[0] != 0.0f && r[1] != 0.0f && r[2] != 0.0f && r[3] != 0.0f &&
-                  (!MAY_NAN || (y[0] == y[0] && y[1] == y[1] && y[2] == y[2] && y[3] == y[3]));
-  if (ok) return cl;
+  if (NARROW) {
+    float q[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float y = __fmul_rn(x[i], r[i]);
+      q[i] = __fmaf_rn(-__fmaf_rn(s[i], y, -x[i]), r[i], y);
+    }
+    if (ok) return fp8_cvt4<E5M2>(q[0], q[1], q[2], q[3]);
+  } else {
+    float lo[4], hi[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float y = __fmul_rn(x[i], r[i]);
+      lo[i] = __fmul_rn(y, 0x1.fffffcp-1f);  // 1 - 2^-21
+      hi[i] = __fmul_rn(y, 0x1.000008p+0f);  // 1 + 2^-21
+    }
+    const u32 cl = fp8_cvt4<E5M2>(lo[0], lo[1], lo[2], lo[3]);
+    const u32 ch = fp8_cvt4<E5M2>(hi[0], hi[1], hi[2], hi[3]);
+    if (ok && cl == ch) return cl;
+  }
   return fp8x4_divide<E5M2>(x[0], x[1], x[2], x[3], s[0], s[1], s[2], s[3]);
 }
 
 // Codes of V floats (V a multiple of 4) for one scale s and r = fp8_recip(s), packed
 // little-endian into V / 4 words.
-template <bool E5M2, bool MAY_NAN, int V>
+template <bool E5M2, bool MAY_NAN, bool NARROW, int V>
 __device__ __forceinline__ void fp8_codes(const float (&v)[V], float s, float r, u32 (&w)[V / 4]) {
   const float s4[4] = {s, s, s, s}, r4[4] = {r, r, r, r};
 #pragma unroll
   for (int k = 0; k < V / 4; ++k) {
     const float x4[4] = {v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]};
-    w[k] = fp8x4<E5M2, MAY_NAN>(x4, s4, r4);
+    w[k] = fp8x4<E5M2, MAY_NAN, NARROW>(x4, s4, r4);
   }
 }
 
@@ -208,7 +228,7 @@ fp8_quantize_rows(const typename Storage<DT>::type* __restrict__ x, u8* __restri
         float v[VEC];
         u32 w[VEC / 4];
         raw16_to_f32<DT>(raw[k], v);
-        fp8_codes<E5M2, false>(v, s, rs, w);
+        fp8_codes<E5M2, false, kNarrow<DT>>(v, s, rs, w);
         store_codes<VEC>(qr, c, cols, vec_ok, w);
       }
     }
@@ -216,7 +236,7 @@ fp8_quantize_rows(const typename Storage<DT>::type* __restrict__ x, u8* __restri
       float v[VEC];
       u32 w[VEC / 4];
       raw16_to_f32<DT>(load_raw16<DT>(xr, c, cols, vec_ok), v);
-      fp8_codes<E5M2, false>(v, s, rs, w);
+      fp8_codes<E5M2, false, kNarrow<DT>>(v, s, rs, w);
       store_codes<VEC>(qr, c, cols, vec_ok, w);
     }
     if (tid == 0) scale[row] = s;
@@ -266,13 +286,13 @@ fp8_quantize_global(const typename Storage<DT>::type* __restrict__ x, const u32*
     float v[VEC];
     u32 w[VEC / 4];
     raw16_to_f32<DT>(load_raw16<DT>(x, t * VEC, n, true), v);
-    fp8_codes<E5M2, true>(v, s, rs, w);
+    fp8_codes<E5M2, true, kNarrow<DT>>(v, s, rs, w);
     store_codes<VEC>(q, t * VEC, n, true, w);
   }
   for (i64 i = n - 1 - first; i >= nvec * VEC; i -= stride) {
     const float v = to_f32<DT>(x[i]);
     const float x4[4] = {v, 0.0f, 0.0f, 0.0f}, s4[4] = {s, s, s, s}, r4[4] = {rs, rs, rs, rs};
-    q[i] = (u8)fp8x4<E5M2, true>(x4, s4, r4);
+    q[i] = (u8)fp8x4<E5M2, true, kNarrow<DT>>(x4, s4, r4);
   }
 }
 
@@ -358,7 +378,7 @@ fp8_quantize_transpose(const typename Storage<DT>::type* __restrict__ x, const u
         s4[i] = s_tile[PER_COL ? kv + j + i : 0];
         r4[i] = r_tile[PER_COL ? kv + j + i : 0];
       }
-      w[j4] = fp8x4<E5M2, !PER_COL>(x4, s4, r4);
+      w[j4] = fp8x4<E5M2, !PER_COL, kNarrow<DT>>(x4, s4, r4);
     }
 #pragma unroll
     for (int j4 = 0; j4 < VEC / 4; ++j4) *reinterpret_cast<u32*>(tile + r * FP8_RL + kv + 4 * j4) = w[j4];
@@ -525,7 +545,7 @@ fp8_quantize_rows_cols(const typename Storage<DT>::type* __restrict__ x, const u
       const int m = m0 + rb + i;
       if (m < M && n < N) {
         u32 w[VEC / 4];
-        fp8_codes<RE5, false>(v[i], rs[rb + i], rr[rb + i], w);
+        fp8_codes<RE5, false, kNarrow<DT>>(v[i], rs[rb + i], rr[rb + i], w);
         store_codes<VEC>(q + (i64)m * N, n, N, vec_row, w);
       }
     }
@@ -534,7 +554,7 @@ fp8_quantize_rows_cols(const typename Storage<DT>::type* __restrict__ x, const u
       const float x4[4] = {v[0][j], v[1][j], v[2][j], v[3][j]};
       const float s4[4] = {cs_[kv + j], cs_[kv + j], cs_[kv + j], cs_[kv + j]};
       const float r4[4] = {cr[kv + j], cr[kv + j], cr[kv + j], cr[kv + j]};
-      tileT[(kv + j) * RQ_WR + rb / 4] = fp8x4<CE5, false>(x4, s4, r4);
+      tileT[(kv + j) * RQ_WR + rb / 4] = fp8x4<CE5, false, kNarrow<DT>>(x4, s4, r4);
     }
   }
   }
