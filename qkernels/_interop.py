@@ -267,6 +267,52 @@ def _external_stream(ptr: int):
     return s
 
 
+def torch_stream(t) -> tuple[int, int]:
+    """(device index, torch's current stream on that device as a raw cudaStream_t) for a CUDA
+    tensor t: where the torch hot paths launch. torch._C's raw-stream query where this torch
+    has it (torch.cuda.current_stream builds a Stream object per call, several times slower:
+    the layers' eager steps pay it for every launch group)."""
+    import torch
+    d = t.get_device()
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return d, (raw(d) if raw is not None else torch.cuda.current_stream(d).cuda_stream)
+
+
+class on_stream:
+    """``with on_stream(device, stream):`` selects device ``device`` and the external stream
+    ``stream`` (a raw cudaStream_t, e.g. from torch_stream) for CuPy launches; ``stream=None``
+    keeps the current one. The device is switched only when it is not already current, and
+    the stream objects are cached (``_external_stream``): per-launch host cost matters on the
+    hot paths."""
+
+    __slots__ = ("_dev", "_stream", "_prev_dev", "_s")
+
+    def __init__(self, device: int | None, stream: int | None):
+        self._dev, self._stream = device, stream
+
+    def __enter__(self):
+        import cupy
+        self._prev_dev = None
+        if self._dev is not None:
+            cur = cupy.cuda.runtime.getDevice()
+            if cur != self._dev:
+                cupy.cuda.runtime.setDevice(self._dev)
+                self._prev_dev = cur
+        self._s = None
+        if self._stream is not None:
+            self._s = _external_stream(self._stream)
+            self._s.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._s is not None:
+            self._s.__exit__(*exc)
+        if self._prev_dev is not None:
+            import cupy
+            cupy.cuda.runtime.setDevice(self._prev_dev)
+        return False
+
+
 def _torch_cuda_as_cupy(t, dtype):
     """A zero-copy CuPy view of a CUDA tensor from its pointer (the tensor stays its owner).
     Cheaper than a DLPack exchange (~28 us) on every call; strides are kept."""

@@ -109,7 +109,7 @@ def get_kernel(package: str, filename: str, name: str, options: tuple = ()):
     ``options``: extra NVRTC options, e.g. ``("-arch=sm_90a",)`` (the device's own
     ``-arch=sm_XY`` otherwise)."""
     import cupy
-    return _kernel(cupy.cuda.Device().id, package, filename, name, tuple(options))
+    return _kernel(cupy.cuda.runtime.getDevice(), package, filename, name, tuple(options))
 
 
 def ptr(a) -> int:
@@ -126,7 +126,7 @@ def aligned16(*ptrs: int) -> bool:
 
 def current_device() -> int:
     import cupy
-    return cupy.cuda.Device().id
+    return cupy.cuda.runtime.getDevice()  # (no Device object: the launchers call this per launch)
 
 
 @functools.lru_cache(maxsize=None)

@@ -18,7 +18,7 @@ import functools
 import numpy as np
 
 from .._cuda import get_kernel, multiprocessor_count
-from .._interop import _external_stream  # cached per stream pointer
+from .._interop import _external_stream, torch_stream  # cached per stream pointer
 
 _DT = {"float32": 0, "float16": 1, "bfloat16": 2}
 _QT = {"nf4": 0, "fp4": 1}
@@ -225,7 +225,7 @@ def matmul_4bit_torch(x, packed, absmax, code, blocksize: int, out_features: int
     dtype = str(x.dtype)[6:]
     device = x.device.index
     fn, grid, block = _launch_shape(device, dtype, M, out_features, K, nested is not None)
-    stream = _external_stream(torch.cuda.current_stream(device).cuda_stream)
+    stream = _external_stream(torch_stream(x)[1])
     code2, absmax2, offset = nested if nested is not None else (None, None, 0.0)
     offset_p, offset_v = _offset_args(offset)
     args = (np.uint64(x.data_ptr()), np.uint64(packed.data_ptr()), np.uint64(absmax.data_ptr()),

@@ -18,6 +18,7 @@ import functools
 import numpy as np
 
 from .._cuda import aligned16, current_device, get_kernel, multiprocessor_count, ptr
+from .._interop import on_stream, torch_stream
 
 _DT = {"float32": 0, "float16": 1, "bfloat16": 2}
 _ES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -214,14 +215,7 @@ def _fmt(fp8_dtype) -> str:
 
 def _context(t):
     """Selects t's device and torch's current stream on it for the CuPy launches."""
-    import contextlib
-    import cupy
-    import torch
-    from .._interop import _external_stream
-    stack = contextlib.ExitStack()
-    stack.enter_context(cupy.cuda.Device(t.device.index))
-    stack.enter_context(_external_stream(torch.cuda.current_stream(t.device).cuda_stream))
-    return stack
+    return on_stream(*torch_stream(t))
 
 
 def quantize_rowwise_torch(x, fp8_dtype):

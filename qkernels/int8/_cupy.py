@@ -17,6 +17,7 @@ import functools
 import numpy as np
 
 from .._cuda import aligned16, current_device, get_kernel, multiprocessor_count, ptr
+from .._interop import on_stream, torch_stream
 
 _DT = {"float32": 0, "float16": 1, "bfloat16": 2, "int32": 3}
 _ES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -98,39 +99,7 @@ def _keep_bytes() -> int:
     return int(L2_KEEP * _l2_bytes(_device()))
 
 
-class _on_stream:
-    """Selects device ``device`` and the external stream ``stream`` (a raw cudaStream_t) for
-    CuPy launches; ``stream=None`` keeps the current one (the array-level entry points).
-    Per-launch host cost matters on the hot paths: the device is switched only when it is not
-    already current, and the stream objects are cached (``_external_stream``)."""
-
-    __slots__ = ("_dev", "_stream", "_prev_dev", "_s")
-
-    def __init__(self, device: int | None, stream: int | None):
-        self._dev, self._stream = device, stream
-
-    def __enter__(self):
-        import cupy
-        self._prev_dev = None
-        if self._dev is not None:
-            cur = cupy.cuda.runtime.getDevice()
-            if cur != self._dev:
-                cupy.cuda.runtime.setDevice(self._dev)
-                self._prev_dev = cur
-        self._s = None
-        if self._stream is not None:
-            from .._interop import _external_stream
-            self._s = _external_stream(self._stream)
-            self._s.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self._s is not None:
-            self._s.__exit__(*exc)
-        if self._prev_dev is not None:
-            import cupy
-            cupy.cuda.runtime.setDevice(self._prev_dev)
-        return False
+_on_stream = on_stream
 
 
 # --- pointer-level launchers (all sizes validated by the caller) ---------------------------
@@ -390,9 +359,7 @@ def _tname(t) -> str:
     return str(t.dtype).replace("torch.", "")
 
 
-def _stream_of(t):
-    import torch
-    return t.device.index, torch.cuda.current_stream(t.device).cuda_stream
+_stream_of = torch_stream
 
 
 def int8_matmul_dequant_torch(a, bt, row_scale, col_scale, bias=None, out_dtype=None, col_global=False):

@@ -21,7 +21,7 @@ import functools
 import numpy as np
 
 from .._cuda import get_kernel, multiprocessor_count
-from .._interop import _external_stream
+from .._interop import _external_stream, torch_stream
 
 _DT = {"float32": 0, "float16": 1, "bfloat16": 2}
 _ES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -146,7 +146,7 @@ def int8_linear_gemv_torch(x, CB, SCB, bias=None, staged: bool | None = None,
         ntasks = (N + 1) // 2
         grid = (max(1, min(-(-ntasks // _WARPS), multiprocessor_count(device))),)
         block = (_THREADS,)
-    stream = _external_stream(torch.cuda.current_stream(device).cuda_stream)
+    stream = _external_stream(torch_stream(x)[1])
     codes = absmax = None
     idx = count = 0
     if outliers is not None:
