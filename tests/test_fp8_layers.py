@@ -338,6 +338,40 @@ def test_gpu_qdq_matches_reference(dtype, code):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("code", ["e4m3", "e5m2"])
+def test_gpu_fused_qdq_blockwise_matches_reference(dtype, code):
+    """qdq.cu's qdq_blockwise (the CUDA path of qdq_blockwise) against the NumPy reference, bit
+    for bit: every block size, lengths that leave a short last block, blocks of zeros, of tiny
+    and huge values, with an Inf or a NaN, the codebook's midpoints (ties), and a view."""
+    from qkernels.fp8 import _cupy as K
+    g = torch.Generator().manual_seed(10)
+    table = {"e4m3": E4M3, "e5m2": E5M2}[code]
+    mids = torch.from_numpy(midpoints(table).copy())
+    for bs in K.QDQ_BLOCKSIZES:
+        n = 3 * bs + 37
+        spread = 2.0 if dtype == torch.float16 else 3.0   # float16: stay inside its range
+        x = torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * spread)
+        x[:bs] = 0.0                                   # an all-zero block
+        x[bs + 5] = float("inf")                       # a block with an infinity
+        x[2 * bs: 2 * bs + min(bs, 255)] = mids[:min(bs, 255)]   # ties, absmax 1 ...
+        x[2 * bs + bs - 1] = 1.0                       # ... exactly
+        if dtype != torch.float16:
+            x[-30:] *= 1e-30                           # part of the short block: tiny values
+        x[3 * bs + 3] = float("nan") if bs == 64 else x[3 * bs + 3]
+        x = x.to(dtype)
+        want = torch.from_numpy(ref.qdq_blockwise_f32(_np(x), table, bs)).to(dtype)
+        got = P.qdq_blockwise(x.cuda(), code, bs).cpu()
+        assert _same(got, want), (bs, (got != want).nonzero()[:5])
+    xv = torch.randn(64, 300, dtype=dtype).cuda().t()       # non-contiguous: copied first
+    assert _same(P.qdq_blockwise(xv, code, 256).cpu(),
+                 torch.from_numpy(ref.qdq_blockwise_f32(_np(xv.cpu().contiguous()), table, 256))
+                 .to(dtype).reshape(xv.shape))
+    with pytest.raises(ValueError, match="blocksize"):
+        K.qdq_blockwise_torch(x.cuda(), *P._tables(code, torch.device("cuda")), 100)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["mixed", "global"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_layers_against_reference(kind, dtype):

@@ -42,6 +42,7 @@ fp8_block_sizes = ref.fp8_block_sizes
 
 _CODES: dict[str, np.ndarray] = {"e4m3": fp8_map(4, 3), "e5m2": fp8_map(5, 2)}
 _DEVICE_TABLES: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
+_QDQ_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def code_name(code) -> str:
@@ -110,9 +111,14 @@ def qdq_global(x: Tensor, code: str) -> Tensor:
 @torch.library.custom_op("qkernels::qdq_blockwise", mutates_args=())
 def qdq_blockwise(x: Tensor, code: str, blocksize: int) -> Tensor:
     """Blockwise quantize-dequantize of x (flattened, blocks of ``blocksize`` consecutive
-    elements, 64..4096) through qkernels.quantize_blockwise; x's dtype and shape."""
+    elements, 64..4096) as qkernels.quantize_blockwise then dequantize_blockwise give it; x's
+    dtype and shape. On CUDA with the CuPy kernels one fused pass (qdq.cu, qdq_blockwise)."""
     if x.numel() == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
+    kernels = _fp8_kernels(x) if x.dtype in _QDQ_DTYPES else None
+    if kernels is not None and blocksize in kernels.QDQ_BLOCKSIZES:
+        code_t, mid = _tables(code, x.device)
+        return kernels.qdq_blockwise_torch(x.detach().contiguous(), code_t, mid, blocksize)
     codes, state = qkernels.quantize_blockwise(x.detach(), code=_CODES[code], blocksize=blocksize)
     return qkernels.dequantize_blockwise(codes, state).reshape(x.shape)
 

@@ -278,13 +278,7 @@ def qdq_global_torch(x, code, mid):
     (absmax, then the lookup), no host synchronization; any compute capability."""
     import torch
     from ..int8._cupy import launch_absmax_global as absmax_global
-    for t, size, what in ((code, 256, "code"), (mid, 255, "mid")):
-        if t.dtype != torch.float32 or t.numel() != size or t.device != x.device or not t.is_contiguous():
-            raise ValueError(f"qdq_global_torch: {what} must be a contiguous float32 ({size},) tensor on "
-                             f"{x.device}; got {t.dtype} {tuple(t.shape)} on {t.device}")
-    if x.numel() == 0 or not x.is_contiguous() or _tname(x) not in _DT:
-        raise ValueError(f"qdq_global_torch: x must be a nonempty contiguous float16/bfloat16/float32 "
-                         f"tensor; got {x.dtype} {tuple(x.shape)}")
+    _check_qdq_args(x, code, mid, "qdq_global_torch")
     n = x.numel()
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     ws = torch.zeros((1,), dtype=torch.int32, device=x.device)
@@ -296,6 +290,43 @@ def qdq_global_torch(x, code, mid):
         k((grid,), (256,), (_u64(x.data_ptr()), np.int64(n), _u64(ws.data_ptr()),
                             _u64(code.data_ptr()), _u64(mid.data_ptr()), _u64(y.data_ptr())))
     return y
+
+
+QDQ_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def qdq_blockwise_torch(x, code, mid, blocksize: int):
+    """Blockwise quantize-dequantize (qdq.cu) of a contiguous CUDA tensor x (any shape,
+    float16 / bfloat16 / float32, nonempty), blocks of ``blocksize`` (QDQ_BLOCKSIZES)
+    consecutive elements, with the float32 CUDA tables code (256,) and mid (255,) on x's
+    device: a new tensor of x's shape and dtype, as quantize_blockwise then
+    dequantize_blockwise would give. One launch on torch's current stream."""
+    import torch
+    _check_qdq_args(x, code, mid, "qdq_blockwise_torch")
+    if blocksize not in QDQ_BLOCKSIZES:
+        raise ValueError(f"qdq_blockwise_torch: blocksize must be one of {QDQ_BLOCKSIZES}; got {blocksize}")
+    n = x.numel()
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    ept = 4 if blocksize <= 1024 else blocksize // 256  # threads a block: blocksize / ept <= 256
+    per_cta = 256 // (blocksize // ept)
+    grid = -(-(-(-n // blocksize)) // per_cta)
+    dtype = _tname(x)
+    with _context(x):
+        k = get_kernel(__package__, "qdq.cu", f"qdq_blockwise<{_DT[dtype]}, {ept}>")
+        k((grid,), (256,), (_u64(x.data_ptr()), np.int64(n), np.int32(blocksize),
+                            _u64(code.data_ptr()), _u64(mid.data_ptr()), _u64(y.data_ptr())))
+    return y
+
+
+def _check_qdq_args(x, code, mid, name: str) -> None:
+    import torch
+    for t, size, what in ((code, 256, "code"), (mid, 255, "mid")):
+        if t.dtype != torch.float32 or t.numel() != size or t.device != x.device or not t.is_contiguous():
+            raise ValueError(f"{name}: {what} must be a contiguous float32 ({size},) tensor on "
+                             f"{x.device}; got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if x.numel() == 0 or not x.is_contiguous() or _tname(x) not in _DT:
+        raise ValueError(f"{name}: x must be a nonempty contiguous float16/bfloat16/float32 "
+                         f"tensor; got {x.dtype} {tuple(x.shape)}")
 
 
 def quantize_rows_cols_torch(x, row_fp8, col_fp8, with_colsum: bool):
