@@ -209,9 +209,11 @@ row_quant(const typename Storage<DT>::type* __restrict__ x, i8* __restrict__ q,
     }
 #pragma unroll
     for (int e = 0; e < PER; ++e) {
-      const float a = fabsf(v[e]);
-      if (THRESH && a >= threshold) seen |= 1u << e;  // padding is 0.0f < threshold
-      else m = nan_max(a, m);
+      if (THRESH && fabsf(v[e]) >= threshold) {  // an outlier (padding is 0.0f < threshold):
+        seen |= 1u << e;                         // left out of m, and its code is quant8(0) = 0
+        v[e] = 0.0f;
+      }
+      m = nan_max(fabsf(v[e]), m);
     }
     for (int c = cached + tid; c < cols; c += nt) {  // rows longer than the register cache
       const float a = fabsf(ld1<DT>(xr + c));
@@ -228,8 +230,7 @@ row_quant(const typename Storage<DT>::type* __restrict__ x, i8* __restrict__ q,
       int code[VEC];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const float val = v[i * VEC + j];
-        code[j] = (THRESH && fabsf(val) >= threshold) ? 0 : quant8(val, s);
+        code[j] = quant8(v[i * VEC + j], s);  // THRESH: outliers already zeroed
       }
       if (vec_ok) {
         const int c0 = (i * nt + tid) * VEC;
