@@ -76,7 +76,7 @@ __device__ __forceinline__ u32 fp8_pair(float ya, float yb) {
 }
 
 // The reciprocal that fp8x4 multiplies by: f32(1/s) for 2^-60 <= s <= 2^125, else 0, which
-// makes fp8x4 divide. (The bound below keeps fp8x4's residuals x - s * y clear of underflow.)
+// makes fp8x4 divide. (The bound below keeps fp8x4's residuals s * y - x clear of underflow.)
 __device__ __forceinline__ float fp8_recip(float s) {
   return (s >= 0x1p-60f && s <= 0x1p125f) ? __frcp_rn(s) : 0.0f;
 }
