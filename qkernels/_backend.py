@@ -93,6 +93,13 @@ def choose(table: dict, on_gpu: bool) -> tuple[str, object]:
     raise RuntimeError(f"no backend can run this op; tried {order}")
 
 
+def takes_cuda_path(t) -> bool:
+    """Whether the torch tensor ``t`` may take the CUDA kernels' raw-pointer path: it is a
+    CUDA tensor, CuPy loads, and no other backend was asked for (``use_backend``,
+    ``QKERNELS_BACKEND``). The one test every torch hot path makes before its launch."""
+    return t.is_cuda and requested_backend() in (None, "cupy") and backend_status("cupy")[0]
+
+
 def lazy(module: str, attr: str):
     """A table entry that imports ``module`` only when first called."""
     def call(*args, **kwargs):

@@ -12,6 +12,8 @@ the logical dtype is passed beside it. GPU work runs on the caller's current str
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from reference.dtypes import dtype_name as _canonical, numpy_bfloat16
@@ -25,6 +27,9 @@ def kind_of(x) -> str:
         return "numpy"
     mod = type(x).__module__.split(".")[0]
     if mod == "torch" and hasattr(x, "data_ptr"):
+        return "torch"
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):  # a subclass (a layer's parameter class)
         return "torch"
     if mod == "cupy":
         return "cupy"

@@ -282,7 +282,10 @@ def test_matmul_4bit_reference(rows, k, n_out, blocksize, quant_type, nested, wi
     exact = x.astype(np.float64) @ wd.T + (0 if bias is None else bias)
     got = qf.matmul_4bit(x, packed, state, bias)
     assert got.shape == (rows, n_out) and got.dtype == np.float32
-    np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
+    # float32 accumulation over k terms: the error scales with sum |x_i w_i| (k * eps32 <= 1.2e-5
+    # of it for k <= 200), not with the result, which cancellation can make arbitrarily small
+    magnitude = np.abs(x.astype(np.float64)) @ np.abs(wd).T + (0 if bias is None else np.abs(bias))
+    assert np.all(np.abs(got - exact) <= 1.2e-5 * magnitude + 1e-30)
     x16 = x.reshape(1, rows, k).astype(np.float16)
     got16 = ref.matmul_4bit(x16, packed, state)
     assert got16.shape == (1, rows, n_out) and got16.dtype == np.float16

@@ -281,7 +281,7 @@ def test_gpu_small_batch_gemv_is_the_reference(dtype, rows, in_f, out_f, staged,
     same float32 epilogue. Odd K (byte loads), odd N, a zero row (codes 0) and a row holding
     Inf (NaN outputs) included."""
     from qkernels.int8 import _cupy_gemv
-    from torch_ops.linear8bit import int8_linear_small_batch
+    from qkernels.int8.ops import int8_linear_small_batch
     if staged is True and rows * -(-in_f // 16) * 16 > 46 * 1024:
         pytest.skip("x too large to stage in shared memory")
     mma = staged == "mma"
@@ -339,7 +339,7 @@ def test_gpu_fused_outliers_are_the_definition(dtype, rows, in_f, out_f, n_outli
     second term bounding the float32 sums. Covers the small-batch kernels (<= 16 rows, dp4a and
     tensor-core), one and several 16-column chunks of outliers (up to 300), none, rows and
     columns that do not fill a tile, with and without bias."""
-    from torch_ops.linear8bit import int8_linear_outliers
+    from qkernels.int8.ops import int8_linear_outliers
     from qkernels.int8 import _cupy
     torch.manual_seed(rows + in_f + out_f)
     lin = torch.nn.Linear(in_f, out_f, bias=bias).to(dtype)

@@ -49,7 +49,7 @@ from torch import nn
 
 from reference.state import QuantState
 from ._checks import check_linear_input
-from .linear4bit import Linear4bit, MatMul4bit, Params4bit, _fourbit
+from .linear4bit import Linear4bit, Params4bit, _fourbit, matmul_4bit
 from ._layers import plain
 
 __all__ = ["Shardable4bitWeight", "prepare_for_fsdp", "linear_forward"]
@@ -400,7 +400,7 @@ def prepare_for_fsdp(model: nn.Module) -> nn.Module:
 
 def linear_forward(layer: Linear4bit, x: torch.Tensor) -> torch.Tensor:
     """Linear4bit.forward for a Shardable4bitWeight: ``x @ W.T + bias`` with W dequantized by
-    the same MatMul4bit as a Params4bit weight (so the same numbers: bit-identical on CPU),
+    the same declared op as a Params4bit weight (so the same numbers: bit-identical on CPU),
     gradients to x and the bias, none to W. x (*, in) -> (*, out) in x's dtype."""
     w = layer.weight
     name = type(layer).__name__
@@ -417,4 +417,4 @@ def linear_forward(layer: Linear4bit, x: torch.Tensor) -> torch.Tensor:
     if bias is not None and bias.device.type == "cpu":
         bias = bias.clone()  # FSDP2 may resize the bias storage: keep NumPy off it (as_packed_state)
     packed, state = w.as_packed_state()
-    return MatMul4bit.apply(x.to(cd), packed, state, bias).to(x.dtype)
+    return matmul_4bit(x.to(cd), packed, state, bias).to(x.dtype)

@@ -24,13 +24,14 @@ import warnings
 import torch
 from torch import nn
 
+from qkernels.fourbit.ops import prepare_matmul_4bit, state_tensors
 from reference import fourbit as ref4
 from reference.state import QuantState
-from ._checks import check_linear_input
+from ._checks import input_problem, refuse
 from ._layers import (LoadReport, apply_to_quantized_weight, check_bias, layer_keys, move_state,
                       plain, state_device, tensor_bytes)
 
-__all__ = ["Params4bit", "Linear4bit", "LinearNF4", "LinearFP4", "MatMul4bit"]
+__all__ = ["Params4bit", "Linear4bit", "LinearNF4", "LinearFP4", "matmul_4bit"]
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -185,36 +186,35 @@ class Params4bit(nn.Parameter):
                 f"nested={s.nested}, storage={self.dtype}, device={self.device})")
 
 
-class MatMul4bit(torch.autograd.Function):
-    """``out = x @ dequantize_4bit(packed, state).T + bias`` (qkernels.fourbit.matmul_4bit).
+_FROZEN = ("backward into a frozen quantized weight: Linear4bit.weight holds packed 4-bit codes and "
+           "has no gradient; keep weight.requires_grad=False and train adapters (torch_ops.LoRA)")
 
-    x (..., in) in the compute dtype; packed: the payload (frozen); bias (out,) in x's dtype
-    or None. Backward: ``dx = dout @ W`` with W dequantized in dout's dtype; ``dbias =
-    sum(dout)``; a packed weight that requires grad is an error (it has no gradient)."""
+
+def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias=None) -> torch.Tensor:
+    """``x @ dequantize_4bit(packed, state).T + bias`` through the declared op
+    ``torch.ops.qkernels.matmul_4bit`` (qkernels/fourbit/ops.py): traceable by torch.compile,
+    gradients to x and bias. x (..., in) in the compute dtype; packed: a weight stored (out,
+    in); bias (out,) in x's dtype or None."""
+    absmax, code, code2, absmax2, offset = state_tensors(state, x.device)
+    return torch.ops.qkernels.matmul_4bit(x, packed, absmax, code, code2, absmax2, offset, bias,
+                                          state.blocksize, state.quant_type, state.shape[0])
+
+
+class _PlannedMatmul4bit(torch.autograd.Function):
+    """The eager forward with gradients (QLoRA): ``plan(x, bias)``; backward ``dx = grad @ W``
+    (W dequantized in grad's dtype), ``dbias = sum(grad)``; the frozen weight gets none."""
 
     @staticmethod
-    def forward(ctx, x, packed, state, bias):
-        ctx.state = state
-        ctx.save_for_backward(packed)
-        ctx.x_shape = x.shape
-        with torch.no_grad():
-            return _fourbit().matmul_4bit(x, plain(packed), state, None if bias is None else bias.detach())
+    def forward(ctx, x, bias, plan):
+        ctx.plan = plan
+        return plan(x, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.needs_input_grad[1]:
-            raise RuntimeError("backward into a frozen quantized weight: Linear4bit.weight holds "
-                               "packed 4-bit codes and has no gradient; keep weight.requires_grad="
-                               "False and train adapters (torch_ops.LoRA)")
-        (packed,) = ctx.saved_tensors
-        g2 = grad.reshape(-1, grad.shape[-1])
-        dx = dbias = None
-        if ctx.needs_input_grad[0]:
-            w = _fourbit().dequantize_4bit(plain(packed), ctx.state, out_dtype=grad.dtype)
-            dx = (g2 @ w).reshape(ctx.x_shape)
-        if ctx.needs_input_grad[3]:
-            dbias = g2.sum(0)
-        return dx, None, None, dbias
+        plan = ctx.plan
+        dx = grad @ plan.dequantize(grad.dtype) if ctx.needs_input_grad[0] else None
+        dbias = grad.reshape(-1, plan.N).sum(0) if ctx.needs_input_grad[1] else None
+        return dx, dbias, None
 
 
 class Linear4bit(nn.Linear):
@@ -246,6 +246,7 @@ class Linear4bit(nn.Linear):
         self.compute_dtype = compute_dtype
         self.quant_storage = quant_storage
         self._warned_f32 = False
+        self._plan = None  # the weight's Matmul4bitPlan (forward), made on first use
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **options) -> "Linear4bit":
@@ -261,6 +262,7 @@ class Linear4bit(nn.Linear):
         return layer
 
     def _apply(self, fn, recurse=True):
+        self._plan = None  # a move makes new pointers
         return apply_to_quantized_weight(self, fn, recurse, super()._apply)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -268,21 +270,47 @@ class Linear4bit(nn.Linear):
         if not isinstance(w, Params4bit):  # converted by torch_ops.fsdp4bit.prepare_for_fsdp
             from .fsdp4bit import linear_forward
             return linear_forward(self, x)
-        check_linear_input(x, self.in_features, w, type(self).__name__)
-        if not w.bnb_quantized:
-            raise RuntimeError(f"{type(self).__name__}: the weight is not quantized yet; it is "
-                               "quantized when the layer is moved to a device (layer.to(device), "
-                               ".cuda(), .cpu()) or loaded from a quantized checkpoint")
-        state = w.synced_state()
+        problem = input_problem(x, self.in_features, w, type(self).__name__)
+        if problem is None and not w.bnb_quantized:
+            problem = ("RuntimeError", f"{type(self).__name__}: the weight is not quantized yet; it "
+                       "is quantized when the layer is moved to a device (layer.to(device), .cuda(), "
+                       ".cpu()) or loaded from a quantized checkpoint")
+        if problem is not None:
+            return refuse(problem, x, self.out_features)
         cd = self.compute_dtype or x.dtype
         if cd == torch.float32 and x.dtype != torch.float32 and not self._warned_f32:
-            warnings.warn(f"{type(self).__name__}: compute_dtype=torch.float32 with {x.dtype} input "
-                          "runs a slow float32 matmul; leave compute_dtype=None to follow the "
-                          "input", stacklevel=2)
-            self._warned_f32 = True
+            self._warn_f32(x.dtype)
         bias = None if self.bias is None else self.bias.to(cd)
-        out = MatMul4bit.apply(x.to(cd), w, state, bias)
+        xc = x.to(cd)
+        if torch.compiler.is_compiling():
+            out = matmul_4bit(xc, w, w.quant_state, bias)
+        else:
+            plan = self._plan
+            if plan is None or plan.key != (w.data_ptr(), id(w.quant_state)):
+                plan = self._prepare()
+            if torch.is_grad_enabled() and (xc.requires_grad or (bias is not None and bias.requires_grad)
+                                            or w.requires_grad):
+                if w.requires_grad:
+                    raise RuntimeError(_FROZEN)
+                out = _PlannedMatmul4bit.apply(xc, bias, plan)
+            else:
+                out = plan(xc, bias)
         return out.to(x.dtype)
+
+    def _prepare(self):
+        """The weight's Matmul4bitPlan (launch arguments for its current device and bytes),
+        made once and again whenever the weight's data or state object changed."""
+        w = self.weight
+        state = w.synced_state()
+        self._plan = prepare_matmul_4bit(plain(w), state, key=(w.data_ptr(), id(w.quant_state)))
+        return self._plan
+
+    @torch.compiler.disable
+    def _warn_f32(self, dtype):
+        warnings.warn(f"{type(self).__name__}: compute_dtype=torch.float32 with {dtype} input "
+                      "runs a slow float32 matmul; leave compute_dtype=None to follow the "
+                      "input", stacklevel=3)
+        self._warned_f32 = True
 
     # -- state_dict -------------------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -317,6 +345,7 @@ class Linear4bit(nn.Linear):
             if new_weight is not None:
                 self.weight.data = new_weight.data
                 self.weight.__dict__.update(new_weight.__dict__)
+                self._plan = None
             if new_bias is not None:
                 self.bias.copy_(new_bias)
 

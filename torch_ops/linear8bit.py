@@ -38,121 +38,35 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import torch
 from torch import nn
 
-from ._checks import check_linear_input
+from qkernels.int8.ops import dequant_weight, prepare_int8_linear, quantize_weight
+from ._checks import input_problem, refuse
 from ._layers import (LoadReport, apply_to_quantized_weight, check_bias, layer_keys, plain,
                       tensor_bytes)
-from ._layers import fast_cuda as _fast_cuda
 
 __all__ = ["Int8Params", "Linear8bitLt", "MatMul8bitLt"]
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _int8():
-    from qkernels import int8
-    return int8
-
-
-# --- the int8 ops, with the raw-pointer CUDA hot path when it is there ---------------------
-
-def quantize_rows(x2: torch.Tensor, threshold: float):
-    """(CA int8 (tokens, in), SCA float32 (tokens,), cols int64 or None) of x2 (tokens, in);
-    the outlier columns of CA are zero."""
-    fast = _fast_cuda(x2)
-    if fast is None:
-        return _int8().int8_vectorwise_quant(x2, threshold)
-    if threshold <= 0:
-        q, s = fast.quantize_rowwise_torch(x2.contiguous(), stats_dtype=torch.float32)
-        return q, s, None
-    # two kernels (quantize with the outlier flags; compact them and zero those columns of q)
-    # and one host sync to read their count, as bitsandbytes' nonzero
-    return fast.int8_vectorwise_quant_torch(x2.contiguous(), threshold)
-
-
-def int8_gemm_dequant(CA, CB, SCA, SCB, bias, out_dtype):
-    """``int8_mm_dequant(int8_linear_matmul(CA, CB), SCA, SCB, bias)`` in out_dtype; one fused
-    kernel on CUDA."""
-    fast = _fast_cuda(CA)
-    if fast is None:
-        name = str(out_dtype).replace("torch.", "")
-        ops = _int8()
-        return ops.int8_mm_dequant(ops.int8_linear_matmul(CA, CB), SCA, SCB, bias, out_dtype=name)
-    b = None if bias is None else bias.contiguous()
-    return fast.int8_matmul_dequant_torch(CA.contiguous(), CB.contiguous(), SCA, SCB, b, out_dtype=out_dtype)
-
-
-def int8_linear_outliers(x2, CB, SCB, bias, threshold):
-    """The whole threshold > 0 forward on CUDA without a host synchronization: (out in x2's
-    dtype, idx int64, count int32 (1,) on the device; idx[:count] = the outlier columns), the
-    outlier product fused into the int8 kernels' epilogue (qkernels.int8._cupy). None where
-    it does not apply (other devices or backends, K % 16 != 0, more than 16 rows off Hopper)."""
-    fast = _fast_cuda(x2)
-    if fast is None:
-        return None
-    b = None if bias is None else bias.contiguous()
-    return fast.int8_linear_outliers_torch(x2.contiguous(), CB.contiguous(), SCB.contiguous(), b, threshold)
-
-
-def int8_linear_small_batch(x2, CB, SCB, bias):
-    """The whole threshold-0 forward ``int8_gemm_dequant(*quantize_rows(x2, 0)[:2], CB, ...)``
-    in x2's dtype for x2 with at most 16 rows on CUDA: quantize x, int8 dot products and
-    epilogue fused (qkernels/int8/gemv.cu), the same bits as the GEMM path. None where it
-    does not apply (other devices or backends, more rows, K == 0)."""
-    if _fast_cuda(x2) is None:
-        return None
-    from qkernels.int8 import _cupy_gemv as gemv
-    if not gemv.gemv_ok(x2, CB, SCB, bias):
-        return None
-    b = None if bias is None else bias.contiguous()
-    return gemv.int8_linear_gemv_torch(x2.contiguous(), CB.contiguous(), SCB.contiguous(), b)
-
-
-_INV127 = float(np.float32(1.0 / 127.0))
-
-
-def dequant_weight(CB: torch.Tensor, SCB: torch.Tensor) -> torch.Tensor:
-    """float32 (out, in) = CB * SCB[:, None] * f32(1/127)."""
-    if CB.is_cuda:  # the same two float32 roundings in torch ops (no per-call conversions)
-        return CB.float() * SCB.float()[:, None] * _INV127
-    return _int8().int8_vectorwise_dequant(CB, SCB)
-
-
-def quantize_weight(W: torch.Tensor):
-    """(CB int8 (out, in), SCB float32 (out,)) of a float weight, via float16 (SPEC 9)."""
-    CB, SCB, _ = _int8().int8_vectorwise_quant(W.to(torch.float16).contiguous(), 0.0)
-    return CB, SCB
-
-
 class MatMul8bitLt(torch.autograd.Function):
-    """LLM.int8() matmul (module docstring). x (..., in); weight: the float parameter (for
-    dW) or None; CB int8 (out, in); SCB float32 (out,); bias (out,) or None."""
+    """LLM.int8() matmul with gradients (module docstring). x (..., in); weight: the float
+    parameter (for dW) or None; CB int8 (out, in); SCB float32 (out,); bias (out,) or None;
+    plan: the layer's Int8LinearPlan in eager mode, None under torch.compile (the declared
+    op ``qkernels::int8_linear`` then runs the same forward)."""
 
     @staticmethod
-    def forward(ctx, x, weight, CB, SCB, bias, threshold):
+    def forward(ctx, x, weight, CB, SCB, bias, threshold, plan):
         x2 = x.reshape(-1, x.shape[-1])
-        ctx.cols = ctx.outliers = None
-        with torch.no_grad():
-            b = None if bias is None else bias.detach()
-            if threshold <= 0:  # at most 16 rows on CUDA: one fused kernel (same bits as below)
-                out = int8_linear_small_batch(x2, CB, SCB, b)
-            else:  # CUDA: the outlier product in the int8 kernels' epilogue, no host sync
-                fused = int8_linear_outliers(x2, CB, SCB, b, threshold)
-                out, ctx.outliers = (None, None) if fused is None else (fused[0], fused[1:])
-            if out is None:
-                CA, SCA, cols = quantize_rows(x2, threshold)
-                if cols is None or cols.numel() == 0:
-                    out = int8_gemm_dequant(CA, CB, SCA, SCB, b, x.dtype)
-                else:
-                    ctx.cols = cols
-                    out = int8_gemm_dequant(CA, CB, SCA, SCB, b, torch.float32)
-                    w_cols = dequant_weight(CB[:, cols].contiguous(), SCB)
-                    out.addmm_(x2[:, cols].float(), w_cols.T)  # one GEMM pass adds it (beta = 1)
-                    out = out.to(x.dtype)
+        b = None if bias is None else bias.detach()
+        if plan is not None:
+            out = plan(x2, b)
+        else:
+            out = torch.ops.qkernels.int8_linear(x2, CB, SCB, b, threshold)
         ctx.x_shape = x.shape
+        ctx.threshold = threshold
         ctx.save_for_backward(CB, SCB, x2 if ctx.needs_input_grad[1] else None)
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -166,29 +80,10 @@ class MatMul8bitLt(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = (g2 @ dequant_weight(CB, SCB).to(g2.dtype)).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            cols = ctx.cols
-            if ctx.outliers is not None:  # the fused forward left the count on the device
-                idx, count = ctx.outliers
-                cols = idx[:int(count.item())]
-            cols = cols if cols is not None and cols.numel() else None
-            dW = _int8_weight_grad(g2, x2, cols).to(ctx.weight_dtype)
+            dW = torch.ops.qkernels.int8_weight_grad(g2, x2, ctx.threshold).to(ctx.weight_dtype)
         if ctx.needs_input_grad[4]:
             dbias = g2.sum(0).to(ctx.bias_dtype)
-        return dx, dW, None, None, dbias, None
-
-
-def _int8_weight_grad(g2: torch.Tensor, x2: torch.Tensor, cols) -> torch.Tensor:
-    """dW (out, in) float32 ~= g2^T @ x2 as an int8 product: dout^T quantized per output
-    feature, x per input feature (both over tokens); outlier columns of x in float32."""
-    ops = _int8()
-    qG, sG, _ = ops.int8_vectorwise_quant(g2.t().contiguous(), 0.0)
-    qX, sX, _ = ops.int8_vectorwise_quant(x2.t().contiguous(), 0.0)
-    if cols is not None:
-        qX[cols] = 0
-    dW = ops.int8_mm_dequant(ops.int8_linear_matmul(qG, qX), sG, sX, None, out_dtype="float32")
-    if cols is not None:
-        dW[:, cols] = g2.t().float() @ x2[:, cols].float()
-    return dW
+        return dx, dW, None, None, dbias, None, None
 
 
 def _rebuild_int8params(data, requires_grad, attrs):
@@ -307,7 +202,7 @@ class Linear8bitLt(nn.Linear):
         self.index = index
         self.weight = Int8Params(self.weight.data, has_fp16_weights=has_fp16_weights,
                                  requires_grad=has_fp16_weights)
-        self._int8_cache = None  # (key, CB, SCB) of the float weight (has_fp16_weights)
+        self._plan = None  # the weight's Int8LinearPlan (forward), made on first use
 
     @property
     def has_fp16_weights(self) -> bool:
@@ -330,27 +225,49 @@ class Linear8bitLt(nn.Linear):
         return layer
 
     def _apply(self, fn, recurse=True):
+        self._plan = None  # a move makes new pointers
         return apply_to_quantized_weight(self, fn, recurse, super()._apply)
 
-    def _int8_weight(self):
+    def _prepare(self):
+        """The Int8LinearPlan of the current int8 weight (and threshold), made again whenever
+        the weight's data, its SCB, its version (has_fp16_weights) or the threshold changed."""
         w = self.weight
-        if not w.has_fp16_weights:
-            if not w.quantized:
-                raise RuntimeError("Linear8bitLt: the weight is not quantized yet; it is quantized "
-                                   "when the layer is moved to a device (layer.to(device), .cuda(), "
-                                   ".cpu()) or loaded from an int8 checkpoint")
-            return w.synced()
-        key = (w._version, w.data_ptr(), w.device, w.dtype)
-        if self._int8_cache is None or self._int8_cache[0] != key:
-            with torch.no_grad():
-                self._int8_cache = (key, *quantize_weight(w.detach()))
-        return self._int8_cache[1], self._int8_cache[2]
+        if w.has_fp16_weights:
+            key = (w._version, w.data_ptr(), w.device, w.dtype, self.threshold)
+            plan = self._plan
+            if plan is None or plan.key != key:
+                with torch.no_grad():
+                    CB, SCB = quantize_weight(w)
+                plan = self._plan = prepare_int8_linear(CB, SCB, self.threshold, key=key)
+            return plan
+        CB, SCB = w.synced()
+        self._plan = prepare_int8_linear(CB, SCB, self.threshold, key=(w.data_ptr(), id(w.SCB), self.threshold))
+        return self._plan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_linear_input(x, self.in_features, self.weight, "Linear8bitLt")
-        CB, SCB = self._int8_weight()
-        weight = self.weight if self.weight.has_fp16_weights else None
-        return MatMul8bitLt.apply(x, weight, CB, SCB, self.bias, self.threshold)
+        w = self.weight
+        problem = input_problem(x, self.in_features, w, "Linear8bitLt")
+        if problem is None and not w.has_fp16_weights and not w.quantized:
+            problem = ("RuntimeError", "Linear8bitLt: the weight is not quantized yet; it is quantized "
+                       "when the layer is moved to a device (layer.to(device), .cuda(), .cpu()) or "
+                       "loaded from an int8 checkpoint")
+        if problem is not None:
+            return refuse(problem, x, self.out_features)
+        bias = self.bias
+        if torch.compiler.is_compiling():
+            if w.has_fp16_weights:  # quantized in the graph (no cache to go stale)
+                CB, SCB = torch.ops.qkernels.int8_quantize_weight(w.detach())
+                return MatMul8bitLt.apply(x, w, CB, SCB, bias, self.threshold, None)
+            return MatMul8bitLt.apply(x, None, w, w.SCB, bias, self.threshold, None)
+        plan = self._plan
+        if w.has_fp16_weights or plan is None or plan.key != (w.data_ptr(), id(w.SCB), self.threshold):
+            plan = self._prepare()
+        weight = w if w.has_fp16_weights else None
+        if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad)):
+            return MatMul8bitLt.apply(x, weight, plan.CB, plan.SCB, bias, self.threshold, plan)
+        out = plan(x.reshape(-1, self.in_features), bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     # -- state_dict -------------------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -382,7 +299,7 @@ class Linear8bitLt(nn.Linear):
                 self.weight.copy_(new_weight)
             if new_bias is not None:
                 self.bias.copy_(new_bias)
-        self._int8_cache = None
+        self._plan = None
 
     def _checked_weight(self, sd: dict, report: LoadReport):
         """An Int8Params to install, a float tensor to copy into the float weight, or None

@@ -246,3 +246,83 @@ def matmul_4bit_torch(x, packed, absmax, code, blocksize: int, out_features: int
 def fused_ok(M: int, K: int, *ptrs: int) -> bool:
     """Whether the fused kernel can take this call (rows, K % 32, 16-byte alignment)."""
     return fused_rows(M) is not None and K % 32 == 0 and K > 0 and all(p % 16 == 0 for p in ptrs)
+
+
+# --- prepared launches for one weight (qkernels.fourbit.ops) --------------------------------
+
+# matmul_4bit / gemv_4bit: x, packed, absmax, code, code2, absmax2, offset_p, offset_v, bias,
+# out, M, N, K, log2_block. dequantize_4bit: packed, code, absmax, code2, absmax2, offset_p, y,
+# n, vec_ok.
+_MATMUL_SIG = "pppppppfppiiii"
+_DEQUANT_SIG = "pppppppli"
+
+
+class PreparedWeight4bit:
+    """The fused matmul and the dequantization of one 4-bit weight W (N, K) on one CUDA
+    device, with every weight-dependent launch argument written once.
+
+    packed: uint8 bytes of W (any shape and storage dtype, viewed flat); absmax: float32
+    (nblocks,) or, when ``nested = (code2 float32 (256,), absmax2 float32, offset float32
+    (1,))``, the uint8 nested codes; code: float32 (16,); all contiguous CUDA tensors on one
+    device. ``hold=True`` keeps the tensors, so the pointers stay valid for the object's life;
+    with ``hold=False`` only the pointers are kept, and the caller must launch only while
+    tensors at those same addresses are alive (qkernels.fourbit.ops keys its cache on them).
+    """
+
+    def __init__(self, packed, absmax, code, nested, blocksize: int, N: int, K: int, hold: bool = True):
+        import torch
+        self.device = packed.device.index
+        self.N, self.K, self.blocksize = N, K, blocksize
+        code2, absmax2, offset = nested if nested is not None else (None, None, None)
+        self.tensors = (packed, absmax, code, code2, absmax2, offset) if hold else None
+        self.nested = nested is not None
+        p = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+        self._ptrs = (p(packed), p(absmax), p(code), p(code2), p(absmax2), p(offset))
+        # the fused kernels read x and the packed bytes in 16-byte vectors, K in 32-column chunks
+        self.fused = K % 32 == 0 and K > 0 and N > 0 and self._ptrs[0] % 16 == 0
+        self._matmul: dict = {}
+        self._dequant: dict = {}
+        self._dtype_names = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+    def _matmul_launch(self, dtype: str, M: int):
+        """The PreparedLaunch of gemv_4bit (one row) or matmul_4bit<dtype, MT> for M rows."""
+        from .._cuda.launch import PreparedLaunch
+        key = (dtype, 0 if M == 1 and USE_GEMV else fused_rows(M))  # 0: gemv_4bit
+        launch = self._matmul.get(key)
+        if launch is None:
+            fn, grid, block = _launch_shape(self.device, dtype, M, self.N, self.K, self.nested)
+            pk, am, cd, c2, a2, off = self._ptrs
+            fixed = {1: pk, 2: am, 3: cd, 4: c2, 5: a2, 6: off, 7: 0.0, 11: self.N, 12: self.K,
+                     13: self.blocksize.bit_length() - 1}
+            launch = self._matmul[key] = PreparedLaunch(fn, _MATMUL_SIG, fixed, (0, 8, 9, 10), grid, block)
+        return launch
+
+    def matmul(self, x, bias, out, stream: int) -> None:
+        """out (M, N) = x (M, K) @ W^T + bias: x contiguous, 16-byte aligned, M <= the fused
+        kernel's largest row count (``fused_rows``); bias (N,) of x's dtype or None; out
+        (M, N) of x's dtype. Launched on ``stream`` (a raw cudaStream_t of this device)."""
+        M = x.shape[0]
+        launch = self._matmul_launch(self._dtype_names[x.dtype], M)
+        launch.launch(stream, x.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(), M)
+
+    def dequantize(self, out, stream: int) -> None:
+        """out (N*K,) contiguous float16/bfloat16/float32 = the dequantized weight."""
+        from .._cuda.launch import PreparedLaunch
+        dtype = self._dtype_names[out.dtype]
+        n = self.N * self.K
+        if n == 0:
+            return
+        vec_ok = int(self._ptrs[0] % 4 == 0 and out.data_ptr() % 16 == 0)
+        launch = self._dequant.get((dtype, vec_ok))
+        if launch is None:
+            import cupy
+            with cupy.cuda.Device(self.device):
+                fn = get_kernel(__package__, "fourbit.cu",
+                                f"dequantize_4bit<{_DT[dtype]}, {self.blocksize}, {int(self.nested)}>").kernel
+            units = -(-n // (16 // out.element_size()))
+            grid = min(-(-units // (_DQ_THREADS * _DQ_UNITS)), _DQ_MIN_CTAS * multiprocessor_count(self.device))
+            pk, am, cd, c2, a2, off = self._ptrs
+            fixed = {0: pk, 1: cd, 2: am, 3: c2, 4: a2, 5: off, 7: n, 8: vec_ok}
+            launch = self._dequant[(dtype, vec_ok)] = PreparedLaunch(fn, _DEQUANT_SIG, fixed, (6,), (grid,),
+                                                                     (_DQ_THREADS,))
+        launch.launch(stream, out.data_ptr())

@@ -178,3 +178,142 @@ def int8_linear_gemv_torch(x, CB, SCB, bias=None, staged: bool | None = None,
     else:
         launch()
     return out
+
+
+# --- prepared launches for one weight (qkernels.int8.ops) -----------------------------------
+
+_TORCH_NAMES: dict = {}  # torch dtype -> its name here (filled on first use; no torch import above)
+_GEMV_SIG = "pppppppiiiiipp"   # x, codes, absmax, CB, SCB, bias, out, M, N, K, nch, x_vec_ok, idx, count
+_QUANT_SIG = "pppiii"          # int8_gemv_quant: x, codes, absmax, K, nch, vec_ok
+_ROW_QUANT_SIG = "ppppiifi"    # row_quant: x, q, stats, flags, rows, cols, threshold, vec_ok
+_OUTLIER_COLS_SIG = "pipipp"   # outlier_cols: flags, cols, q, rows, idx, count
+
+
+class PreparedWeight8bit:
+    """The LLM.int8() forward for at most MAX_ROWS rows of x against one int8 weight on one
+    CUDA device, with every weight-dependent launch argument written once: the launches of
+    ``int8_linear_gemv_torch`` (threshold 0) and of ``int8_linear_outliers_torch`` for small
+    batches (threshold > 0), the same kernels, choices and bits.
+
+    CB: int8 (N, K) contiguous; SCB: float32 (N,) contiguous, on one CUDA device, held here
+    (``hold=True``) so that the pointers stay valid for the object's life; ``hold=False`` keeps
+    only the pointers (see qkernels._cuda.launch.PlanCache).
+    """
+
+    def __init__(self, CB, SCB, hold: bool = True):
+        import torch
+        if not _TORCH_NAMES:
+            _TORCH_NAMES.update({torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"})
+        self.device = CB.device.index
+        self.N, self.K = CB.shape
+        self.tensors = (CB, SCB) if hold else None
+        self.nch = -(-self.K // 16)
+        self.aligned = self.K % 16 == 0 and CB.data_ptr() % 16 == 0
+        self._cb, self._scb = CB.data_ptr(), SCB.data_ptr()
+        self._launches: dict = {}
+
+    def usable(self, M: int) -> bool:
+        return 1 <= M <= MAX_ROWS and self.K > 0 and self.N > 0
+
+    def _function(self, name: str):
+        return _function(self.device, name)
+
+    def _gemv(self, dtype: str, bdt: int, M: int, outliers: bool):
+        """(launch, staged) of the GEMV for M rows, as int8_linear_gemv_torch chooses it."""
+        es = _ES[dtype]
+        mt = gemv_rows(M)
+        use_mma = self.aligned and M >= MMA_MIN_ROWS
+        staged = False if (outliers or use_mma) else _staged(M, self.K, es)
+        key = ("gemv", dtype, bdt, mt, staged, use_mma)
+        launch = self._launches.get(key)
+        if launch is None:
+            from .._cuda.launch import PreparedLaunch
+            if use_mma:
+                fn = self._function(f"int8_gemv_mma<{_DT[dtype]}, {bdt}, {MMA_NT}>")
+                grid, block = (-(-self.N // (8 * MMA_NT)),), (_MMA_THREADS,)
+            else:
+                fn = self._function(f"int8_gemv<{_DT[dtype]}, {bdt}, {mt}, {'true' if staged else 'false'}, "
+                                    f"{'true' if self.aligned else 'false'}>")
+                ntasks = (self.N + 1) // 2
+                grid = (max(1, min(-(-ntasks // _WARPS), multiprocessor_count(self.device))),)
+                block = (_THREADS,)
+            fixed = {3: self._cb, 4: self._scb, 8: self.N, 9: self.K, 10: self.nch}
+            launch = self._launches[key] = PreparedLaunch(fn, _GEMV_SIG, fixed, (0, 1, 2, 5, 6, 7, 11, 12, 13),
+                                                          grid, block)
+        return launch, staged
+
+    def _prepared(self, key, make):
+        launch = self._launches.get(key)
+        if launch is None:
+            launch = self._launches[key] = make()
+        return launch
+
+    def _quant(self, dtype: str):
+        from .._cuda.launch import PreparedLaunch
+        threads = min(_THREADS, max(32, -(-self.nch // 32) * 32))
+        return self._prepared(("quant", dtype), lambda: PreparedLaunch(
+            self._function(f"int8_gemv_quant<{_DT[dtype]}>"), _QUANT_SIG, {3: self.K, 4: self.nch},
+            (0, 1, 2, 5), (1,), (threads,)))
+
+    def forward(self, x, bias, stream: int):
+        """out (M, N) in x's dtype for x (M, K) contiguous (1 <= M <= MAX_ROWS), bias (N,) of a
+        float dtype or None, threshold 0: ``int8_linear_gemv_torch(x, CB, SCB, bias)``."""
+        import torch
+        M = x.shape[0]
+        dtype = _TORCH_NAMES[x.dtype]
+        bdt = -1 if bias is None else _DT[_TORCH_NAMES[bias.dtype]]
+        gemv, staged = self._gemv(dtype, bdt, M, False)
+        out = torch.empty((M, self.N), dtype=x.dtype, device=x.device)
+        xp = x.data_ptr()
+        x_vec_ok = int(xp % 16 == 0 and (self.K * _ES[dtype]) % 16 == 0)
+        bp = 0 if bias is None else bias.data_ptr()
+        if staged:
+            gemv.launch(stream, xp, 0, 0, bp, out.data_ptr(), M, x_vec_ok, 0, 0, smem=M * self.nch * 16)
+            return out
+        # codes (M, nch * 16) int8, then absmax float32 (M,): one workspace
+        ws = torch.empty((M * self.nch * 16 + 4 * M,), dtype=torch.uint8, device=x.device)
+        codes = ws.data_ptr()
+        absmax = codes + M * self.nch * 16
+        self._quant(dtype).launch(stream, xp, codes, absmax, x_vec_ok, grid_x=M)
+        gemv.launch(stream, xp, codes, absmax, bp, out.data_ptr(), M, x_vec_ok, 0, 0, smem=0)
+        return out
+
+    def forward_outliers(self, x, bias, threshold: float, stream: int):
+        """(out (M, N) in x's dtype, idx int64 (K,), count int32 (1,)) for threshold > 0:
+        ``int8_linear_outliers_torch`` for at most MAX_ROWS rows (needs ``self.aligned``)."""
+        import torch
+        from .._cuda.launch import PreparedLaunch
+        M, K = x.shape
+        dtype = _TORCH_NAMES[x.dtype]
+        es = _ES[dtype]
+        vec = 16 // es
+        nv = 2 if es == 2 else 4
+        per_thread = -(-(-(-K // vec)) // nv)  # 16-byte vectors a thread loads, in units of nv
+        threads = min(1024, max(32, -(-per_thread // 32) * 32))
+        sms = multiprocessor_count(self.device)
+        row_quant = self._prepared(("row_quant", dtype), lambda: PreparedLaunch(
+            get_kernel(__package__, "int8.cu", f"row_quant<{_DT[dtype]}, {_DT['float32']}, {nv}, true>").kernel,
+            _ROW_QUANT_SIG, {5: K}, (0, 1, 2, 3, 4, 6, 7), (1,), (threads,)))
+        cols = self._prepared("outlier_cols", lambda: PreparedLaunch(
+            get_kernel(__package__, "int8.cu", "outlier_cols").kernel, _OUTLIER_COLS_SIG, {1: K},
+            (0, 2, 3, 4, 5), (1,), (256,)))
+        bdt = -1 if bias is None else _DT[_TORCH_NAMES[bias.dtype]]
+        gemv, _ = self._gemv(dtype, bdt, M, True)
+        out = torch.empty((M, self.N), dtype=x.dtype, device=x.device)
+        q = torch.empty((M, K), dtype=torch.int8, device=x.device)
+        cpad = -(-K // 16) * 16
+        # one zeroed workspace: flags (K,) | count int32 | idx int64 (K,) | row absmax float32 (M,)
+        ws = torch.zeros((cpad + 16 + 8 * K + 4 * M,), dtype=torch.uint8, device=x.device)
+        flags = ws.data_ptr()
+        count = flags + cpad
+        idx = count + 16
+        stats = idx + 8 * K
+        xp, qp = x.data_ptr(), q.data_ptr()
+        vec_ok = int(xp % 16 == 0 and qp % 16 == 0 and (K * es) % 16 == 0)
+        per_sm = min(32, max(1, 1024 // threads))
+        row_quant.launch(stream, xp, qp, stats, flags, M, float(threshold), vec_ok, grid_x=min(M, per_sm * sms))
+        cols.launch(stream, flags, qp, M, idx, count, grid_x=min(M, 2 * sms))
+        x_vec_ok = int(xp % 16 == 0 and (K * es) % 16 == 0)
+        gemv.launch(stream, xp, qp, stats, 0 if bias is None else bias.data_ptr(), out.data_ptr(), M,
+                    x_vec_ok, idx, count, smem=0)
+        return out, ws[cpad + 16:cpad + 16 + 8 * K].view(torch.int64), ws[cpad:cpad + 4].view(torch.int32)
