@@ -27,6 +27,8 @@ SECTIONS = {  # name -> module; a section whose module is missing is reported, n
     "optim": "benchmarks.optim",
     "layers": "benchmarks.layers",
     "layers4bit8bit": "benchmarks.layers4bit8bit",
+    "host_path": "benchmarks.hostpath",
+    "decode": "benchmarks.decode",
 }
 
 

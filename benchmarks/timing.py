@@ -85,6 +85,45 @@ def eager_us(calls: Sequence[Callable[[], object]], rounds: int = 5) -> float:
     return statistics.median(per_call)
 
 
+def steady_eager_us(calls: Sequence[Callable[[], object]], n: int = 20, rounds: int = 7) -> float:
+    """Microseconds per call of ``n`` calls launched back to back from Python (cycling over
+    ``calls``), as a model's layers run under ``generate()``: the host's time per call when
+    it exceeds the GPU's, the GPU's otherwise. Median of ``rounds`` CUDA-event rounds."""
+    import torch
+    seq = [calls[i % len(calls)] for i in range(n)]
+    for fn in seq:  # warm-up
+        fn()
+    torch.cuda.synchronize()
+    per_call = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for fn in seq:
+            fn()
+        end.record()
+        end.synchronize()
+        per_call.append(start.elapsed_time(end) * 1e3 / n)
+    return statistics.median(per_call)
+
+
+def host_us(fn: Callable[[], object], n: int = 1000, rounds: int = 5) -> float:
+    """Host microseconds per call: ``n`` calls of ``fn`` and one synchronize at the end, wall
+    clock; on a tiny layer (GPU time negligible) this is the Python and launch cost. Median of
+    ``rounds``."""
+    import torch
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / n)
+    return statistics.median(times) * 1e6
+
+
 def cpu_us(fn: Callable[[], object], repeat: int = 7) -> float:
     """Median wall-clock microseconds of ``fn`` after one warm-up call."""
     fn()

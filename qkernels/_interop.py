@@ -277,10 +277,37 @@ def torch_stream(t) -> tuple[int, int]:
     tensor t: where the torch hot paths launch. torch._C's raw-stream query where this torch
     has it (torch.cuda.current_stream builds a Stream object per call, several times slower:
     the layers' eager steps pay it for every launch group)."""
-    import torch
     d = t.get_device()
+    raw = _RAW_STREAM[0] if _RAW_STREAM else _raw_stream_query()
+    return d, raw(d)
+
+
+_RAW_STREAM: list = []
+_NO_SWITCH = None
+
+
+def on_torch_device(device: int):
+    """A context that makes ``device`` torch's (and so the driver's) current CUDA device for a
+    launch: a no-op when it already is (the usual case: one cheap query), else
+    ``torch.cuda.device(device)``. A prepared launch (raw cuLaunchKernel) runs in the
+    current context, so a layer on cuda:1 called while cuda:0 is current needs the switch."""
+    global _NO_SWITCH
+    import torch
+    if torch._C._cuda_getDevice() == device:
+        if _NO_SWITCH is None:
+            import contextlib
+            _NO_SWITCH = contextlib.nullcontext()
+        return _NO_SWITCH
+    return torch.cuda.device(device)
+
+
+def _raw_stream_query():
+    import torch
     raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    return d, (raw(d) if raw is not None else torch.cuda.current_stream(d).cuda_stream)
+    if raw is None:
+        raw = lambda d: torch.cuda.current_stream(d).cuda_stream  # noqa: E731
+    _RAW_STREAM.append(raw)
+    return raw
 
 
 class on_stream:

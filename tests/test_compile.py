@@ -227,3 +227,27 @@ def test_gpu_layer_moved_after_preparing_uses_new_pointers():
             assert torch.equal(layer(x), first)
             assert layer._plan is not old
             del filler
+
+
+def test_prepared_launch_argument_block():
+    """The ctypes argument block a prepared launch hands to cuLaunchKernel: one slot per
+    kernel argument of the declared width, fixed values written once, the rest per call
+    (no GPU needed to build it)."""
+    import ctypes
+
+    from qkernels._cuda.launch import PreparedLaunch
+
+    class Function:  # stands in for cupy.cuda.Function (only .ptr is read)
+        ptr = 1234
+
+    launch = PreparedLaunch(Function(), "pifl", {1: -7, 2: 0.5}, (0, 3), (3,), (128,))
+    slots = launch._slots
+    assert [type(s) for s in slots] == [ctypes.c_uint64, ctypes.c_int32, ctypes.c_float, ctypes.c_int64]
+    assert (slots[1].value, slots[2].value) == (-7, 0.5)
+    params = ctypes.cast(launch._params, ctypes.POINTER(ctypes.c_void_p))
+    assert [params[i] for i in range(4)] == [ctypes.addressof(s) for s in slots]
+    assert launch.grid == (3, 1, 1) and launch.block == (128, 1, 1)
+    with pytest.raises(ValueError, match="unknown argument types"):
+        PreparedLaunch(Function(), "pxq", {}, (0, 1, 2), (1,), (1,))
+    with pytest.raises(ValueError, match="either fixed or variable"):
+        PreparedLaunch(Function(), "pp", {0: 1}, (0,), (1,), (1,))

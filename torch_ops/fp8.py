@@ -143,21 +143,36 @@ def _from_f32(values: np.ndarray, like: Tensor) -> Tensor:
 
 # --- simulated FP8 matmuls ---------------------------------------------------------------------
 
+def _product(a: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
+    """``a (..., K) @ b (K, N) + bias``, the bias added inside the GEMM (one rounding): the
+    product torch.compile's inductor makes of a matmul and a bias add, so compiled and eager
+    layers give the same bits."""
+    if bias is None:
+        return torch.matmul(a, b)
+    out = torch.addmm(bias.to(a.dtype), a.reshape(-1, a.shape[-1]), b)
+    return out.reshape(*a.shape[:-1], b.shape[1])
+
+
+def _bias_grad(G: Tensor, bias: Tensor | None, needed: bool):
+    return G.reshape(-1, G.shape[-1]).sum(0).to(bias.dtype) if needed else None
+
+
 class MatMulFP8Mixed(torch.autograd.Function):
-    """A (..., K) @ B (K, N). Forward ``qdq(A, fw, bsz) @ qdq_global(B, fw)``; backward
-    ``dA = qdq(G, bw, bsz2) @ qdq_global(B)^T``, ``dB = A^T @ G`` in full precision."""
+    """A (..., K) @ B (K, N) (+ bias (N,)). Forward ``qdq(A, fw, bsz) @ qdq_global(B, fw)``;
+    backward ``dA = qdq(G, bw, bsz2) @ qdq_global(B)^T``, ``dB = A^T @ G`` in full precision,
+    ``dbias = sum(G)``."""
 
     @staticmethod
-    def forward(ctx, A, B, fw: str, bw: str, bsz: int, bsz2: int):
+    def forward(ctx, A, B, fw: str, bw: str, bsz: int, bsz2: int, bias=None):
         fp8A = qdq_blockwise(A, fw, bsz)
         fp8B = qdq_global(B, fw)
         ctx.bw, ctx.bsz2 = bw, bsz2
-        ctx.save_for_backward(A, fp8B)
-        return torch.matmul(fp8A, fp8B.to(A.dtype))
+        ctx.save_for_backward(A, fp8B, bias)
+        return _product(fp8A, fp8B.to(A.dtype), bias)
 
     @staticmethod
     def backward(ctx, G):
-        A, fp8B = ctx.saved_tensors
+        A, fp8B, bias = ctx.saved_tensors
         dA = dB = None
         if ctx.needs_input_grad[0]:
             Gq = qdq_blockwise(G, ctx.bw, ctx.bsz2)
@@ -165,23 +180,23 @@ class MatMulFP8Mixed(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             A2, G2 = A.reshape(-1, A.shape[-1]), G.reshape(-1, G.shape[-1])
             dB = torch.matmul(A2.t().to(G.dtype), G2).to(fp8B.dtype)
-        return dA, dB, None, None, None, None
+        return dA, dB, None, None, None, None, _bias_grad(G, bias, ctx.needs_input_grad[6])
 
 
 class MatMulFP8Global(torch.autograd.Function):
     """As MatMulFP8Mixed with global scaling everywhere; ``dB = qdq_global(A)^T @ Gq``."""
 
     @staticmethod
-    def forward(ctx, A, B, fw: str, bw: str):
+    def forward(ctx, A, B, fw: str, bw: str, bias=None):
         fp8A = qdq_global(A, fw)
         fp8B = qdq_global(B, fw)
         ctx.bw = bw
-        ctx.save_for_backward(fp8A, fp8B)  # qdq_global(A^T) = qdq_global(A)^T: one scale
-        return torch.matmul(fp8A, fp8B.to(A.dtype))
+        ctx.save_for_backward(fp8A, fp8B, bias)  # qdq_global(A^T) = qdq_global(A)^T: one scale
+        return _product(fp8A, fp8B.to(A.dtype), bias)
 
     @staticmethod
     def backward(ctx, G):
-        fp8A, fp8B = ctx.saved_tensors
+        fp8A, fp8B, bias = ctx.saved_tensors
         Gq = qdq_global(G, ctx.bw)
         dA = dB = None
         if ctx.needs_input_grad[0]:
@@ -189,7 +204,7 @@ class MatMulFP8Global(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             A2, G2 = fp8A.reshape(-1, fp8A.shape[-1]), Gq.reshape(-1, Gq.shape[-1])
             dB = torch.matmul(A2.t().to(Gq.dtype), G2).to(fp8B.dtype)
-        return dA, dB, None, None
+        return dA, dB, None, None, _bias_grad(G, bias, ctx.needs_input_grad[4])
 
 
 def _matmul_args(A, B, fw_code, bw_code, out, bsz, bsz2):
@@ -205,23 +220,24 @@ def _matmul_args(A, B, fw_code, bw_code, out, bsz, bsz2):
 
 
 def matmul_fp8_mixed(A: Tensor, B: Tensor, fw_code=None, bw_code=None, out=None,
-                     bsz: int = -1, bsz2: int = -1) -> Tensor:
+                     bsz: int = -1, bsz2: int = -1, *, bias: Tensor | None = None) -> Tensor:
     """Simulated-FP8 ``A @ B`` with blockwise scaling of A: A (..., K), B (K, N) (usually
     ``weight.t()``), same float dtype; codes default to E4M3 (forward) / E5M2 (backward);
-    bsz / bsz2 = -1 choose SPEC's block sizes from K and N. Returns (..., N) in A's dtype."""
+    bsz / bsz2 = -1 choose SPEC's block sizes from K and N. Returns (..., N) in A's dtype.
+    ``bias`` (N,), keyword only (not in bitsandbytes): added inside the GEMM, one rounding."""
     fw, bw, bsz, bsz2 = _matmul_args(A, B, fw_code, bw_code, out, bsz, bsz2)
-    if A.numel() == 0 or B.numel() == 0:
-        return torch.matmul(A, B.to(A.dtype))  # empty: right shape, zero gradients
-    return MatMulFP8Mixed.apply(A, B, fw, bw, bsz, bsz2)
+    if A.numel() == 0 or B.numel() == 0:  # empty: right shape, zero gradients
+        return _product(A, B.to(A.dtype), bias)
+    return MatMulFP8Mixed.apply(A, B, fw, bw, bsz, bsz2, bias)
 
 
 def matmul_fp8_global(A: Tensor, B: Tensor, fw_code=None, bw_code=None, out=None,
-                      bsz: int = -1, bsz2: int = -1) -> Tensor:
+                      bsz: int = -1, bsz2: int = -1, *, bias: Tensor | None = None) -> Tensor:
     """Simulated-FP8 ``A @ B`` with one global scale per operand; as matmul_fp8_mixed."""
     fw, bw, _, _ = _matmul_args(A, B, fw_code, bw_code, out, bsz, bsz2)
     if A.numel() == 0 or B.numel() == 0:
-        return torch.matmul(A, B.to(A.dtype))
-    return MatMulFP8Global.apply(A, B, fw, bw)
+        return _product(A, B.to(A.dtype), bias)
+    return MatMulFP8Global.apply(A, B, fw, bw, bias)
 
 
 # --- native FP8 (torch._scaled_mm) -------------------------------------------------------------
@@ -598,10 +614,8 @@ class _LinearFP8(nn.Linear):
                                      fp8_wgrad=self.fp8_weight_grad)
         dt = compute_dtype(x)
         W = self.weight.to(dt)
-        out = type(self)._matmul(x.to(dt), W.t(), "e4m3", "e5m2", None, self.bsz, self.bsz2)
-        if self.bias is not None:
-            out = out + self.bias.to(dt)
-        return out
+        bias = None if self.bias is None else self.bias.to(dt)
+        return type(self)._matmul(x.to(dt), W.t(), "e4m3", "e5m2", None, self.bsz, self.bsz2, bias=bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", native=True" if self.native else "") + \

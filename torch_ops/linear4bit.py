@@ -280,8 +280,10 @@ class Linear4bit(nn.Linear):
         cd = self.compute_dtype or x.dtype
         if cd == torch.float32 and x.dtype != torch.float32 and not self._warned_f32:
             self._warn_f32(x.dtype)
-        bias = None if self.bias is None else self.bias.to(cd)
-        xc = x.to(cd)
+        bias = self.bias
+        if bias is not None and bias.dtype != cd:
+            bias = bias.to(cd)
+        xc = x if x.dtype == cd else x.to(cd)
         if torch.compiler.is_compiling():
             out = matmul_4bit(xc, w, w.quant_state, bias)
         else:
@@ -295,7 +297,7 @@ class Linear4bit(nn.Linear):
                 out = _PlannedMatmul4bit.apply(xc, bias, plan)
             else:
                 out = plan(xc, bias)
-        return out.to(x.dtype)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def _prepare(self):
         """The weight's Matmul4bitPlan (launch arguments for its current device and bytes),

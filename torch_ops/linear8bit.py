@@ -266,8 +266,7 @@ class Linear8bitLt(nn.Linear):
         if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                         or (bias is not None and bias.requires_grad)):
             return MatMul8bitLt.apply(x, weight, plan.CB, plan.SCB, bias, self.threshold, plan)
-        out = plan(x.reshape(-1, self.in_features), bias)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return plan(x, bias)
 
     # -- state_dict -------------------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -17,9 +17,25 @@ from __future__ import annotations
 import ctypes
 import threading
 
-__all__ = ["PreparedLaunch"]
+__all__ = ["PreparedLaunch", "PlanCache", "memset_async"]
 
 _CTYPES = {"p": ctypes.c_uint64, "i": ctypes.c_int32, "l": ctypes.c_int64, "f": ctypes.c_float}
+_CUDA = []
+
+
+def _driver():
+    """cupy.cuda.driver, imported on first use (importing qkernels never touches CUDA)."""
+    if not _CUDA:
+        from cupy.cuda import driver, runtime
+        _CUDA.extend((driver, runtime))
+    return _CUDA[0]
+
+
+def memset_async(ptr: int, nbytes: int, stream: int) -> None:
+    """Zero ``nbytes`` at device address ``ptr`` on ``stream`` (a raw cudaStream_t): one
+    cudaMemsetAsync, captured by CUDA graphs like a kernel."""
+    _driver()
+    _CUDA[1].memsetAsync(ptr, 0, nbytes, stream)
 
 
 class PreparedLaunch:
@@ -62,13 +78,12 @@ class PreparedLaunch:
         self._lock = threading.Lock()
 
     def launch(self, stream: int, *values, grid_x: int | None = None, smem: int | None = None) -> None:
-        from cupy.cuda import driver
         gx, gy, gz = self.grid
         bx, by, bz = self.block
         with self._lock:
             for slot, v in zip(self._var, values):
                 slot.value = v
-            driver.launchKernel(self._fptr, gx if grid_x is None else grid_x, gy, gz, bx, by, bz,
+            _driver().launchKernel(self._fptr, gx if grid_x is None else grid_x, gy, gz, bx, by, bz,
                                 self.smem if smem is None else smem, stream, self._params_ptr, 0)
 
 

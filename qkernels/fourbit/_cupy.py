@@ -284,25 +284,24 @@ class PreparedWeight4bit:
         self._dequant: dict = {}
         self._dtype_names = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
-    def _matmul_launch(self, dtype: str, M: int):
-        """The PreparedLaunch of gemv_4bit (one row) or matmul_4bit<dtype, MT> for M rows."""
+    def _matmul_launch(self, dtype, M: int):
+        """The PreparedLaunch of gemv_4bit (one row) or matmul_4bit<dtype, MT> for M rows of
+        x of torch dtype ``dtype``, made on first use."""
         from .._cuda.launch import PreparedLaunch
-        key = (dtype, 0 if M == 1 and USE_GEMV else fused_rows(M))  # 0: gemv_4bit
-        launch = self._matmul.get(key)
-        if launch is None:
-            fn, grid, block = _launch_shape(self.device, dtype, M, self.N, self.K, self.nested)
-            pk, am, cd, c2, a2, off = self._ptrs
-            fixed = {1: pk, 2: am, 3: cd, 4: c2, 5: a2, 6: off, 7: 0.0, 11: self.N, 12: self.K,
-                     13: self.blocksize.bit_length() - 1}
-            launch = self._matmul[key] = PreparedLaunch(fn, _MATMUL_SIG, fixed, (0, 8, 9, 10), grid, block)
+        name = self._dtype_names[dtype]
+        fn, grid, block = _launch_shape(self.device, name, M, self.N, self.K, self.nested)
+        pk, am, cd, c2, a2, off = self._ptrs
+        fixed = {1: pk, 2: am, 3: cd, 4: c2, 5: a2, 6: off, 7: 0.0, 11: self.N, 12: self.K,
+                 13: self.blocksize.bit_length() - 1}
+        launch = self._matmul[(dtype, M)] = PreparedLaunch(fn, _MATMUL_SIG, fixed, (0, 8, 9, 10), grid, block)
         return launch
 
-    def matmul(self, x, bias, out, stream: int) -> None:
-        """out (M, N) = x (M, K) @ W^T + bias: x contiguous, 16-byte aligned, M <= the fused
-        kernel's largest row count (``fused_rows``); bias (N,) of x's dtype or None; out
-        (M, N) of x's dtype. Launched on ``stream`` (a raw cudaStream_t of this device)."""
-        M = x.shape[0]
-        launch = self._matmul_launch(self._dtype_names[x.dtype], M)
+    def matmul(self, x, M: int, bias, out, stream: int) -> None:
+        """out (M, N) = x (M, K) @ W^T + bias: x contiguous (any leading shape with M rows),
+        16-byte aligned, M <= the fused kernel's largest row count (``fused_rows``); bias (N,)
+        of x's dtype or None; out of x's dtype, M x N contiguous. Launched on ``stream`` (a raw
+        cudaStream_t of this device)."""
+        launch = self._matmul.get((x.dtype, M)) or self._matmul_launch(x.dtype, M)
         launch.launch(stream, x.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(), M)
 
     def dequantize(self, out, stream: int) -> None:

@@ -31,7 +31,7 @@ from torch import Tensor
 from reference.state import QuantState
 from .._backend import takes_cuda_path
 from .._cuda.launch import PlanCache
-from .._interop import torch_stream
+from .._interop import on_torch_device, torch_stream
 from . import FUSED_MAX_ROWS, _check_state, dequantize_4bit as _dequantize_4bit, matmul_4bit as _matmul_4bit
 
 __all__ = ["Matmul4bitPlan", "prepare_matmul_4bit", "state_tensors", "matmul_4bit", "dequantize_4bit"]
@@ -95,17 +95,19 @@ class Matmul4bitPlan:
     def __call__(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         cuda = self._cuda
         if cuda is not None and takes_cuda_path(x):
-            lead = x.shape[:-1]
-            x2 = x.reshape(-1, self.K)
-            M = x2.shape[0]
+            M = x.numel() // self.K if self.K else 0
             if cuda.fused and 0 < M <= FUSED_MAX_ROWS:
-                if not x2.is_contiguous() or x2.data_ptr() % 16:
-                    x2 = x2.contiguous()
-                    if x2.data_ptr() % 16:
-                        x2 = x2.clone()
-                out = torch.empty((M, self.N), dtype=x.dtype, device=x.device)
-                cuda.matmul(x2, bias, out, torch_stream(x)[1])
-                return out.reshape(*lead, self.N)
+                if not x.is_contiguous() or x.data_ptr() % 16:
+                    x = x.contiguous()
+                    if x.data_ptr() % 16:  # a contiguous view at an odd offset
+                        x = x.clone()
+                if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+                    bias = bias.to(x.dtype).contiguous()  # the kernel reads it in x's dtype
+                out = torch.empty((*x.shape[:-1], self.N), dtype=x.dtype, device=x.device)
+                device, stream = torch_stream(x)
+                with on_torch_device(device):
+                    cuda.matmul(x, M, bias, out, stream)
+                return out
             return torch.nn.functional.linear(x, self.dequantize(x.dtype), bias)
         return _matmul_4bit(x, self.packed, self.state, bias)
 
@@ -114,7 +116,9 @@ class Matmul4bitPlan:
         cuda = self._cuda
         if cuda is not None and (self.packed is None or takes_cuda_path(self.packed)):
             out = torch.empty((self.N, self.K), dtype=dtype, device=self.device)
-            cuda.dequantize(out, torch_stream(out)[1])
+            device, stream = torch_stream(out)
+            with on_torch_device(device):
+                cuda.dequantize(out, stream)
             return out
         return _dequantize_4bit(self.packed, self.state, out_dtype=str(dtype)[6:])
 

@@ -81,6 +81,14 @@ def _function(device: int, name: str):
         return get_kernel(__package__, "gemv.cu", name).kernel
 
 
+@functools.lru_cache(maxsize=None)
+def _int8_function(device: int, name: str):
+    """A kernel of int8.cu (the quantizers beside the GEMM) compiled for ``device``."""
+    import cupy
+    with cupy.cuda.Device(device):
+        return get_kernel(__package__, "int8.cu", name).kernel
+
+
 def _staged(M: int, K: int, es: int) -> bool:
     return M * K * es <= STAGE_MAX_X_BYTES and M * (-(-K // 16)) * 16 <= _SMEM_DEFAULT
 
@@ -211,6 +219,7 @@ class PreparedWeight8bit:
         self.aligned = self.K % 16 == 0 and CB.data_ptr() % 16 == 0
         self._cb, self._scb = CB.data_ptr(), SCB.data_ptr()
         self._launches: dict = {}
+        self._row_quant_ctas: dict = {}
 
     def usable(self, M: int) -> bool:
         return 1 <= M <= MAX_ROWS and self.K > 0 and self.N > 0
@@ -242,28 +251,26 @@ class PreparedWeight8bit:
                                                           grid, block)
         return launch, staged
 
-    def _prepared(self, key, make):
-        launch = self._launches.get(key)
+    def _quant(self, dtype: str):
+        """int8_gemv_quant<dtype> (one CTA per row of x), made on first use."""
+        launch = self._launches.get(("quant", dtype))
         if launch is None:
-            launch = self._launches[key] = make()
+            from .._cuda.launch import PreparedLaunch
+            threads = min(_THREADS, max(32, -(-self.nch // 32) * 32))
+            launch = self._launches[("quant", dtype)] = PreparedLaunch(
+                self._function(f"int8_gemv_quant<{_DT[dtype]}>"), _QUANT_SIG, {3: self.K, 4: self.nch},
+                (0, 1, 2, 5), (1,), (threads,))
         return launch
 
-    def _quant(self, dtype: str):
-        from .._cuda.launch import PreparedLaunch
-        threads = min(_THREADS, max(32, -(-self.nch // 32) * 32))
-        return self._prepared(("quant", dtype), lambda: PreparedLaunch(
-            self._function(f"int8_gemv_quant<{_DT[dtype]}>"), _QUANT_SIG, {3: self.K, 4: self.nch},
-            (0, 1, 2, 5), (1,), (threads,)))
-
-    def forward(self, x, bias, stream: int):
-        """out (M, N) in x's dtype for x (M, K) contiguous (1 <= M <= MAX_ROWS), bias (N,) of a
-        float dtype or None, threshold 0: ``int8_linear_gemv_torch(x, CB, SCB, bias)``."""
+    def forward(self, x, M: int, bias, stream: int):
+        """out (..., N) in x's dtype for x (..., K) contiguous with M rows (1 <= M <=
+        MAX_ROWS), bias (N,) of a float dtype, contiguous, or None, threshold 0:
+        ``int8_linear_gemv_torch(x, CB, SCB, bias)``."""
         import torch
-        M = x.shape[0]
         dtype = _TORCH_NAMES[x.dtype]
         bdt = -1 if bias is None else _DT[_TORCH_NAMES[bias.dtype]]
         gemv, staged = self._gemv(dtype, bdt, M, False)
-        out = torch.empty((M, self.N), dtype=x.dtype, device=x.device)
+        out = torch.empty((*x.shape[:-1], self.N), dtype=x.dtype, device=x.device)
         xp = x.data_ptr()
         x_vec_ok = int(xp % 16 == 0 and (self.K * _ES[dtype]) % 16 == 0)
         bp = 0 if bias is None else bias.data_ptr()
@@ -278,42 +285,57 @@ class PreparedWeight8bit:
         gemv.launch(stream, xp, codes, absmax, bp, out.data_ptr(), M, x_vec_ok, 0, 0, smem=0)
         return out
 
-    def forward_outliers(self, x, bias, threshold: float, stream: int):
-        """(out (M, N) in x's dtype, idx int64 (K,), count int32 (1,)) for threshold > 0:
-        ``int8_linear_outliers_torch`` for at most MAX_ROWS rows (needs ``self.aligned``)."""
+    def forward_outliers(self, x, M: int, bias, threshold: float, stream: int):
+        """out (..., N) in x's dtype for threshold > 0 (x and bias as in ``forward``; needs
+        ``self.aligned``): ``int8_linear_outliers_torch(x, CB, SCB, bias, threshold)[0]`` for
+        at most MAX_ROWS rows: row_quant<THRESH>, outlier_cols, then the GEMV that reads their
+        codes and adds x's outlier columns. One workspace, its flags, count and column list
+        zeroed by one memset; no host synchronization."""
         import torch
-        from .._cuda.launch import PreparedLaunch
-        M, K = x.shape
+        from .._cuda.launch import memset_async
+        K = self.K
         dtype = _TORCH_NAMES[x.dtype]
         es = _ES[dtype]
-        vec = 16 // es
         nv = 2 if es == 2 else 4
-        per_thread = -(-(-(-K // vec)) // nv)  # 16-byte vectors a thread loads, in units of nv
-        threads = min(1024, max(32, -(-per_thread // 32) * 32))
-        sms = multiprocessor_count(self.device)
-        row_quant = self._prepared(("row_quant", dtype), lambda: PreparedLaunch(
-            get_kernel(__package__, "int8.cu", f"row_quant<{_DT[dtype]}, {_DT['float32']}, {nv}, true>").kernel,
-            _ROW_QUANT_SIG, {5: K}, (0, 1, 2, 3, 4, 6, 7), (1,), (threads,)))
-        cols = self._prepared("outlier_cols", lambda: PreparedLaunch(
-            get_kernel(__package__, "int8.cu", "outlier_cols").kernel, _OUTLIER_COLS_SIG, {1: K},
-            (0, 2, 3, 4, 5), (1,), (256,)))
+        row_quant = self._launches.get(("row_quant", dtype)) or self._row_quant(dtype, nv)
+        cols = self._launches.get("outlier_cols") or self._outlier_cols()
         bdt = -1 if bias is None else _DT[_TORCH_NAMES[bias.dtype]]
         gemv, _ = self._gemv(dtype, bdt, M, True)
-        out = torch.empty((M, self.N), dtype=x.dtype, device=x.device)
-        q = torch.empty((M, K), dtype=torch.int8, device=x.device)
+        out = torch.empty((*x.shape[:-1], self.N), dtype=x.dtype, device=x.device)
+        # workspace: flags u8 (cpad) | count int32 (16 bytes) | idx int64 (K,) | stats f32 (M,) | q int8 (M, K)
         cpad = -(-K // 16) * 16
-        # one zeroed workspace: flags (K,) | count int32 | idx int64 (K,) | row absmax float32 (M,)
-        ws = torch.zeros((cpad + 16 + 8 * K + 4 * M,), dtype=torch.uint8, device=x.device)
+        zeroed = cpad + 16 + 8 * K
+        ws = torch.empty((zeroed + 4 * M + 16 + M * K,), dtype=torch.uint8, device=x.device)
         flags = ws.data_ptr()
-        count = flags + cpad
-        idx = count + 16
-        stats = idx + 8 * K
-        xp, qp = x.data_ptr(), q.data_ptr()
-        vec_ok = int(xp % 16 == 0 and qp % 16 == 0 and (K * es) % 16 == 0)
-        per_sm = min(32, max(1, 1024 // threads))
-        row_quant.launch(stream, xp, qp, stats, flags, M, float(threshold), vec_ok, grid_x=min(M, per_sm * sms))
-        cols.launch(stream, flags, qp, M, idx, count, grid_x=min(M, 2 * sms))
+        memset_async(flags, zeroed, stream)
+        count, idx = flags + cpad, flags + cpad + 16
+        stats = flags + zeroed
+        q = stats + -(-4 * M // 16) * 16
+        xp = x.data_ptr()
         x_vec_ok = int(xp % 16 == 0 and (K * es) % 16 == 0)
-        gemv.launch(stream, xp, qp, stats, 0 if bias is None else bias.data_ptr(), out.data_ptr(), M,
+        row_quant.launch(stream, xp, q, stats, flags, M, float(threshold), x_vec_ok,
+                         grid_x=min(M, self._row_quant_ctas[dtype]))
+        cols.launch(stream, flags, q, M, idx, count, grid_x=min(M, 2 * multiprocessor_count(self.device)))
+        gemv.launch(stream, xp, q, stats, 0 if bias is None else bias.data_ptr(), out.data_ptr(), M,
                     x_vec_ok, idx, count, smem=0)
-        return out, ws[cpad + 16:cpad + 16 + 8 * K].view(torch.int64), ws[cpad:cpad + 4].view(torch.int32)
+        return out
+
+    def _row_quant(self, dtype: str, nv: int):
+        """row_quant<dtype, float32, nv, THRESH> for rows of K values: its launch, and in
+        ``_row_quant_ctas`` the CTAs of one wave (launch_row_quant's grid)."""
+        from .._cuda.launch import PreparedLaunch
+        vec = 16 // _ES[dtype]
+        per_thread = -(-(-(-self.K // vec)) // nv)  # 16-byte vectors a thread loads, in units of nv
+        threads = min(1024, max(32, -(-per_thread // 32) * 32))
+        self._row_quant_ctas[dtype] = min(32, max(1, 1024 // threads)) * multiprocessor_count(self.device)
+        fn = _int8_function(self.device, f"row_quant<{_DT[dtype]}, {_DT['float32']}, {nv}, true>")
+        launch = self._launches[("row_quant", dtype)] = PreparedLaunch(
+            fn, _ROW_QUANT_SIG, {5: self.K}, (0, 1, 2, 3, 4, 6, 7), (1,), (threads,))
+        return launch
+
+    def _outlier_cols(self):
+        from .._cuda.launch import PreparedLaunch
+        fn = _int8_function(self.device, "outlier_cols")
+        launch = self._launches["outlier_cols"] = PreparedLaunch(fn, _OUTLIER_COLS_SIG, {1: self.K},
+                                                                 (0, 2, 3, 4, 5), (1,), (256,))
+        return launch

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .._backend import takes_cuda_path
 from .._cuda.launch import PlanCache
-from .._interop import torch_stream
+from .._interop import on_torch_device, torch_stream
 from . import int8_linear_matmul, int8_mm_dequant, int8_vectorwise_quant
 
 __all__ = ["Int8LinearPlan", "prepare_int8_linear", "dequant_weight", "quantize_weight",
@@ -123,8 +123,8 @@ def _forward(x2: Tensor, CB: Tensor, SCB: Tensor, bias: Optional[Tensor], thresh
 
 class Int8LinearPlan:
     """The LLM.int8() forward for one int8 weight (CB (N, K), SCB (N,)) and threshold,
-    everything about the weight prepared once. ``plan(x2, bias)``: x2 (tokens, K) float16 /
-    bfloat16 / float32 on the weight's device, bias (N,) float or None -> (tokens, N) in x2's
+    everything about the weight prepared once. ``plan(x, bias)``: x (..., K) float16 /
+    bfloat16 / float32 on the weight's device, bias (N,) float or None -> (..., N) in x's
     dtype. ``key`` identifies the tensors the plan was made from (the layer compares it)."""
 
     def __init__(self, CB: Tensor, SCB: Tensor, threshold: float, key=None, hold: bool = True):
@@ -141,18 +141,24 @@ class Int8LinearPlan:
             # threshold > 0 reads unpadded codes: K % 16 == 0 and an aligned CB (else the general route)
             self._cuda = cuda if self.threshold <= 0 or cuda.aligned else None
 
-    def __call__(self, x2: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    def __call__(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        """x (..., K) -> (..., N) (the layer passes its input as it came)."""
         cuda = self._cuda
-        if cuda is not None and cuda.usable(x2.shape[0]) and takes_cuda_path(x2):
-            if not x2.is_contiguous():
-                x2 = x2.contiguous()
-            if bias is not None and not bias.is_contiguous():
-                bias = bias.contiguous()
-            stream = torch_stream(x2)[1]
-            if self.threshold <= 0:
-                return cuda.forward(x2, bias, stream)
-            return cuda.forward_outliers(x2, bias, self.threshold, stream)[0]
-        return _forward(x2, self.CB, self.SCB, bias, self.threshold)
+        if cuda is not None and takes_cuda_path(x):
+            M = x.numel() // self.K if self.K else 0
+            if cuda.usable(M):
+                if not x.is_contiguous():
+                    x = x.contiguous()
+                if bias is not None and not bias.is_contiguous():
+                    bias = bias.contiguous()
+                device, stream = torch_stream(x)
+                with on_torch_device(device):
+                    if self.threshold <= 0:
+                        return cuda.forward(x, M, bias, stream)
+                    return cuda.forward_outliers(x, M, bias, self.threshold, stream)
+        x2 = x.reshape(-1, self.K)
+        out = _forward(x2, self.CB, self.SCB, bias, self.threshold)
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.N)
 
 
 def prepare_int8_linear(CB: Tensor, SCB: Tensor, threshold: float, key=None) -> Int8LinearPlan:
@@ -199,7 +205,7 @@ def int8_linear(x2: Tensor, CB: Tensor, SCB: Tensor, bias: Optional[Tensor], thr
     plan = _OP_PLANS.get(key, lambda: Int8LinearPlan(CB, SCB, threshold, key=key, hold=False))
     if plan._cuda is None or not plan._cuda.usable(x2.shape[0]):
         return _forward(x2, CB, SCB, bias, threshold)
-    return plan(x2, bias)
+    return plan(x2, bias)  # a cached plan holds no tensor: only its prepared CUDA launches run
 
 
 @int8_linear.register_fake
