@@ -8,14 +8,18 @@ and falls back, with one warning per cause, when the asked one cannot load.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib
 import os
-import threading
 import warnings
 
 BACKENDS = ("cupy", "numba", "numpy")  # fastest first
-_local = threading.local()
+# The use_backend blocks in force, innermost last. A ContextVar, not a threading.local: each
+# thread and each asyncio task has its own value (a task starts with a copy of its creator's),
+# so one task's block never leaks into another task interleaved on the same thread.
+_requested: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "qkernels_requested_backends", default=())
 _warned: set = set()
 
 
@@ -49,9 +53,10 @@ def available_backends() -> list[str]:
 
 
 def requested_backend() -> str | None:
-    """The backend asked for by ``use_backend`` (innermost) or ``QKERNELS_BACKEND``."""
-    name = getattr(_local, "stack", None) and _local.stack[-1]
-    name = name or os.environ.get("QKERNELS_BACKEND") or None
+    """The backend asked for by ``use_backend`` (the innermost block of this thread or
+    asyncio task) or else ``QKERNELS_BACKEND``; None when neither asks for one."""
+    stack = _requested.get()
+    name = stack[-1] if stack else (os.environ.get("QKERNELS_BACKEND") or None)
     if name is not None and name not in BACKENDS:
         raise ValueError(f"QKERNELS_BACKEND must be one of {', '.join(BACKENDS)}; got {name!r}")
     return name
@@ -59,16 +64,18 @@ def requested_backend() -> str | None:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run the ops inside the ``with`` block on ``name`` ("numpy", "cupy" or "numba");
-    thread-local, nestable."""
+    """Run the ops inside the ``with`` block on ``name`` ("numpy", "cupy" or "numba").
+
+    Context-local (``contextvars``) and nestable: the choice holds in this thread or asyncio
+    task only (a task created inside the block inherits it), and leaving the block restores
+    exactly what was in force on entry, whatever other tasks did meanwhile."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {name!r}")
-    stack = _local.__dict__.setdefault("stack", [])
-    stack.append(name)
+    token = _requested.set(_requested.get() + (name,))
     try:
         yield
     finally:
-        stack.pop()
+        _requested.reset(token)
 
 
 def _warn_once(msg: str) -> None:

@@ -15,6 +15,14 @@ NaN, else +Inf if it holds an infinity). A NaN ``y`` (0/0 in an all-zero block, 
 anything in a NaN block) is searched as 0.0, so an all-zero block stores the code of 0.0
 and dequantizes to zeros, and a block with NaN or Inf dequantizes to NaN (for codebooks
 holding 0.0) while every other block is untouched.
+
+Nested statistics (``nested=True``): the offset is the float32 mean of the *finite* absmax
+values (0 when none is), so NaN/Inf never reach the offset and all-zero blocks still
+dequantize to zeros. A non-finite absmax stays non-finite in its nested block (blocks of
+``blocksize`` absmax values sharing one scale): every block of that nested block then
+dequantizes to NaN. No finite code of bitsandbytes' nested format can stand for NaN, so this
+is the narrowest the damage can be without turning the special block into finite values;
+the rest of the tensor is unaffected (the 4-bit path's rule, reference/fourbit.py).
 """
 from __future__ import annotations
 
@@ -29,7 +37,8 @@ from .state import QuantState
 __all__ = [
     "BLOCKSIZES", "check_blockwise_args", "check_code", "quantize_blockwise",
     "dequantize_blockwise", "quantize_blockwise_f32", "dequantize_blockwise_f32",
-    "nearest_code", "search_table",
+    "nearest_code", "search_table", "finite_mean", "nest_absmax", "unnest_absmax",
+    "nested_offset", "check_nested_flag",
 ]
 
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -203,11 +212,13 @@ def quantize_blockwise(A, code=None, blocksize: int = 4096, nested: bool = False
     A: float16 / bfloat16 / float32 array of any shape (bfloat16 as ml_dtypes.bfloat16).
     code: sorted float32 (256,) codebook; default the signed dynamic map.
     Returns (codes uint8 with A's shape, QuantState with absmax float32 (ceil(n/blocksize),)).
-    With ``nested=True`` the absmax vector is itself quantized (offset = its mean, the
-    signed dynamic map, the same blocksize) and ``state.absmax`` holds its uint8 codes.
+    With ``nested=True`` the absmax vector is itself quantized (offset = the mean of its
+    finite values, the signed dynamic map, the same blocksize) and ``state.absmax`` holds
+    its uint8 codes (see the module doc for NaN/Inf blocks).
     """
     A = np.asarray(A)
     name = check_blockwise_args(A.dtype, blocksize)
+    check_nested_flag(nested)
     code = dynamic_map(True) if code is None else check_code(code)
     x, _ = to_float32(np.ascontiguousarray(A))
     codes, absmax = quantize_blockwise_f32(x.reshape(-1), code, int(blocksize))
@@ -218,13 +229,46 @@ def quantize_blockwise(A, code=None, blocksize: int = 4096, nested: bool = False
     return codes.reshape(A.shape), state
 
 
+def check_nested_flag(nested) -> None:
+    """``nested`` must be a bool (a truthy string or array would nest by accident)."""
+    if not isinstance(nested, (bool, np.bool_)):
+        raise TypeError(f"nested must be a bool; got {nested!r}")
+
+
+def finite_mean(absmax: np.ndarray) -> np.float32:
+    """f32(mean) of the finite values of a float32 absmax vector (any shape); 0 when none
+    is finite. The nested offset: NaN/Inf blocks must not move the other blocks' scales."""
+    a = np.asarray(absmax, dtype=np.float32).reshape(-1)
+    finite = a[np.isfinite(a)]
+    return np.float32(finite.mean(dtype=np.float64)) if finite.size else np.float32(0)
+
+
 def nest_absmax(state: QuantState, blocksize: int) -> QuantState:
-    """Quantize ``state.absmax`` with the signed dynamic map around its float32 mean."""
-    absmax = state.absmax
-    offset = np.float32(absmax.mean(dtype=np.float64)) if absmax.size else np.float32(0)
+    """Quantize ``state.absmax`` (float32 (nblocks,)) with the signed dynamic map in blocks of
+    ``blocksize`` around ``offset = finite_mean(absmax)``; absmax becomes uint8 codes,
+    ``state.offset`` a float and ``state.state2`` the nested (float32) state."""
+    absmax = np.asarray(state.absmax, dtype=np.float32)
+    offset = finite_mean(absmax)
     qabs, state2 = quantize_blockwise(absmax - offset, blocksize=blocksize)
     state.absmax, state.offset, state.state2 = qabs, float(offset), state2
     return state
+
+
+def nested_offset(state: QuantState, argname: str = "state") -> np.float32:
+    """A nested state's offset as float32; ValueError when it is missing (None would turn
+    every block into NaN), TypeError when it is not a number or a one-element array."""
+    offset = state.offset
+    if offset is None:
+        raise ValueError(f"{argname}.offset is None but {argname} is nested ({argname}.state2 "
+                         "is set): a nested state needs the float offset its absmax was "
+                         "quantized around")
+    if isinstance(offset, (bool, np.bool_)) or not (
+            isinstance(offset, (int, float, np.integer, np.floating))
+            or (hasattr(offset, "shape") and hasattr(offset, "dtype")
+                and int(np.prod(offset.shape)) == 1)):
+        raise TypeError(f"{argname}.offset must be a number or a one-element array; got "
+                        f"{type(offset).__name__}")
+    return np.float32(float(offset.reshape(-1)[0]) if hasattr(offset, "shape") else offset)
 
 
 def unnest_absmax(state: QuantState) -> np.ndarray:
@@ -232,8 +276,9 @@ def unnest_absmax(state: QuantState) -> np.ndarray:
     if state.state2 is None:
         return np.asarray(state.absmax, dtype=np.float32)
     s2 = state.state2
+    offset = nested_offset(state)
     return dequantize_blockwise_f32(np.asarray(state.absmax).reshape(-1), s2.absmax, s2.code,
-                                    s2.blocksize) + np.float32(state.offset)
+                                    s2.blocksize) + offset
 
 
 def dequantize_blockwise(codes, state: QuantState, out_dtype=None):
@@ -242,6 +287,8 @@ def dequantize_blockwise(codes, state: QuantState, out_dtype=None):
     codes = np.asarray(codes)
     if codes.dtype != np.uint8:
         raise TypeError(f"codes must be uint8; got {codes.dtype}")
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a QuantState; got {type(state).__name__}")
     absmax = unnest_absmax(state)
     nblocks = -(-codes.size // state.blocksize)
     if absmax.size != nblocks:

@@ -9,6 +9,7 @@ from hypothesis import given, strategies as st
 import qkernels
 from reference import blockwise as ref
 from reference.codebooks import get_code, midpoints
+from reference.state import QuantState
 from tests.conftest import gpu_backends
 from tests.strategies import as_numpy, as_torch, float_arrays
 
@@ -83,6 +84,138 @@ def test_special_values_stay_in_their_block():
     assert np.isfinite(out[:64]).all() and np.isfinite(out[320:]).all()
 
 
+# --- special values with nested statistics (SPEC.md sections 2 and 12) ------------------
+#
+# Nesting quantizes the absmax vector itself, in blocks of ``blocksize`` absmax values that
+# share one float32 scale. A NaN/Inf absmax has to stay non-finite (else its block would
+# dequantize to finite garbage, the silent corruption SPEC 12 forbids), and no finite scale
+# and offset can make one uint8 code of bitsandbytes' nested format NaN: the special value
+# therefore reaches the other absmax values of its *nested* block (blocksize blocks, as the
+# 4-bit path's 256), and nothing beyond it. The offset is the mean of the finite absmax
+# values, so the rest of the tensor (all-zero blocks included) stays finite.
+
+NEST = 64                                   # blocksize; one nested block = NEST * NEST elements
+
+
+def _specials_for_nesting(seed: int = 5) -> tuple[np.ndarray, dict]:
+    """float32 (4 nested blocks + a partial one) and, per special value, its element index:
+    NaN in nested block 0, +Inf in 1, -Inf in 2, nested block 3 clean with two all-zero
+    blocks, a partial clean tail with an all-zero block."""
+    group = NEST * NEST
+    x = np.random.default_rng(seed).standard_normal(4 * group + 1000).astype(np.float32)
+    where = {"nan": 100, "+inf": group + 777, "-inf": 2 * group + 4000}
+    x[where["nan"]], x[where["+inf"]], x[where["-inf"]] = np.nan, np.inf, -np.inf
+    x[3 * group + 64:3 * group + 192] = 0.0          # two all-zero blocks
+    x[4 * group + 128:4 * group + 192] = 0.0         # an all-zero block in the partial tail
+    return x, where
+
+
+def _check_nested_specials(x, codes, state, out):
+    """What nesting guarantees with NaN/Inf/zero blocks (see the comment above)."""
+    group = NEST * NEST
+    plain_codes, plain_state = ref.quantize_blockwise(x, blocksize=NEST)
+    np.testing.assert_array_equal(np.asarray(codes), plain_codes)   # codes do not depend on nesting
+    absmax = plain_state.absmax
+    finite = absmax[np.isfinite(absmax)]
+    assert state.offset == float(np.float32(finite.mean(dtype=np.float64)))
+    out = np.asarray(out, np.float32)
+    for g in range(3):                       # each special value's block is non-finite
+        assert np.isnan(out[g * group:(g + 1) * group].reshape(-1, NEST)[np.isnan(
+            plain_state.absmax[g * NEST:(g + 1) * NEST]) | np.isinf(
+            plain_state.absmax[g * NEST:(g + 1) * NEST])]).all()
+    clean = out[3 * group:]
+    assert np.isfinite(clean).all()          # nothing past the special values' nested blocks
+    assert (clean[64:192] == 0).all() and (clean[group + 128:group + 192] == 0).all()
+    plain = ref.dequantize_blockwise(plain_codes, plain_state)[3 * group:]
+    # nested absmax error: one step of the signed dynamic map around the offset, < 2% of it
+    assert np.abs(clean - plain).max() <= 0.02 * np.abs(x[3 * group:]).max()
+
+
+def test_special_values_with_nesting_stay_in_their_nested_block():
+    x, _ = _specials_for_nesting()
+    codes, state = ref.quantize_blockwise(x, blocksize=NEST, nested=True)
+    assert state.state2.blocksize == NEST and state.absmax.dtype == np.uint8
+    _check_nested_specials(x, codes, state, ref.dequantize_blockwise(codes, state))
+
+
+@pytest.mark.parametrize("backend", ["numpy"])   # GPU backends: test_gpu_nested_special_values
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_public_nested_special_values_stay_in_their_nested_block(backend, kind):
+    x, _ = _specials_for_nesting(6)
+    data = x if kind == "numpy" else pytest.importorskip("torch").from_numpy(x.copy())
+    with qkernels.use_backend(backend):
+        codes, state = qkernels.quantize_blockwise(data, blocksize=NEST, nested=True)
+        out = qkernels.dequantize_blockwise(codes, state)
+    if kind == "torch":
+        codes, out = codes.numpy(), out.numpy()
+    assert isinstance(state.offset, float)
+    _check_nested_specials(x, codes, state, out)
+    want_codes, want_state = ref.quantize_blockwise(x, blocksize=NEST, nested=True)
+    assert state.offset == want_state.offset
+    np.testing.assert_array_equal(np.asarray(state.absmax), want_state.absmax)
+    np.testing.assert_array_equal(out, ref.dequantize_blockwise(want_codes, want_state))
+
+
+@given(float_arrays(specials=True), st.sampled_from([64, 128]))
+def test_nesting_keeps_special_values_in_their_nested_block(xd, blocksize):
+    """Property form of the rule above, on Hypothesis' arrays with NaN/Inf and zero runs."""
+    x32, dtype = xd
+    a = as_numpy(x32, dtype)
+    codes, state = ref.quantize_blockwise(a, blocksize=blocksize, nested=True)
+    plain_codes, plain = ref.quantize_blockwise(a, blocksize=blocksize)
+    np.testing.assert_array_equal(codes, plain_codes)
+    out = ref.dequantize_blockwise(codes, state, out_dtype="float32").reshape(-1)
+    block = np.arange(out.size) // blocksize
+    special = ~np.isfinite(plain.absmax)
+    group_special = np.zeros(-(-special.size // blocksize), bool)
+    np.logical_or.at(group_special, np.arange(special.size) // blocksize, special)
+    touched = group_special[block // blocksize]
+    assert np.isnan(out[special[block]]).all()            # never silently finite
+    assert np.isfinite(out[~touched]).all()               # nothing past its nested block
+    assert (out[~touched & (plain.absmax[block] == 0)] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends() or ["cupy"])
+def test_gpu_nested_special_values(backend):
+    import torch
+    x, _ = _specials_for_nesting(9)
+    with qkernels.use_backend(backend):
+        codes, state = qkernels.quantize_blockwise(torch.from_numpy(x).cuda(), blocksize=NEST,
+                                                   nested=True)
+        out = qkernels.dequantize_blockwise(codes, state)
+    _check_nested_specials(x, codes.cpu().numpy(), state, out.cpu().numpy())
+    want_codes, want_state = ref.quantize_blockwise(x, blocksize=NEST, nested=True)
+    np.testing.assert_array_equal(state.absmax.cpu().numpy(), want_state.absmax)
+    np.testing.assert_array_equal(out.cpu().numpy(),
+                                  ref.dequantize_blockwise(want_codes, want_state))
+
+
+def test_nested_all_zero_and_all_special_tensors():
+    for x, fine in ((np.zeros(300, np.float32), True),
+                    (np.full(300, np.nan, np.float32), False),
+                    (np.full(300, -np.inf, np.float32), False)):
+        for quantize, dequantize in ((ref.quantize_blockwise, ref.dequantize_blockwise),
+                                     (qkernels.quantize_blockwise, qkernels.dequantize_blockwise)):
+            codes, state = quantize(x, blocksize=64, nested=True)
+            out = dequantize(codes, state)
+            assert state.offset == 0.0       # no finite absmax: offset 0
+            if fine:
+                assert (out == 0).all()
+            else:
+                assert np.isnan(out).all()
+
+
+def test_nested_state_without_offset_is_rejected():
+    x = np.random.default_rng(7).standard_normal(500).astype(np.float32)
+    for quantize, dequantize in ((ref.quantize_blockwise, ref.dequantize_blockwise),
+                                 (qkernels.quantize_blockwise, qkernels.dequantize_blockwise)):
+        codes, state = quantize(x, blocksize=64, nested=True)
+        state.offset = None
+        with pytest.raises(ValueError, match=r"state.offset is None but state is nested"):
+            dequantize(codes, state)
+
+
 def test_empty_noncontiguous_bf16_and_nested():
     codes, state = ref.quantize_blockwise(np.zeros((0, 5), np.float16), blocksize=64)
     assert codes.shape == (0, 5) and state.absmax.shape == (0,)
@@ -117,7 +250,7 @@ def test_bad_input_is_rejected_before_work():
         qkernels.quantize_blockwise(x, code=get_code("dynamic_signed")[::-1])
     with pytest.raises(ValueError, match=r"shape \(256,\)"):
         qkernels.quantize_blockwise(x, code=np.linspace(-1, 1, 16))
-    with pytest.raises(TypeError, match="expected a NumPy"):
+    with pytest.raises(TypeError, match="A must be a NumPy"):
         qkernels.quantize_blockwise([1.0, 2.0])
     codes, state = qkernels.quantize_blockwise(x, blocksize=64)
     with pytest.raises(ValueError, match="2 blocks but codes of size 200"):
@@ -126,6 +259,35 @@ def test_bad_input_is_rejected_before_work():
         qkernels.dequantize_blockwise(codes.astype(np.int8), state)
     with pytest.raises(TypeError, match="QuantState"):
         qkernels.dequantize_blockwise(codes, {"absmax": state.absmax})
+
+
+def test_python_lists_and_wrong_types_are_named():
+    """Lists where arrays belong: a TypeError naming the argument and what it accepts (not an
+    AttributeError from deep inside)."""
+    x = np.random.default_rng(8).standard_normal(300).astype(np.float32)
+    code = get_code("dynamic_signed")
+    with pytest.raises(TypeError, match=r"code must be .*array.*tensor.*; got list"):
+        qkernels.quantize_blockwise(x, code=code.tolist(), blocksize=64)
+    with pytest.raises(TypeError, match=r"A must be a NumPy.*got list"):
+        qkernels.quantize_blockwise(x.tolist(), blocksize=64)
+    with pytest.raises(TypeError, match=r"nested must be a bool; got 'yes'"):
+        qkernels.quantize_blockwise(x, blocksize=64, nested="yes")
+    codes, state = qkernels.quantize_blockwise(x, blocksize=64)
+    with pytest.raises(TypeError, match=r"codes must be a NumPy.*got list"):
+        qkernels.dequantize_blockwise(codes.tolist(), state)
+    for field in ("code", "absmax"):
+        bad = QuantState(**{**vars(state), field: getattr(state, field).tolist()})
+        with pytest.raises(TypeError, match=rf"state.{field} must be .*array.*; got list"):
+            qkernels.dequantize_blockwise(codes, bad)
+    codes, nested = qkernels.quantize_blockwise(x, blocksize=64, nested=True)
+    for field in ("code", "absmax"):
+        s2 = QuantState(**{**vars(nested.state2), field: getattr(nested.state2, field).tolist()})
+        with pytest.raises(TypeError, match=rf"state.state2.{field} must be .*array.*; got list"):
+            qkernels.dequantize_blockwise(codes, QuantState(**{**vars(nested), "state2": s2}))
+    with pytest.raises(TypeError, match=r"state.offset must be a number.*; got list"):
+        qkernels.dequantize_blockwise(codes, QuantState(**{**vars(nested), "offset": [0.5]}))
+    with pytest.raises(TypeError, match=r"state.state2 must be a QuantState; got dict"):
+        qkernels.dequantize_blockwise(codes, QuantState(**{**vars(nested), "state2": {}}))
 
 
 def test_torch_cpu_in_torch_out():
@@ -236,16 +398,26 @@ def test_against_bitsandbytes(dtype, blocksize):
     import torch
     F = _bnb()
     rng = np.random.default_rng(blocksize)
-    x32 = (rng.standard_normal(3 * blocksize * 7 + 77) * rng.uniform(0.01, 50)).astype(np.float32)
+    # the same 86k elements for every blocksize: enough that the agreement rate is measured,
+    # not sampled (at 1.4k elements one code is 0.07%)
+    x32 = (rng.standard_normal(3 * 4096 * 7 + 77) * rng.uniform(0.01, 50)).astype(np.float32)
     t = as_torch(x32, dtype)
     q_bnb, s_bnb = F.quantize_blockwise(t, blocksize=blocksize)
     ours, state = qkernels.quantize_blockwise(t, blocksize=blocksize)
     ok = np.repeat(_finite_nonzero_blocks(t.float().numpy(), blocksize), blocksize)[:x32.size]
     a, b = ours.numpy()[ok], q_bnb.numpy()[ok]
-    assert (a == b).mean() >= 0.995
+    # bnb's CPU quantizer is a lookup-table approximation: SPEC.md section 2 says up to 4 codes
+    # off on ~0.2% of elements. Measured with bnb 0.50.2 on these inputs over 8 seeds: float16
+    # and float32 differ on 0.13-0.21% (at most 3 codes), bfloat16 on 0.20-0.44% (its coarser
+    # values put more of them near a midpoint): hence 0.25% and 0.5%, not a blanket 0.5%.
+    differ = (a != b).mean()
+    assert differ <= (0.005 if dtype == "bfloat16" else 0.0025), differ
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 4
     code = get_code("dynamic_signed")
     absmax = state.absmax.numpy()
-    y = t.float().numpy()[ok] / np.repeat(absmax, blocksize)[:x32.size][ok]
+    # y as SPEC.md section 2 defines it (times the float32 reciprocal, not divided)
+    rcp = (np.float32(1) / np.repeat(absmax, blocksize)[:x32.size][ok]).astype(np.float32)
+    y = (t.float().numpy()[ok] * rcp).astype(np.float32)
     ulp = np.spacing(np.abs(y).astype(np.float32))
     assert (np.abs(code[a] - y) <= np.abs(code[b] - y) + ulp).all()
     np.testing.assert_array_equal(s_bnb.absmax.numpy(), absmax)

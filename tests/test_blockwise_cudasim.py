@@ -52,3 +52,26 @@ def test_public_api_under_numba_backend():
     want, wstate = qkernels.quantize_blockwise(x, blocksize=64)
     np.testing.assert_array_equal(codes, want)
     np.testing.assert_array_equal(out, qkernels.dequantize_blockwise(want, wstate))
+
+
+def test_public_nested_special_values_under_numba_backend():
+    """Nesting with NaN/+Inf/all-zero blocks on the numba backend: bit-identical to the
+    reference, whose offset is the mean of the finite absmax values (a NaN/Inf block spoils
+    only its own nested block of 64 blocks; the other nested block stays finite, zeros 0)."""
+    import qkernels
+    from reference import blockwise as ref
+    group = 64 * 64
+    x = np.random.default_rng(3).standard_normal(group + 200).astype(np.float32)
+    x[5], x[70] = np.nan, np.inf            # both in nested block 0
+    x[group + 64:group + 128] = 0.0         # an all-zero block in nested block 1 (partial)
+    with qkernels.use_backend("numba"):
+        codes, state = qkernels.quantize_blockwise(x, blocksize=64, nested=True)
+        out = qkernels.dequantize_blockwise(codes, state)
+    want_codes, want_state = ref.quantize_blockwise(x, blocksize=64, nested=True)
+    np.testing.assert_array_equal(codes, want_codes)
+    assert state.offset == want_state.offset and np.isfinite(state.offset)
+    np.testing.assert_array_equal(state.absmax, want_state.absmax)
+    np.testing.assert_array_equal(state.state2.absmax, want_state.state2.absmax)
+    np.testing.assert_array_equal(out, ref.dequantize_blockwise(want_codes, want_state))
+    assert np.isnan(out[:128]).all() and np.isfinite(out[group:]).all()
+    assert (out[group + 64:group + 128] == 0).all()

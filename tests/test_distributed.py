@@ -172,3 +172,67 @@ def test_ddp_checkpoint_loads_into_a_plain_model(tmp_path):
         for k in ("state1", "state2", "absmax1", "absmax2"):
             if k in sa:
                 assert torch.equal(sa[k], sb[k]), k
+
+
+# --- loading never runs code stored in a checkpoint ------------------------------------------
+
+class _OpensAFile:
+    """Pickles as ``open(path, "w")``: unpickling it with plain pickle creates the file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _small_model():
+    torch.manual_seed(0)
+    return torch.nn.Linear(8, 4)
+
+
+def test_load_checkpoint_refuses_code_in_non_tensor_items(tmp_path):
+    """A checkpoint written by someone else (here: DCP directly, past save_checkpoint's check)
+    whose ``extra`` holds an object with a malicious __reduce__: loading raises a ValueError
+    naming the item and the file is never created."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict as dcp_sd
+
+    from torch_ops.distributed import load_checkpoint
+    marker = tmp_path / "planted"
+    model = _small_model()
+    sd = {"model": dcp_sd.get_model_state_dict(model),
+          "extra": {"steps": 3, "payload": _OpensAFile(marker)}}
+    dcp.save(sd, checkpoint_id=str(tmp_path / "ckpt"), no_dist=True)
+    assert not marker.exists()
+    with pytest.raises(ValueError, match=r"'extra.payload'.*not plain data"):
+        load_checkpoint(tmp_path / "ckpt", _small_model())
+    assert not marker.exists()
+
+
+def test_load_checkpoint_refuses_code_in_the_metadata_file(tmp_path):
+    """DCP's .metadata file is a pickle too: a planted one is refused, not executed."""
+    import pickle
+
+    from torch_ops.distributed import load_checkpoint, save_checkpoint
+    save_checkpoint(tmp_path / "ckpt", _small_model(), extra={"steps": 1})
+    marker = tmp_path / "planted"
+    (tmp_path / "ckpt" / ".metadata").write_bytes(pickle.dumps(_OpensAFile(marker)))
+    with pytest.raises(ValueError, match=r"\.metadata.*refusing.*io\.open|\.metadata.*refusing"):
+        load_checkpoint(tmp_path / "ckpt", _small_model())
+    assert not marker.exists()
+
+
+def test_extra_round_trips_plain_data_and_save_refuses_other_objects(tmp_path):
+    from torch_ops.distributed import load_checkpoint, save_checkpoint
+    extra = {"steps": 7, "lr": 1e-3, "name": "run-1", "done": False, "none": None,
+             "sizes": [1, 2.5, "x", None], "pair": (3, 4)}
+    save_checkpoint(tmp_path / "ckpt", _small_model(), extra=extra)
+    assert load_checkpoint(tmp_path / "ckpt", _small_model()) == extra
+    with pytest.raises(TypeError, match=r"extra\['payload'\]\[1\] .*got _OpensAFile"):
+        save_checkpoint(tmp_path / "bad", _small_model(),
+                        extra={"payload": [1, _OpensAFile(tmp_path / "x")]})
+    assert not (tmp_path / "x").exists()
+    import numpy as np
+    with pytest.raises(TypeError, match=r"extra\['loss'\] .*got float64 \(a NumPy scalar"):
+        save_checkpoint(tmp_path / "bad", _small_model(), extra={"loss": np.float64(0.5)})

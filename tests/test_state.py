@@ -63,3 +63,57 @@ def test_from_dict_errors():
         QuantState.from_dict(bad)
     with pytest.raises(ValueError, match="found neither"):
         QuantState.from_dict({"absmax": d["absmax"]})
+
+
+@pytest.mark.parametrize("key", ["absmax", "quant_map", "nested_absmax", "nested_quant_map"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_from_dict_names_a_list_where_an_array_belongs(key, packed):
+    """A Python list as an array value (a hand-built state_dict): a TypeError naming the key,
+    not an AttributeError later in dequantization."""
+    d = {"weight." + k: v for k, v in _nested_4bit_state().as_dict(packed=packed).items()}
+    d["weight." + key] = np.asarray(d["weight." + key]).tolist()
+    with pytest.raises(TypeError, match=rf"'weight.{key}' must be an array .*; got list"):
+        QuantState.from_dict(d)
+
+
+def test_from_dict_names_bad_values():
+    d = _nested_4bit_state().as_dict(packed=True)
+    packed_key = "quant_state.bitsandbytes__nf4"
+    with pytest.raises(TypeError, match=rf"'{packed_key}' must be an array .*; got list"):
+        QuantState.from_dict({**d, packed_key: d[packed_key].tolist()})
+    with pytest.raises(ValueError, match=rf"'{packed_key}' must hold the UTF-8 JSON"):
+        QuantState.from_dict({**d, packed_key: np.frombuffer(b"\xff{", np.uint8)})
+    with pytest.raises(ValueError, match=rf"'{packed_key}' must hold the UTF-8 JSON.*object"):
+        QuantState.from_dict({**d, packed_key: np.frombuffer(b"[1, 2]", np.uint8)})
+    plain = _nested_4bit_state().as_dict(packed=False)
+    bad_values = {
+        "blocksize": ("64", r"'blocksize' must be an integer; got str"),
+        "nested_blocksize": (2.5, r"'nested_blocksize' must be an integer; got float"),
+        "shape": ("40x480", r"'shape' must be a list or tuple of integers or None; got str"),
+        "nested_offset": ([0.5], r"'nested_offset' must be a number; got list"),
+        "dtype": (["bfloat16"], r"'dtype' must be a dtype name .*; got list"),
+        "quant_type": (4, r"'quant_type' must be 'nf4', 'fp4' or None; got 4"),
+    }
+    for key, (value, pattern) in bad_values.items():
+        with pytest.raises(TypeError, match=pattern):
+            QuantState.from_dict({**plain, key: value})
+    with pytest.raises(TypeError, match=r"qs_dict must be a dict .*; got list"):
+        QuantState.from_dict(list(plain.items()))
+    with pytest.raises(TypeError, match=r"qs_dict keys must be str; got int"):
+        QuantState.from_dict({**plain, 0: 1})
+    partial = {k: v for k, v in plain.items() if k != "nested_quant_map"}
+    with pytest.raises(ValueError, match=r"nested.*missing \['nested_quant_map'\]"):
+        QuantState.from_dict(partial)
+
+
+def test_from_dict_accepts_torch_values_and_tensor_scalars():
+    torch = pytest.importorskip("torch")
+    s = _nested_4bit_state()
+    d = {k: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v
+         for k, v in s.as_dict(packed=False).items()}
+    d["blocksize"], d["nested_offset"] = torch.tensor(64), torch.tensor(s.offset)
+    d["shape"], d["dtype"] = torch.Size([40, 480]), torch.bfloat16
+    r = QuantState.from_dict(d)
+    assert (r.blocksize, r.shape, r.dtype) == (64, (40, 480), "bfloat16")
+    assert r.offset == pytest.approx(s.offset, rel=1e-7)
+    assert isinstance(r.absmax, torch.Tensor)

@@ -16,11 +16,21 @@ not split with its rows): saving it raises and names it.
 Loading checks before reading any tensor that each parameter's state has the precision
 (8-bit or 32-bit) this optimizer's configuration gives it and the same element count, and
 raises a ValueError naming the parameter otherwise.
+
+Loading never runs code stored in a checkpoint. DCP pickles its ``.metadata`` file and
+every non-tensor item (``extra`` values, optimizer hyperparameters, step counts), and its
+default load planner unpickles those items with ``weights_only=False``, which executes
+whatever a crafted pickle asks for. Here the metadata goes through an unpickler that admits
+only DCP's own metadata classes, and each non-tensor item through
+``torch.load(weights_only=True)``; anything else is refused with a ValueError.
 """
 from __future__ import annotations
 
+import collections
+import io
 import json
 import math
+import pickle
 
 import torch
 import torch.distributed as dist
@@ -101,10 +111,16 @@ def _to_index_keyed(optimizer, named: dict, names: dict[int, str]) -> dict:
 def save_checkpoint(path, model: torch.nn.Module, optimizer=None, extra: dict | None = None,
                     *, no_dist: bool | None = None) -> None:
     """Write ``model`` (FSDP2, DDP or plain) and its torch_ops optimizer to the DCP folder
-    ``path``; every rank must call it. ``extra``: small picklable values saved beside
-    (e.g. the step count), returned by load_checkpoint. ``no_dist=True``: this process
+    ``path``; every rank must call it. ``extra``: a dict of small values saved beside (e.g.
+    the step count) and returned by load_checkpoint, each plain data (int, float, str, bool,
+    None, and lists, tuples and str-keyed dicts of these) or a tensor; anything else raises
+    a TypeError here, since load_checkpoint would refuse it (DCP flattens a dict value: {"d":
+    {"a": 1}} comes back as {"d.a": 1}). ``no_dist=True``: this process
     alone (default: alone exactly when no process group is initialized)."""
     dcp, dcp_sd = _dcp()
+    if extra is not None and not isinstance(extra, dict):
+        raise TypeError(f"extra must be a dict or None; got {type(extra).__name__}")
+    _check_plain(dict(extra or {}), "extra")
     sd = {"model": dcp_sd.get_model_state_dict(model), "extra": dict(extra or {})}
     if optimizer is not None:
         sd["optim"] = optimizer_checkpoint_state(model, optimizer)
@@ -114,9 +130,17 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer=None, extra: dict | 
 def load_checkpoint(path, model: torch.nn.Module, optimizer=None, *, no_dist: bool | None = None) -> dict:
     """Load a save_checkpoint folder into ``model`` (and ``optimizer``), resharding to this
     run's world size (1 with no process group, or with ``no_dist=True``: a plain model in
-    one process of a distributed job). Returns the saved ``extra`` dict."""
+    one process of a distributed job). Returns the saved ``extra`` dict.
+
+    Safe on a checkpoint from anywhere: nothing in it is executed. Tensors load as tensors;
+    every non-tensor item (``extra`` values, optimizer hyperparameters, step counts) loads
+    with ``torch.load(weights_only=True)``, so it may be plain data only: int, float, str,
+    bool, None, lists, tuples and dicts of these (and tensors, torch dtypes/devices); an
+    item holding any other object (a class instance, a function) raises a ValueError naming
+    it, and the object is never built. The ``.metadata`` file may hold DCP's own metadata
+    classes only (else a ValueError)."""
     dcp, dcp_sd = _dcp()
-    reader = dcp.FileSystemReader(str(path))
+    reader = _safe_reader(str(path))
     meta = reader.read_metadata().state_dict_metadata
     sd = {"model": dcp_sd.get_model_state_dict(model), "extra": {}}
     for key in meta:
@@ -125,11 +149,145 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer=None, *, no_dist: bo
     if optimizer is not None:
         sd["optim"] = optimizer_checkpoint_state(model, optimizer)
         _check_optimizer_layout(sd["optim"], meta, path)
-    dcp.load(sd, storage_reader=reader, no_dist=not _distributed() if no_dist is None else no_dist)
+    try:
+        dcp.load(sd, storage_reader=reader, planner=_plain_data_planner(str(path)),
+                 no_dist=not _distributed() if no_dist is None else no_dist)
+    except dcp.CheckpointException as exc:  # DCP wraps each rank's error: surface ours
+        refused = [e for e, _ in exc.failures.values() if isinstance(e, _RefusedItem)]
+        if refused:
+            raise ValueError(str(refused[0])) from None
+        raise
     dcp_sd.set_model_state_dict(model, sd["model"])
     if optimizer is not None:
         optimizer.load_state_dict(_to_index_keyed(optimizer, sd["optim"], _names(model)))
     return sd["extra"]
+
+
+# --- loading without running code -----------------------------------------------------------
+
+_PLAIN = (int, float, str, bool, type(None))
+
+
+def _check_plain(value, where: str) -> None:
+    """TypeError naming ``where`` unless ``value`` is plain data (int, float, str, bool, None,
+    lists/tuples of plain data, dicts with str keys) or a tensor: what loads back safely."""
+    # exact types: a subclass (np.float64 is a float, an IntEnum an int, a namedtuple a
+    # tuple) pickles as its own class, which loading refuses
+    if type(value) in _PLAIN or isinstance(value, torch.Tensor):
+        return
+    if type(value) in (list, tuple):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    if type(value) in (dict, collections.OrderedDict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where} has a key {k!r} of type {type(k).__name__}; checkpoint "
+                                "dicts need str keys")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    hint = " (a NumPy scalar: pass .item())" if type(value).__module__ == "numpy" else ""
+    raise TypeError(f"{where} must be plain data (int, float, str, bool, None, or lists, tuples "
+                    f"and dicts of these) or a tensor; got {type(value).__name__}{hint}")
+
+
+class _RefusedItem(ValueError):
+    """A checkpoint item that would run code to load (raised inside dcp.load)."""
+
+
+def _load_plain(data: io.BytesIO, fqn: str, path: str):
+    """One non-tensor DCP item (torch.save bytes) loaded without running code."""
+    try:
+        return torch.load(data, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()
+        why = next((line for line in reason if "Unsupported global" in line),
+                   reason[0] if reason else "")
+        raise _RefusedItem(f"checkpoint {path}: item {fqn!r} is not plain data and was not loaded "
+                         f"(refusing to build objects a checkpoint names: {why.strip()}); "
+                         "non-tensor items may hold int, float, str, bool, None, lists, tuples, "
+                         "dicts and tensors only") from None
+
+
+def _plain_data_planner(path: str):
+    """DCP's default load planner with non-tensor items read by ``_load_plain`` (its own
+    ``load_bytes`` calls ``torch.load(..., weights_only=False)``)."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class _PlainDataLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            fqn = read_item.dest_index.fqn
+            obj = _load_plain(value, fqn, path)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[fqn], obj)
+            else:
+                self.state_dict[fqn] = obj
+
+    return _PlainDataLoadPlanner()
+
+
+# Globals a DCP .metadata pickle names (Metadata and its parts, torch.Size, dtypes, layouts,
+# the storage path); everything else is refused before its module is even imported.
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata",)
+_METADATA_GLOBALS = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"), ("pathlib", "Path"), ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP ``.metadata`` file, admitting only the classes DCP writes there."""
+
+    def __init__(self, file, path: str):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module in _METADATA_MODULES:
+            import importlib
+            obj = getattr(importlib.import_module(module), name, None)
+            if isinstance(obj, type) and obj.__module__ == module:
+                return obj
+        if module == "torch" and isinstance(getattr(torch, name, None),
+                                            (torch.dtype, torch.layout, torch.memory_format)):
+            return getattr(torch, name)
+        raise ValueError(f"checkpoint metadata {self.path}: refusing to load {module}.{name} "
+                         "(a DCP .metadata file holds only DCP's metadata classes; this one "
+                         "names something else, which loading would run)")
+
+
+def _safe_reader(path: str):
+    """A DCP FileSystemReader whose ``read_metadata`` uses ``_MetadataUnpickler``."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class _SafeFileSystemReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            rank = kwargs.get("rank")
+            name = ".metadata" if rank is None else f"__{rank}.metadata"
+            file = self.fs.concat_path(self.path, name)
+            with self.fs.create_stream(file, "rb") as stream:
+                try:
+                    metadata = _MetadataUnpickler(stream, str(file)).load()
+                except ValueError:
+                    raise
+                except Exception as exc:  # truncated or garbled pickle
+                    raise ValueError(f"checkpoint metadata {file} cannot be read: "
+                                     f"{type(exc).__name__}: {exc}") from None
+            if not hasattr(metadata, "state_dict_metadata"):
+                raise ValueError(f"checkpoint metadata {file} holds a {type(metadata).__name__}, "
+                                 "not DCP Metadata")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return _SafeFileSystemReader(path)
 
 
 def _check_optimizer_layout(template: dict, meta: dict, path) -> None:
