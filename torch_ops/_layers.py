@@ -1,7 +1,5 @@
 """Helpers shared by the quantized layers (linear4bit.py, linear8bit.py, switchback.py).
 
-- ``fast_cuda``: qkernels.int8's raw-pointer torch launchers where they may run.
-
 - ``move_state``: a QuantState with every tensor moved to a device (never re-quantized).
 - ``apply_to_quantized_weight``: the body of ``Module._apply`` for a layer whose ``weight``
   is a quantized parameter class (Params4bit, Int8Params). torch's generic ``_apply`` would
@@ -15,24 +13,12 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 
 import torch
 
 from reference.state import QuantState
 
-__all__ = ["move_state", "apply_to_quantized_weight", "LoadReport", "plain", "tensor_bytes", "fast_cuda"]
-
-
-def fast_cuda(x: torch.Tensor, family: str = "int8"):
-    """qkernels.<family>._cupy (the raw-pointer torch launchers; family "int8" or "fp8") when
-    x is a CUDA tensor and the CuPy backend may run, else None."""
-    if not x.is_cuda:
-        return None
-    from qkernels._backend import backend_status, requested_backend
-    if requested_backend() not in (None, "cupy") or not backend_status("cupy")[0]:
-        return None
-    return importlib.import_module(f"qkernels.{family}._cupy")
+__all__ = ["move_state", "apply_to_quantized_weight", "LoadReport", "plain", "tensor_bytes"]
 
 
 def plain(t: torch.Tensor) -> torch.Tensor:

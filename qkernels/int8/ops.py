@@ -233,3 +233,232 @@ def int8_quantize_weight(W: Tensor) -> tuple[Tensor, Tensor]:
 @int8_quantize_weight.register_fake
 def _int8_quantize_weight_fake(W):
     return W.new_empty(W.shape, dtype=torch.int8), W.new_empty((W.shape[0],), dtype=torch.float32)
+
+
+# =============================================================================================
+# --- SwitchBack: the int8 quantizers and GEMMs of torch_ops/switchback.py ---------------------
+# =============================================================================================
+#
+#     torch.ops.qkernels.quantize_rowwise(x) -> (q, state)            x (M, K) float
+#     torch.ops.qkernels.quantize_global(w) -> (q, state (1,))
+#     torch.ops.qkernels.quantize_global_transpose(w) -> (q^T, state (1,))
+#     torch.ops.qkernels.quantize_columnwise_and_transpose(w) -> (q^T, state (K,))
+#     torch.ops.qkernels.dequantize_rowwise(q, state) -> (M, K) in state's dtype
+#     torch.ops.qkernels.int8_matmul_rowwise_dequantize(a, b, state_a, state_b, bias)
+#     torch.ops.qkernels.int8_matmul_mixed_dequantize(a, b, state_a, state_b, bias)
+#
+# The ops of SPEC.md section 6 (shapes there), declared with ``torch.library`` (schema and fake
+# implementation, so a compiled SwitchBack layer has no graph break). On CUDA (``takes_cuda_path``)
+# well-formed calls go straight to the raw-pointer launchers (qkernels.int8._cupy: torch
+# allocations, torch's stream, the same kernels and bits); the public qkernels.int8 API (array
+# conversions, full validation, its errors) takes the rest, the NumPy reference on the CPU.
+#
+# The eager direct path: ``switchback_direct(X, W, bias, shared)`` is an opaque handle (None
+# where it does not apply) for the ``direct_*`` functions, which call the launchers without the
+# custom-op dispatch (tens of microseconds of host time per call, several calls per step) when
+# given a handle and the custom ops when given None. SwitchBack's autograd functions call them
+# on tensors they have shaped themselves; under torch.compile the handle is None.
+
+from . import (dequantize_rowwise as _api_dequantize_rowwise,
+               int8_matmul_mixed_dequantize as _api_int8_matmul_mixed_dequantize,
+               int8_matmul_rowwise_dequantize as _api_int8_matmul_rowwise_dequantize,
+               quantize_columnwise_and_transpose as _api_quantize_columnwise_and_transpose,
+               quantize_global as _api_quantize_global,
+               quantize_global_transpose as _api_quantize_global_transpose,
+               quantize_rowwise as _api_quantize_rowwise)
+
+__all__ += ["quantize_rowwise", "quantize_global", "quantize_global_transpose",
+            "quantize_columnwise_and_transpose", "dequantize_rowwise",
+            "int8_matmul_rowwise_dequantize", "int8_matmul_mixed_dequantize",
+            "switchback_direct", "direct_quantize_rowwise", "direct_quantize_global",
+            "direct_quantize_columnwise_and_transpose", "direct_dequantize_rowwise",
+            "direct_int8_matmul_dequantize"]
+
+_SB_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _sb_launchers(x: Tensor):
+    """qkernels.int8._cupy (the raw-pointer torch launchers) where x may take the CUDA path
+    (``takes_cuda_path``), else None."""
+    if not takes_cuda_path(x):
+        return None
+    from . import _cupy
+    return _cupy
+
+
+def _sb_fast_float(x: Tensor):
+    """The launchers for a nonempty 2-D float16/bfloat16/float32 CUDA tensor, else None."""
+    return _sb_launchers(x) if x.dim() == 2 and x.dtype in _SB_FLOATS and x.numel() > 0 else None
+
+
+def _sb_fast_matmul(a, b, state_a, state_b, bias, n_b: int):
+    """The launchers where int8_matmul_*_dequantize's arguments are well formed CUDA tensors on
+    one device (n_b: state_b's length, 1 for the global scale), else None."""
+    fast = _sb_launchers(a)
+    if fast is None or a.dim() != 2 or b.dim() != 2 or a.dtype != torch.int8 or b.dtype != torch.int8:
+        return None
+    M, K = a.shape
+    N = b.shape[1]
+    ok = (b.shape[0] == K and M * N * K > 0 and b.device == a.device
+          and all(t.dim() == 1 and t.dtype in _SB_FLOATS and t.device == a.device
+                  for t in (state_a, state_b) + (() if bias is None else (bias,)))
+          and state_a.shape[0] == M and state_b.shape[0] == (1 if n_b == 1 else N)
+          and (bias is None or bias.shape[0] == N))
+    return fast if ok else None
+
+
+def _sb_matmul(a, b, state_a, state_b, bias, rowwise: bool):
+    fast = _sb_fast_matmul(a, b, state_a, state_b, bias, 0 if rowwise else 1)
+    if fast is None:
+        fn = _api_int8_matmul_rowwise_dequantize if rowwise else _api_int8_matmul_mixed_dequantize
+        return fn(a, b, state_a, state_b, bias)
+    return fast.int8_matmul_dequant_torch(a.contiguous(), b.t().contiguous(), state_a.contiguous(),
+                                          state_b.contiguous(), None if bias is None else bias.contiguous(),
+                                          out_dtype=state_a.dtype, col_global=not rowwise)
+
+
+@torch.library.custom_op("qkernels::quantize_rowwise", mutates_args=())
+def quantize_rowwise(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x (M, K) float -> (int8 (M, K), row absmax (M,) in x's dtype)."""
+    fast = _sb_fast_float(x)
+    if fast is None:
+        return _api_quantize_rowwise(x.detach())
+    return fast.quantize_rowwise_torch(x.detach().contiguous())
+
+
+@torch.library.custom_op("qkernels::quantize_global", mutates_args=())
+def quantize_global(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w (N, K) float -> (int8 (N, K), absmax (1,) in w's dtype)."""
+    fast = _sb_fast_float(w)
+    if fast is None:
+        return _api_quantize_global(w.detach())
+    return fast.quantize_global_torch(w.detach().contiguous())
+
+
+@torch.library.custom_op("qkernels::quantize_global_transpose", mutates_args=())
+def quantize_global_transpose(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w (N, K) float -> (int8 (K, N) contiguous = codes^T, absmax (1,))."""
+    fast = _sb_fast_float(w)
+    if fast is None:
+        return _api_quantize_global_transpose(w.detach())
+    return fast.quantize_global_torch(w.detach().contiguous(), transpose=True)
+
+
+@torch.library.custom_op("qkernels::quantize_columnwise_and_transpose", mutates_args=())
+def quantize_columnwise_and_transpose(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w (N, K) float -> (int8 (K, N) contiguous, per-column absmax (K,) in w's dtype)."""
+    fast = _sb_fast_float(w)
+    if fast is None:
+        return _api_quantize_columnwise_and_transpose(w.detach())
+    return fast.quantize_columnwise_and_transpose_torch(w.detach().contiguous())
+
+
+@torch.library.custom_op("qkernels::dequantize_rowwise", mutates_args=())
+def dequantize_rowwise(q: Tensor, state: Tensor) -> Tensor:
+    """q int8 (M, K), state (M,) -> q * state / 127 (M, K) in state's dtype."""
+    fast = _sb_launchers(q)
+    if (fast is None or q.dim() != 2 or q.dtype != torch.int8 or q.numel() == 0 or state.dim() != 1
+            or state.dtype not in _SB_FLOATS or state.device != q.device or state.shape[0] != q.shape[0]):
+        return _api_dequantize_rowwise(q, state)
+    return fast.dequantize_rowwise_torch(q.contiguous(), state.contiguous())
+
+
+@torch.library.custom_op("qkernels::int8_matmul_rowwise_dequantize", mutates_args=())
+def int8_matmul_rowwise_dequantize(a: Tensor, b: Tensor, state_a: Tensor, state_b: Tensor,
+                                   bias: Optional[Tensor]) -> Tensor:
+    """a int8 (M, K), b int8 (K, N) (usually W_int8.t()), state_a (M,), state_b (N,), bias (N,)
+    -> (M, N) in state_a's dtype."""
+    return _sb_matmul(a, b, state_a, state_b, bias, rowwise=True)
+
+
+@torch.library.custom_op("qkernels::int8_matmul_mixed_dequantize", mutates_args=())
+def int8_matmul_mixed_dequantize(a: Tensor, b: Tensor, state_a: Tensor, state_b: Tensor,
+                                 bias: Optional[Tensor]) -> Tensor:
+    """As int8_matmul_rowwise_dequantize with state_b one global scale (1,)."""
+    return _sb_matmul(a, b, state_a, state_b, bias, rowwise=False)
+
+
+@quantize_rowwise.register_fake
+def _quantize_rowwise_fake(x):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:1])
+
+
+@quantize_global.register_fake
+def _quantize_global_fake(w):
+    return w.new_empty(w.shape, dtype=torch.int8), w.new_empty((1,))
+
+
+@quantize_global_transpose.register_fake
+def _quantize_global_transpose_fake(w):
+    return w.new_empty((w.shape[1], w.shape[0]), dtype=torch.int8), w.new_empty((1,))
+
+
+@quantize_columnwise_and_transpose.register_fake
+def _quantize_columnwise_and_transpose_fake(w):
+    return w.new_empty((w.shape[1], w.shape[0]), dtype=torch.int8), w.new_empty(w.shape[1:])
+
+
+@dequantize_rowwise.register_fake
+def _dequantize_rowwise_fake(q, state):
+    return q.new_empty(q.shape, dtype=state.dtype)
+
+
+def _int8_matmul_dequantize_fake(a, b, state_a, state_b, bias):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=state_a.dtype)
+
+
+int8_matmul_rowwise_dequantize.register_fake(_int8_matmul_dequantize_fake)
+int8_matmul_mixed_dequantize.register_fake(_int8_matmul_dequantize_fake)
+
+
+# --- the eager direct path: the raw launchers without the custom-op dispatch -----------------
+
+def switchback_direct(X: Tensor, W: Tensor, bias: Optional[Tensor] = None, shared: int = 1):
+    """The handle of the eager direct path for a call on CUDA tensors of one device: X (M, K)
+    and W nonempty 2-D, float (W int8 in the memory-efficient backward), X.shape[1] ==
+    W.shape[shared] (1: the forward's W (N, K); 0: the backward's G (M, N) against W (N, K)),
+    bias None or (W.shape[0],) float, not under torch.compile, ``takes_cuda_path(X)``. Else
+    None: the ``direct_*`` functions then call the custom ops, which validate and raise."""
+    if (torch.compiler.is_compiling() or X.dim() != 2 or W.dim() != 2 or X.numel() == 0
+            or W.numel() == 0 or W.device != X.device or X.shape[1] != W.shape[shared]
+            or X.dtype not in _SB_FLOATS
+            or W.dtype not in (_SB_FLOATS + (torch.int8,) if shared == 0 else _SB_FLOATS)):
+        return None
+    if bias is not None and (bias.shape != (W.shape[0],) or bias.device != X.device
+                             or bias.dtype not in _SB_FLOATS):
+        return None
+    return _sb_launchers(X)
+
+
+def direct_quantize_rowwise(fast, x: Tensor) -> tuple[Tensor, Tensor]:
+    """quantize_rowwise(x); ``fast``: switchback_direct's handle or None (the custom op)."""
+    return quantize_rowwise(x) if fast is None else fast.quantize_rowwise_torch(x.contiguous())
+
+
+def direct_quantize_global(fast, w: Tensor, transpose: bool = False) -> tuple[Tensor, Tensor]:
+    """quantize_global(w), or quantize_global_transpose(w) with ``transpose``."""
+    if fast is None:
+        return (quantize_global_transpose if transpose else quantize_global)(w)
+    return fast.quantize_global_torch(w.contiguous(), transpose=transpose)
+
+
+def direct_quantize_columnwise_and_transpose(fast, w: Tensor) -> tuple[Tensor, Tensor]:
+    """quantize_columnwise_and_transpose(w)."""
+    if fast is None:
+        return quantize_columnwise_and_transpose(w)
+    return fast.quantize_columnwise_and_transpose_torch(w.contiguous())
+
+
+def direct_dequantize_rowwise(fast, q: Tensor, state: Tensor) -> Tensor:
+    """dequantize_rowwise(q, state)."""
+    return dequantize_rowwise(q, state) if fast is None else fast.dequantize_rowwise_torch(q, state)
+
+
+def direct_int8_matmul_dequantize(fast, a: Tensor, b: Tensor, state_a: Tensor, state_b: Tensor,
+                                  bias: Optional[Tensor], rowwise: bool) -> Tensor:
+    """int8_matmul_{rowwise,mixed}_dequantize(a, b, ...) with a int8 (M, K), b int8 (K, N)."""
+    if fast is None:
+        fn = int8_matmul_rowwise_dequantize if rowwise else int8_matmul_mixed_dequantize
+        return fn(a, b, state_a, state_b, bias)
+    return fast.int8_matmul_dequant_torch(a, b.t().contiguous(), state_a, state_b, bias,
+                                          out_dtype=state_a.dtype, col_global=not rowwise)
