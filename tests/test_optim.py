@@ -419,18 +419,23 @@ def test_nonfinite_gradient_skip_warns_and_never_poisons_state():
 
 
 def test_nonfinite_gradient_raise_changes_nothing():
+    """Every gradient is checked before any parameter is touched: p, which comes before the
+    NaN in q's gradient, is left as it was too."""
     p = torch.nn.Parameter(torch.randn(5000))
     q = torch.nn.Parameter(torch.randn(5000))
     opt = O.AdamW8bit([p, q], nonfinite="raise")
     p.grad, q.grad = torch.randn(5000), torch.randn(5000)
     opt.step()
-    snap = {k: v.clone() for k, v in opt.state[q].items() if isinstance(v, torch.Tensor)}
-    qv = q.detach().clone()
-    q.grad = torch.full((5000,), float("nan"))
+    snaps = {x: {k: v.clone() if isinstance(v, torch.Tensor) else v
+                 for k, v in opt.state[x].items()} for x in (p, q)}
+    values = {x: x.detach().clone() for x in (p, q)}
+    p.grad, q.grad = torch.randn(5000), torch.full((5000,), float("nan"))
     with pytest.raises(FloatingPointError, match=r"param_groups\[0\]\['params'\]\[1\]"):
         opt.step()
-    assert torch.equal(q, qv) and opt.state[q]["step"] == 1
-    assert all(torch.equal(v, opt.state[q][k]) for k, v in snap.items())
+    for x in (p, q):
+        assert torch.equal(x, values[x]) and opt.state[x]["step"] == 1
+        assert all(torch.equal(v, opt.state[x][k]) if isinstance(v, torch.Tensor)
+                   else v == opt.state[x][k] for k, v in snaps[x].items())
 
 
 def test_grad_scaler_skips_a_step_with_inf():

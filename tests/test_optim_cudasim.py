@@ -94,3 +94,62 @@ def test_public_api_under_numba_backend():
     np.testing.assert_array_equal(dp.copy_to_host(), want_p)
     for d, w in zip(dargs, want):
         np.testing.assert_array_equal(d.copy_to_host(), w)
+
+
+def _host_case(kind, bits, seed=0):
+    """(p, g, states..., counter) as host arrays of ``kind`` ("numpy": float16 p, g;
+    "torch": bfloat16 CPU tensors), with a NaN and an Inf in g."""
+    rng = np.random.default_rng(seed)
+    n = 300
+    p = (rng.standard_normal(n) * 0.1).astype(np.float32)
+    g = (rng.standard_normal(n) * 0.01).astype(np.float32)
+    g[5], g[290] = np.nan, np.inf
+    if bits == 8:
+        states = [np.full(n, 127, np.uint8), np.zeros(n, np.uint8), np.zeros(2, np.float32),
+                  np.zeros(2, np.float32)]
+    else:
+        states = [np.zeros(n, np.float32), np.zeros(n, np.float32)]
+    counter = np.zeros(1, np.int32)
+    if kind == "numpy":
+        return [p.astype(np.float16), g.astype(np.float16), *states, counter]
+    import torch
+    return [torch.from_numpy(p).bfloat16(), torch.from_numpy(g).bfloat16(),
+            *(torch.from_numpy(s) for s in states), torch.from_numpy(counter)]
+
+
+def _bits_of(x) -> np.ndarray:
+    import torch
+    if isinstance(x, torch.Tensor):
+        x = (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy()
+    return np.ascontiguousarray(x).view(np.uint8)
+
+
+@pytest.mark.parametrize("how", ["use_backend", "env"])
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+@pytest.mark.parametrize("bits", [8, 32])
+def test_public_api_writes_host_arrays_back_under_numba_backend(bits, kind, how, monkeypatch):
+    """Host data asked onto the numba backend is updated on device copies and written back
+    into the caller's arrays (p, states, counter), bit for bit as the numpy backend does;
+    g is left as it was."""
+    import qkernels
+    import qkernels.optim as qo
+    update = qo.optimizer_update_8bit_blockwise if bits == 8 else qo.optimizer_update_32bit
+    options = dict(lr=1e-2, weight_decay=0.01, gnorm_scale=0.5)
+    want, got = _host_case(kind, bits), _host_case(kind, bits)
+    g_before = _bits_of(got[1]).copy()
+    with qkernels.use_backend("numpy"):
+        for step in (1, 2):
+            update(*want[:-1], step=step, nonfinite=want[-1], **options)
+    if how == "env":
+        monkeypatch.setenv("QKERNELS_BACKEND", "numba")
+        for step in (1, 2):
+            update(*got[:-1], step=step, nonfinite=got[-1], **options)
+    else:
+        with qkernels.use_backend("numba"):
+            for step in (1, 2):
+                update(*got[:-1], step=step, nonfinite=got[-1], **options)
+    assert not np.array_equal(_bits_of(got[0]), _bits_of(_host_case(kind, bits)[0]))
+    for i, (a, b) in enumerate(zip(got, want)):
+        np.testing.assert_array_equal(_bits_of(a), _bits_of(b), err_msg=f"argument {i}")
+    assert int(got[-1][0]) == 4                                    # 2 per step
+    np.testing.assert_array_equal(_bits_of(got[1]), g_before)

@@ -21,9 +21,16 @@ without a host synchronization: an element whose gradient is NaN or +-Inf keeps 
 parameter value and its moments are reset to 0, so no block's state is poisoned; the
 elements are counted on the device and a RuntimeWarning is issued once (on the GPU at the
 next ``step()`` that finds the count ready, or at ``nonfinite_count()``). "raise" checks
-every gradient before touching any state and raises FloatingPointError naming the
-parameter (one host synchronization per tensor on the GPU). torch's GradScaler works
-unchanged: it unscales the gradients and skips ``step()`` when it found an inf.
+every gradient of every group before touching any parameter or state and raises
+FloatingPointError naming the parameter (one host synchronization per device on the GPU).
+torch's GradScaler works unchanged: it unscales the gradients and skips ``step()`` when it
+found an inf.
+
+``step()`` checks everything (gradients, hyper-parameters of every group, state) before it
+changes anything, and a failed ``load_state_dict`` leaves the state as it was. The kernels
+write parameters through NumPy views or raw pointers, so each step bumps every updated
+parameter's version counter itself (``torch.autograd.graph.increment_version``): caches
+keyed on ``_version``, such as Linear8bitLt's int8 copy of its fp16 weight, see the update.
 """
 from __future__ import annotations
 
@@ -118,11 +125,34 @@ class GlobalOptimManager:
 
 
 def _check_override(config: dict) -> None:
-    for k, v in config.items():
+    for k in config:
         if k not in _OVERRIDE_KEYS:
             raise ValueError(f"unknown optimizer override key {k!r}; known: {', '.join(_OVERRIDE_KEYS)}")
-        if k == "optim_bits" and v not in (8, 32):
-            raise ValueError(f"optim_bits must be 8 or 32; got {v!r}")
+    _check_options(config)
+
+
+def _is_number(x) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float, np.integer, np.floating))
+
+
+def _check_options(config: dict) -> None:
+    """ValueError naming the first bad value among ``config``'s options: any subset of lr,
+    betas, eps, weight_decay, optim_bits, min_8bit_size, percentile_clipping, max_unorm."""
+    adam = ("lr", "betas", "eps", "weight_decay")
+    if any(k in config for k in adam):  # the absent ones take a valid stand-in
+        ref.check_adam_args(config.get("lr", 0.0), config.get("betas", (0.0, 0.0)),
+                            config.get("eps", 0.0), config.get("weight_decay", 0.0))
+    if "optim_bits" in config and config["optim_bits"] not in (8, 32):
+        raise ValueError(f"optim_bits must be 8 or 32; got {config['optim_bits']!r}")
+    v = config.get("min_8bit_size", 0)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"min_8bit_size must be an integer >= 0; got {v!r}")
+    v = config.get("percentile_clipping", 100)
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 100:
+        raise ValueError(f"percentile_clipping must be an integer in [1, 100]; got {v!r}")
+    v = config.get("max_unorm", 0.0)
+    if not (_is_number(v) and math.isfinite(v) and v >= 0):
+        raise ValueError(f"max_unorm must be a finite number >= 0; got {v!r}")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -155,6 +185,24 @@ def _block_rows(p: torch.Tensor) -> int | None:
         return None
     row = _global_numel(p) // p.shape[0]
     return row // ref.BLOCKSIZE if row % ref.BLOCKSIZE == 0 else None
+
+
+def _bump_version(p: torch.Tensor, local: torch.Tensor) -> None:
+    """Tell torch that the kernels changed p: they write through NumPy views or raw pointers,
+    which do not bump ``_version``, and caches keyed on it (Linear8bitLt's int8 copy of its
+    fp16 weight, autograd's saved-tensor check) would miss the update. For a DTensor both
+    the wrapper and its local shard. A host-side counter: no device work."""
+    torch.autograd.graph.increment_version(p if local is p else (p, local))
+
+
+def _options_key(config: dict) -> tuple | None:
+    """A hashable stand-in for a parameter's options (None when one is unhashable)."""
+    key = tuple(tuple(v) if isinstance(v, list) else v for v in config.values())
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _as_dtensor(local: torch.Tensor, p: torch.Tensor, shape) -> torch.Tensor:
@@ -233,16 +281,8 @@ class Optimizer8bit(torch.optim.Optimizer):
             min_8bit_size = getattr(args, "min_8bit_size", min_8bit_size)
             percentile_clipping = getattr(args, "percentile_clipping", percentile_clipping)
             max_unorm = getattr(args, "max_unorm", max_unorm)
-        if optim_bits not in (8, 32):
-            raise ValueError(f"optim_bits must be 8 or 32; got {optim_bits!r}")
-        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
-            raise ValueError(f"min_8bit_size must be an integer >= 0; got {min_8bit_size!r}")
-        if isinstance(percentile_clipping, bool) or not isinstance(percentile_clipping, int) \
-                or not 1 <= percentile_clipping <= 100:
-            raise ValueError(f"percentile_clipping must be an integer in [1, 100]; got "
-                             f"{percentile_clipping!r}")
-        if not (math.isfinite(max_unorm) and max_unorm >= 0):
-            raise ValueError(f"max_unorm must be a finite number >= 0; got {max_unorm!r}")
+        _check_options(dict(optim_bits=optim_bits, min_8bit_size=min_8bit_size,
+                            percentile_clipping=percentile_clipping, max_unorm=max_unorm))
         if max_unorm > 0 and optim_bits == 8:
             raise ValueError("max_unorm applies to 32-bit state only (bitsandbytes ignores it "
                              "silently with 8-bit state); use optim_bits=32 or max_unorm=0")
@@ -314,19 +354,14 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     @torch.no_grad()
     def init_state(self, group: dict, p: torch.Tensor, gindex: int, pindex: int) -> None:
+        """Create p's state (moments zero, step 0) as its configuration says: 8-bit codes
+        with absmax, or float32 moments."""
         config = self.get_config(gindex, pindex, group)
+        self._check_new_state(p, config, gindex, pindex)
         local = _local(p)
         bits = _state_bits(p, config)
-        if bits == 8 and config["max_unorm"] > 0:
-            raise ValueError(f"max_unorm applies to 32-bit state only; parameter "
-                             f"[{gindex}][{pindex}] would get 8-bit state")
         if _is_sharded(p):
             where = f"parameter [{gindex}][{pindex}] (shape {tuple(p.shape)})"
-            if config["percentile_clipping"] < 100 or config["max_unorm"] > 0:
-                raise NotImplementedError(
-                    f"{where} is sharded (FSDP2): percentile_clipping and max_unorm need the "
-                    "global gradient norm, which this optimizer does not all-reduce; clip with "
-                    "torch.nn.utils.clip_grad_norm_ (it handles DTensors) instead")
             if bits == 8 and _block_rows(p) is None:
                 warnings.warn(f"{where} is sharded (FSDP2) and its rows are not whole 256-element "
                               "blocks: its 8-bit state is blocked per shard, so it differs slightly "
@@ -351,6 +386,19 @@ class Optimizer8bit(torch.optim.Optimizer):
         if config["max_unorm"] > 0:
             state["unorm_vec"] = torch.zeros(1, dtype=torch.float32, device=local.device)
 
+    @staticmethod
+    def _check_new_state(p: torch.Tensor, config: dict, gindex: int, pindex: int) -> None:
+        """Raise if p's state cannot be created with ``config`` (creates nothing)."""
+        if _state_bits(p, config) == 8 and config["max_unorm"] > 0:
+            raise ValueError(f"max_unorm applies to 32-bit state only; parameter "
+                             f"[{gindex}][{pindex}] would get 8-bit state")
+        if _is_sharded(p) and (config["percentile_clipping"] < 100 or config["max_unorm"] > 0):
+            raise NotImplementedError(
+                f"parameter [{gindex}][{pindex}] (shape {tuple(p.shape)}) is sharded (FSDP2): "
+                "percentile_clipping and max_unorm need the global gradient norm, which this "
+                "optimizer does not all-reduce; clip with torch.nn.utils.clip_grad_norm_ (it "
+                "handles DTensors) instead")
+
     @torch.no_grad()
     def initialize_states(self) -> None:
         """Create, as the first step would, the state of every trainable parameter that has
@@ -366,7 +414,9 @@ class Optimizer8bit(torch.optim.Optimizer):
     # --- the step ------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        """One optimization step over every parameter that has a gradient."""
+        """One optimization step over every parameter that has a gradient. Everything is
+        checked first (gradients, hyper-parameters, state); a step that raises has changed
+        no parameter and no state."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -374,13 +424,13 @@ class Optimizer8bit(torch.optim.Optimizer):
         if not self.initialized:
             self._apply_module_overrides()
             self.initialized = True
+        plan = self._checked_plan()
+        self._create_missing_states(plan)
         self._poll_nonfinite(block=False)
         self._streams = {}  # device -> torch's current stream handle, looked up once per step
         try:
-            for gi, group in enumerate(self.param_groups):
-                for pi, p in enumerate(group["params"]):
-                    if p.grad is not None:
-                        self._update_step(group, p, gi, pi)
+            for group, p, gi, pi, config in plan:
+                self._update_step(p, config)
         finally:
             self._streams = None
         self._record_nonfinite()
@@ -388,10 +438,31 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     @torch.no_grad()
     def update_step(self, group: dict, p: torch.Tensor, gindex: int, pindex: int) -> None:
-        self._update_step(group, p, gindex, pindex)
+        """bitsandbytes' per-parameter step: check, create the state if needed, update p."""
+        plan = [(group, p, gindex, pindex, self._checked_config(group, p, gindex, pindex, set()))]
+        if self.nonfinite == "raise":
+            self._check_finite(plan)
+        self._create_missing_states(plan)
+        self._update_step(p, plan[0][4])
 
-    def _update_step(self, group: dict, p: torch.Tensor, gindex: int, pindex: int) -> None:
-        # the per-parameter hot path of step(): a few microseconds of Python per tensor
+    def _checked_plan(self) -> list:
+        """The parameters step() updates, as (group, p, gindex, pindex, config), once every
+        one of them passed ``_checked_config`` and, with nonfinite="raise", every gradient
+        is finite. Changes nothing."""
+        plan, checked = [], set()
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    plan.append((group, p, gi, pi, self._checked_config(group, p, gi, pi, checked)))
+        if self.nonfinite == "raise":
+            self._check_finite(plan)
+        return plan
+
+    def _checked_config(self, group: dict, p: torch.Tensor, gindex: int, pindex: int,
+                        checked: set) -> dict:
+        """p's effective options after checking them, its gradient (dense, p's dtype) and its
+        state (on p's device, or creatable). ``checked``: option tuples already found good
+        during this step (most parameters share their group's)."""
         grad = p.grad
         if grad.is_sparse:
             raise RuntimeError(f"{_where(gindex, pindex)} has a sparse gradient; the 8-bit/32-bit "
@@ -399,30 +470,75 @@ class Optimizer8bit(torch.optim.Optimizer):
         if grad.dtype != p.dtype:
             raise TypeError(f"{_where(gindex, pindex)}: gradient dtype {grad.dtype} differs from "
                             f"the parameter's {p.dtype}")
-        local, glocal = _local(p), _local(grad)
+        config = self.get_config(gindex, pindex, group)
+        key = _options_key(config)
+        if key is None or key not in checked:
+            try:
+                _check_options(config)
+            except ValueError as exc:
+                raise ValueError(f"{_where(gindex, pindex)}: {exc}; no parameter or state was "
+                                 f"changed") from None
+            if key is not None:
+                checked.add(key)
+        state = self.state.get(p)
+        if not state:
+            self._check_new_state(p, config, gindex, pindex)
+            return config
+        device = _local(p).device
+        for k in ("state1", "state2", "absmax1", "absmax2"):
+            if k in state and state[k].device != device:
+                raise ValueError(f"{_where(gindex, pindex)} is on {device} but its optimizer state "
+                                 f"{k} is on {state[k].device}; move the model before the first "
+                                 f"step, or reload the state with load_state_dict()")
+        return config
+
+    @staticmethod
+    def _check_finite(plan: list) -> None:
+        """FloatingPointError naming the first parameter of ``plan`` whose gradient holds a
+        NaN or Inf; one host synchronization per device (not per tensor)."""
+        flags: dict = {}  # device -> [(position in plan, 0-dim bool tensor)]
+        for k, (_, p, _, _, _) in enumerate(plan):
+            g = _local(p.grad)
+            flags.setdefault(g.device, []).append((k, torch.isfinite(g).all()))
+        bad = []
+        for items in flags.values():
+            finite = torch.stack([f for _, f in items]).cpu().tolist()
+            bad += [k for (k, _), ok in zip(items, finite) if not ok]
+        if bad:
+            _, p, gi, pi, _ = plan[min(bad)]
+            raise FloatingPointError(f"{_where(gi, pi)} (shape {tuple(p.shape)}) has a NaN or Inf "
+                                     f"gradient; no parameter or state was changed")
+
+    def _create_missing_states(self, plan: list) -> None:
+        """init_state for the parameters of ``plan`` that have none; all or nothing (an
+        allocation that fails removes the states made here)."""
+        created = []
+        try:
+            for group, p, gi, pi, _ in plan:
+                if not self.state.get(p):
+                    created.append(p)
+                    self.init_state(group, p, gi, pi)
+        except BaseException:
+            for p in created:
+                self.state.pop(p, None)
+            raise
+
+    def _update_step(self, p: torch.Tensor, config: dict) -> None:
+        # the per-parameter hot path of step(), after every check: a few microseconds of
+        # Python per tensor
+        local, glocal = _local(p), _local(p.grad)
         if not glocal.is_contiguous():
             glocal = glocal.contiguous()
         state = self.state[p]
-        if not state:
-            self.init_state(group, p, gindex, pindex)
-        device = local.device
-        for key in ("state1", "state2", "absmax1", "absmax2"):
-            if key in state and state[key].device != device:
-                raise ValueError(f"{_where(gindex, pindex)} is on {device} but its optimizer state "
-                                 f"{key} is on {state[key].device}; move the model before the first "
-                                 f"step, or reload the state with load_state_dict()")
-        if self.nonfinite == "raise" and not bool(torch.isfinite(glocal).all()):
-            raise FloatingPointError(f"{_where(gindex, pindex)} (shape {tuple(p.shape)}) has a NaN "
-                                     f"or Inf gradient; no parameter or state was changed")
-        config = self.get_config(gindex, pindex, group)
         state["step"] += 1
         work = local if local.is_contiguous() else local.contiguous()
-        if device.type == "cpu":
+        if local.device.type == "cpu":
             self._update_cpu(work, glocal, state, config)
         else:
             self._update_cuda(work, glocal, state, config)
         if work is not local:
             local.copy_(work)
+        _bump_version(p, local)
 
     def _update_cpu(self, p, g, state, config) -> None:
         name = str(p.dtype).replace("torch.", "")
@@ -641,65 +757,47 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict, move_to_device: bool = True) -> None:
         """Load a state from ``state_dict()`` here or from bitsandbytes (wrapped or not);
-        tensors keep their dtype and move to their parameter's device (shard)."""
+        tensors keep their dtype and move to their parameter's device (shard). Every entry
+        is checked before anything changes (as torch.optim does): a bad state_dict raises
+        ValueError and leaves this optimizer's state and param_groups as they were."""
         state_dict = deepcopy(state_dict)
         groups, saved = self.param_groups, state_dict["param_groups"]
-        if len(groups) != len(saved):
-            raise ValueError(f"state_dict has {len(saved)} parameter groups; this optimizer has "
-                             f"{len(groups)}")
-        for gi, (g, s) in enumerate(zip(groups, saved)):
-            if len(g["params"]) != len(s["params"]):
-                raise ValueError(f"state_dict's parameter group {gi} has {len(s['params'])} "
-                                 f"parameters; this optimizer's has {len(g['params'])}")
+        _check_saved_groups(groups, saved)
         id_map = dict(zip(chain.from_iterable(s["params"] for s in saved),
                           chain.from_iterable(g["params"] for g in groups)))
         position = {id(p): (gi, pi) for gi, g in enumerate(groups) for pi, p in enumerate(g["params"])}
         if not self.initialized:
             self._apply_module_overrides()
             self.initialized = True
-        self.state.clear()
+        entries = []
         for index, st in state_dict["state"].items():
             if index not in id_map:
                 raise ValueError(f"state_dict has state for unknown parameter index {index!r}")
             p = id_map[index]
             st = dict(st)
             st.update(st.pop(QUANT_STATE_KEY, {}))
+            st = {k: _local(v) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
             gi, pi = position[id(p)]
-            config = self.get_config(gi, pi, groups[gi])
-            bits = _state_bits(p, config)
-            self.state[p] = self._checked_state(st, p, index, move_to_device, bits)
+            bits = _state_bits(p, self.get_config(gi, pi, groups[gi]))
+            _check_saved_state(st, _local(p).numel(), tuple(p.shape), index, bits)
+            entries.append((p, st))
+        loaded = {p: self._loaded_state(st, p, move_to_device) for p, st in entries}
+        self.state.clear()
+        self.state.update(loaded)
         for g, s in zip(groups, saved):
             for k, v in s.items():
                 if k != "params":
                     g[k] = tuple(v) if k == "betas" else v
 
-    def _checked_state(self, st: dict, p: torch.Tensor, index, move: bool, bits: int) -> dict:
+    def _loaded_state(self, st: dict, p: torch.Tensor, move: bool) -> dict:
+        """A checked saved state (``_check_saved_state``) as p's state: step an int, tensors
+        on p's device (shard) in p's layout, large ones paged for paged optimizers, the
+        default codebooks shared."""
         local = _local(p)
-        n = local.numel()
-        if "state1" not in st or "state2" not in st or "step" not in st:
-            raise ValueError(f"state of parameter {index} lacks step/state1/state2; got {sorted(st)}")
-        st = {k: _local(v) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
-        eight = st["state1"].dtype == torch.uint8
-        if eight != (bits == 8):
-            raise ValueError(f"state of parameter {index} (shape {tuple(p.shape)}) was saved "
-                             f"{'8' if eight else '32'}-bit but this optimizer's configuration "
-                             f"(optim_bits, min_8bit_size, GlobalOptimManager overrides) gives it "
-                             f"{bits}-bit state; load it with the configuration it was saved with")
-        want = {"state1": (torch.uint8 if eight else torch.float32, n),
-                "state2": (torch.uint8 if eight else torch.float32, n)}
-        if eight:
-            nb = -(-n // ref.BLOCKSIZE)
-            want.update(absmax1=(torch.float32, nb), absmax2=(torch.float32, nb),
-                        qmap1=(torch.float32, 256), qmap2=(torch.float32, 256))
-        for k, (dt, size) in want.items():
-            t = st.get(k)
-            if not isinstance(t, torch.Tensor) or t.dtype != dt or t.numel() != size:
-                raise ValueError(f"state of parameter {index}: {k} must be a {dt} tensor of {size} "
-                                 f"elements; got {None if t is None else (t.dtype, t.numel())}")
         out = {}
         for k, v in st.items():
             if k == "step":
-                out[k] = int(v.item()) if isinstance(v, torch.Tensor) else int(v)
+                out[k] = _saved_step(v)
             elif isinstance(v, torch.Tensor):
                 v = v.to(local.device) if move else v
                 if k in ("absmax1", "absmax2"):
@@ -713,11 +811,70 @@ class Optimizer8bit(torch.optim.Optimizer):
                 out[k] = v
             else:
                 out[k] = v
-        if eight:  # share one codebook tensor per device when it is the default map
+        if out["state1"].dtype == torch.uint8:  # one codebook tensor per device when default
             q1, q2 = self._device_qmaps(local.device)
             if torch.equal(out["qmap1"].cpu(), q1.cpu()) and torch.equal(out["qmap2"].cpu(), q2.cpu()):
                 out["qmap1"], out["qmap2"] = q1, q2
         return out
+
+
+def _check_saved_groups(groups: list, saved: list) -> None:
+    """ValueError unless the saved param_groups match ``groups`` in number and sizes and
+    hold valid Adam hyper-parameters."""
+    if len(groups) != len(saved):
+        raise ValueError(f"state_dict has {len(saved)} parameter groups; this optimizer has "
+                         f"{len(groups)}")
+    for gi, (g, s) in enumerate(zip(groups, saved)):
+        if len(g["params"]) != len(s["params"]):
+            raise ValueError(f"state_dict's parameter group {gi} has {len(s['params'])} "
+                             f"parameters; this optimizer's has {len(g['params'])}")
+        try:
+            _check_options({k: s[k] for k in ("lr", "betas", "eps", "weight_decay") if k in s})
+        except ValueError as exc:
+            raise ValueError(f"state_dict's param_groups[{gi}]: {exc}") from None
+
+
+def _saved_step(v) -> int:
+    """A saved ``step`` (an int, or a one-element tensor as torch.optim saves it) as an int
+    >= 0; ValueError for anything else."""
+    value = v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+    if not (_is_number(value) and math.isfinite(value) and value >= 0
+            and float(value).is_integer()):
+        raise ValueError(f"step must be an integer >= 0; got {v!r}")
+    return int(value)
+
+
+def _check_saved_state(st: dict, n: int, shape: tuple, index, bits: int) -> None:
+    """ValueError unless ``st`` (one parameter's saved state, unwrapped, local shards) is a
+    valid ``bits``-bit state for a parameter of shape ``shape`` with ``n`` local elements."""
+    if "state1" not in st or "state2" not in st or "step" not in st:
+        raise ValueError(f"state of parameter {index} lacks step/state1/state2; got {sorted(st)}")
+    try:
+        _saved_step(st["step"])
+    except ValueError as exc:
+        raise ValueError(f"state of parameter {index}: {exc}") from None
+    if not isinstance(st["state1"], torch.Tensor):
+        raise ValueError(f"state of parameter {index}: state1 must be a tensor; got "
+                         f"{type(st['state1']).__name__}")
+    eight = st["state1"].dtype == torch.uint8
+    if eight != (bits == 8):
+        raise ValueError(f"state of parameter {index} (shape {shape}) was saved "
+                         f"{'8' if eight else '32'}-bit but this optimizer's configuration "
+                         f"(optim_bits, min_8bit_size, GlobalOptimManager overrides) gives it "
+                         f"{bits}-bit state; load it with the configuration it was saved with")
+    want = {"state1": (torch.uint8 if eight else torch.float32, n),
+            "state2": (torch.uint8 if eight else torch.float32, n)}
+    if eight:
+        nb = -(-n // ref.BLOCKSIZE)
+        want.update(absmax1=(torch.float32, nb), absmax2=(torch.float32, nb),
+                    qmap1=(torch.float32, 256), qmap2=(torch.float32, 256))
+    for k, (dt, size) in want.items():
+        t = st.get(k)
+        if not isinstance(t, torch.Tensor) or t.dtype != dt or t.numel() != size:
+            got = ((t.dtype, t.numel()) if isinstance(t, torch.Tensor)
+                   else "no such entry" if t is None else type(t).__name__)
+            raise ValueError(f"state of parameter {index}: {k} must be a {dt} tensor of {size} "
+                             f"elements; got {got}")
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)

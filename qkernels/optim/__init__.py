@@ -8,12 +8,19 @@
 
 In place on NumPy, CuPy or Numba arrays or torch tensors (contiguous, all on one device).
 Implementations: reference/optim.py (numpy, the oracle), optim.cu + _cupy.py (cupy),
-_numba.py (numba); all three give bit-identical p, codes and absmax. ``nonfinite``: an
-int32 (1,) array on the data's device that receives the number of non-finite gradient
-elements (their p is left unchanged and their moments reset to 0: SPEC.md section 11).
+_numba.py (numba); all three give bit-identical p, codes and absmax. Host data runs on
+numpy unless a GPU backend is asked for (``use_backend``, QKERNELS_BACKEND); then it is
+copied to the GPU and every array the update writes is copied back into the caller's
+memory. ``nonfinite``: an int32 (1,) array on the data's device that receives the number
+of non-finite gradient elements (their p is left unchanged and their moments reset to 0:
+SPEC.md section 11). ``gnorm_scale`` (on the gradient) and ``update_scale`` (on the step
+size) are finite numbers >= 0: percentile clipping and max_unorm give factors in [0, 1],
+and 0 is reachable (a clip of 0 after all-zero gradients, a parameter of norm 0).
 The optimizers in torch_ops.optim call the CuPy launchers directly with raw pointers.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -139,12 +146,60 @@ _UPDATE_32BIT = {"numpy": _numpy_32bit, "cupy": _cupy_32bit, "numba": _numba_32b
 
 
 def _choose(table, p):
+    """(backend name, implementation) for an update of p's data."""
     on_gpu = device_of(p) is not None
     backend, impl = choose(table, on_gpu=on_gpu)
     if backend == "numpy" and on_gpu:
         raise ValueError("the optimizer update runs in place: GPU data needs the cupy or numba "
                          "backend (the numpy backend takes host data)")
-    return impl
+    return backend, impl
+
+
+def _to_gpu(backend: str, host: np.ndarray):
+    if backend == "cupy":
+        import cupy
+        return cupy.asarray(host)
+    from numba import cuda
+    return cuda.to_device(host)
+
+
+def _to_host(backend: str, dev, host: np.ndarray) -> None:
+    if backend == "cupy":
+        dev.get(out=host)  # on the current stream, which the launch used: waits for it
+    else:
+        dev.copy_to_host(host)
+
+
+def _run(table, arrays: tuple, rest: tuple, nonfinite) -> None:
+    """``impl(*arrays, *rest, nonfinite)`` on the chosen backend. arrays = (p, g, states...):
+    everything but g is updated in place. Host data under a GPU backend runs on device
+    copies (the current device), and p, the states and the counter are copied back into
+    the caller's memory (through NumPy views of it: numpy arrays or CPU tensors)."""
+    backend, impl = _choose(table, arrays[0])
+    if backend == "numpy" or device_of(arrays[0]) is not None:
+        impl(*arrays, *rest, nonfinite)
+        return
+    hosts = [_host_view(x) for x in arrays]
+    count = None if nonfinite is None else _host_view(nonfinite)
+    devs = [_to_gpu(backend, h) for h in hosts]
+    dev_count = None if count is None else _to_gpu(backend, count)
+    impl(*devs, *rest, dev_count)
+    for i, (dev, host) in enumerate(zip(devs, hosts)):
+        if i != 1:  # g is only read
+            _to_host(backend, dev, host)
+    if count is not None:
+        _to_host(backend, dev_count, count)
+
+
+def _check_scale(argname: str, value) -> None:
+    """ValueError unless ``value`` is a finite real number >= 0 (NaN would zero every moment
+    or write NaN into p; a negative factor would step up the gradient)."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+          and math.isfinite(value) and value >= 0)
+    if not ok:
+        what = "gradient" if argname == "gnorm_scale" else "step size"
+        raise ValueError(f"{argname} must be a finite number >= 0 (a factor on the {what}); "
+                         f"got {value!r}")
 
 
 def _check_counter(nonfinite, p):
@@ -163,6 +218,7 @@ def optimizer_update_8bit_blockwise(p, g, state1, state2, absmax1, absmax2, qmap
     p's element count (codes of m with qmap1, of v with qmap2). absmax1, absmax2: float32
     (ceil(n / 256),). qmap1/qmap2 default to the signed/unsigned dynamic maps. Weight decay
     is decoupled and applied after the step (Adam and AdamW alike); see reference.optim.
+    gnorm_scale: a finite number >= 0 multiplying the gradient (percentile clipping's).
     """
     n = _numel(p) if hasattr(p, "shape") else None
     nblocks = -(-(n or 0) // ref.BLOCKSIZE)
@@ -170,13 +226,14 @@ def optimizer_update_8bit_blockwise(p, g, state1, state2, absmax1, absmax2, qmap
                      {"absmax1": (absmax1, "float32", nblocks),
                       "absmax2": (absmax2, "float32", nblocks)})
     _check_counter(nonfinite, p)
+    _check_scale("gnorm_scale", gnorm_scale)
     q1 = dynamic_map(True) if qmap1 is None else check_code(_to_numpy(qmap1), argname="qmap1")
     q2 = dynamic_map(False) if qmap2 is None else check_code(_to_numpy(qmap2), argname="qmap2")
     scalars = ref.adam_scalars(lr, betas, eps, weight_decay, step, gnorm_scale)
     if n == 0:
         return
-    _choose(_UPDATE_8BIT, p)(p, g, state1, state2, absmax1, absmax2, q1, q2, name, scalars,
-                             nonfinite)
+    _run(_UPDATE_8BIT, (p, g, state1, state2, absmax1, absmax2), (q1, q2, name, scalars),
+         nonfinite)
 
 
 def optimizer_update_32bit(p, g, state1, state2, *, lr: float, betas=(0.9, 0.999),
@@ -184,13 +241,16 @@ def optimizer_update_32bit(p, g, state1, state2, *, lr: float, betas=(0.9, 0.999
                            gnorm_scale: float = 1.0, update_scale: float = 1.0,
                            nonfinite=None) -> None:
     """One Adam/AdamW step with float32 state (state1 = m, state2 = v, p's element count),
-    in place. ``update_scale`` multiplies the step size (max_unorm's factor, float32)."""
+    in place. ``gnorm_scale`` multiplies the gradient, ``update_scale`` the step size
+    (max_unorm's factor, float32): finite numbers >= 0."""
     n = _numel(p) if hasattr(p, "shape") else None
     name, n = _check(p, g, {"state1": (state1, "float32", n), "state2": (state2, "float32", n)}, {})
     _check_counter(nonfinite, p)
+    _check_scale("gnorm_scale", gnorm_scale)
+    _check_scale("update_scale", update_scale)
     scalars = ref.adam_scalars(lr, betas, eps, weight_decay, step, gnorm_scale)
     if n == 0:
         return
-    _choose(_UPDATE_32BIT, p)(p, g, state1, state2, name, scalars, np.float32(update_scale),
-                              nonfinite)
+    _run(_UPDATE_32BIT, (p, g, state1, state2), (name, scalars, np.float32(update_scale)),
+         nonfinite)
 
