@@ -52,11 +52,24 @@ def available_backends() -> list[str]:
     return [b for b in BACKENDS if backend_status(b)[0]]
 
 
+_ENV_DATA = getattr(os.environ, "_data", None)  # os.environ's own dict (encoded keys and values)
+_ENV_KEY = os.environ.encodekey("QKERNELS_BACKEND") if hasattr(os.environ, "encodekey") else None
+
+
+def _env_backend() -> str | None:
+    """QKERNELS_BACKEND as os.environ holds it now. Read from os.environ's own dict: the
+    torch hot paths ask per call, and os.environ.get costs more than the rest of the check."""
+    if _ENV_DATA is None or _ENV_KEY is None:
+        return os.environ.get("QKERNELS_BACKEND")
+    value = _ENV_DATA.get(_ENV_KEY)
+    return None if value is None else os.environ.decodevalue(value)
+
+
 def requested_backend() -> str | None:
     """The backend asked for by ``use_backend`` (the innermost block of this thread or
     asyncio task) or else ``QKERNELS_BACKEND``; None when neither asks for one."""
     stack = _requested.get()
-    name = stack[-1] if stack else (os.environ.get("QKERNELS_BACKEND") or None)
+    name = stack[-1] if stack else (_env_backend() or None)
     if name is not None and name not in BACKENDS:
         raise ValueError(f"QKERNELS_BACKEND must be one of {', '.join(BACKENDS)}; got {name!r}")
     return name

@@ -80,11 +80,22 @@ class PreparedLaunch:
     def launch(self, stream: int, *values, grid_x: int | None = None, smem: int | None = None) -> None:
         gx, gy, gz = self.grid
         bx, by, bz = self.block
+        args = (self._fptr, gx if grid_x is None else grid_x, gy, gz, bx, by, bz,
+                self.smem if smem is None else smem, stream, self._params_ptr, 0)
         with self._lock:
             for slot, v in zip(self._var, values):
                 slot.value = v
-            _driver().launchKernel(self._fptr, gx if grid_x is None else grid_x, gy, gz, bx, by, bz,
-                                self.smem if smem is None else smem, stream, self._params_ptr, 0)
+            try:
+                _driver().launchKernel(*args)
+            except _driver().CUDADriverError as e:
+                if "INVALID_CONTEXT" not in str(e):
+                    raise
+                # a thread with no current context (torch's autograd threads select their
+                # device without creating one): make the current device's primary context
+                # current, as any CUDA runtime call there would, and launch again
+                runtime = _CUDA[1]
+                runtime.setDevice(runtime.getDevice())
+                _driver().launchKernel(*args)
 
 
 class PlanCache:

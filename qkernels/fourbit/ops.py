@@ -103,7 +103,7 @@ class Matmul4bitPlan:
                         x = x.clone()
                 if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
                     bias = bias.to(x.dtype).contiguous()  # the kernel reads it in x's dtype
-                out = torch.empty((*x.shape[:-1], self.N), dtype=x.dtype, device=x.device)
+                out = x.new_empty((*x.shape[:-1], self.N))
                 device, stream = torch_stream(x)
                 with on_torch_device(device):
                     cuda.matmul(x, M, bias, out, stream)

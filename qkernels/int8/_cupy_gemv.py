@@ -270,7 +270,7 @@ class PreparedWeight8bit:
         dtype = _TORCH_NAMES[x.dtype]
         bdt = -1 if bias is None else _DT[_TORCH_NAMES[bias.dtype]]
         gemv, staged = self._gemv(dtype, bdt, M, False)
-        out = torch.empty((*x.shape[:-1], self.N), dtype=x.dtype, device=x.device)
+        out = x.new_empty((*x.shape[:-1], self.N))
         xp = x.data_ptr()
         x_vec_ok = int(xp % 16 == 0 and (self.K * _ES[dtype]) % 16 == 0)
         bp = 0 if bias is None else bias.data_ptr()
@@ -278,7 +278,7 @@ class PreparedWeight8bit:
             gemv.launch(stream, xp, 0, 0, bp, out.data_ptr(), M, x_vec_ok, 0, 0, smem=M * self.nch * 16)
             return out
         # codes (M, nch * 16) int8, then absmax float32 (M,): one workspace
-        ws = torch.empty((M * self.nch * 16 + 4 * M,), dtype=torch.uint8, device=x.device)
+        ws = x.new_empty((M * self.nch * 16 + 4 * M,), dtype=torch.uint8)
         codes = ws.data_ptr()
         absmax = codes + M * self.nch * 16
         self._quant(dtype).launch(stream, xp, codes, absmax, x_vec_ok, grid_x=M)
@@ -301,11 +301,11 @@ class PreparedWeight8bit:
         cols = self._launches.get("outlier_cols") or self._outlier_cols()
         bdt = -1 if bias is None else _DT[_TORCH_NAMES[bias.dtype]]
         gemv, _ = self._gemv(dtype, bdt, M, True)
-        out = torch.empty((*x.shape[:-1], self.N), dtype=x.dtype, device=x.device)
+        out = x.new_empty((*x.shape[:-1], self.N))
         # workspace: flags u8 (cpad) | count int32 (16 bytes) | idx int64 (K,) | stats f32 (M,) | q int8 (M, K)
         cpad = -(-K // 16) * 16
         zeroed = cpad + 16 + 8 * K
-        ws = torch.empty((zeroed + 4 * M + 16 + M * K,), dtype=torch.uint8, device=x.device)
+        ws = x.new_empty((zeroed + 4 * M + 16 + M * K,), dtype=torch.uint8)
         flags = ws.data_ptr()
         memset_async(flags, zeroed, stream)
         count, idx = flags + cpad, flags + cpad + 16
