@@ -251,3 +251,24 @@ def test_prepared_launch_argument_block():
         PreparedLaunch(Function(), "pxq", {}, (0, 1, 2), (1,), (1,))
     with pytest.raises(ValueError, match="either fixed or variable"):
         PreparedLaunch(Function(), "pp", {0: 1}, (0,), (1,), (1,))
+
+
+@pytest.mark.parametrize("kind", list(_KINDS))
+def test_load_state_dict_not_strict_loads_the_keys_present(kind):
+    """load_state_dict(strict=False) with the bias missing and one extra key loads the weight
+    (as nn.Linear does) and reports both keys; strict=True reports them as an error. Torch
+    passes strict=True to _load_from_state_dict whatever the user asked, so a layer that
+    returned early on missing keys loaded nothing (issue 25, item 1)."""
+    torch.manual_seed(8)
+    layer, source = _quantized(kind, "cpu"), _quantized(kind, "cpu")
+    sd = {k: v for k, v in source.state_dict().items() if k != "bias"}
+    sd["extra"] = torch.zeros(1)
+    x = _input()
+    report = layer.load_state_dict(sd, strict=False)
+    assert report.missing_keys == ["bias"] and report.unexpected_keys == ["extra"]
+    with torch.no_grad():
+        bias = layer.bias.detach().clone()
+        source.bias.copy_(bias)  # the bias was not loaded: the layers now differ only if the weight did not load
+        assert torch.equal(layer(x), source(x))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        layer.load_state_dict(sd, strict=True)

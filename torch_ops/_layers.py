@@ -70,7 +70,12 @@ def apply_to_quantized_weight(module: torch.nn.Module, fn, recurse: bool, super_
 
 @dataclasses.dataclass
 class LoadReport:
-    """Problems found while validating one layer's slice of a state_dict."""
+    """Problems found while validating one layer's slice of a state_dict.
+
+    An error (a shape, dtype or format that cannot load) changes nothing in the layer. Missing
+    and unexpected keys do not stop the keys that are present from loading, as in nn.Linear:
+    torch calls ``_load_from_state_dict`` with strict=True whatever the user asked and applies
+    the user's ``strict`` to the reported keys afterwards (raising for strict=True)."""
     prefix: str
     missing: list = dataclasses.field(default_factory=list)
     unexpected: list = dataclasses.field(default_factory=list)
@@ -79,8 +84,9 @@ class LoadReport:
     def error(self, key: str, message: str) -> None:
         self.errors.append(f"{self.prefix}{key}: {message}")
 
-    def ok(self, strict: bool) -> bool:
-        return not self.errors and not (strict and (self.missing or self.unexpected))
+    def ok(self) -> bool:
+        """Whether the present keys may be loaded (no errors)."""
+        return not self.errors
 
     def hand_over(self, missing_keys, unexpected_keys, error_msgs) -> None:
         missing_keys.extend(self.prefix + k for k in self.missing)

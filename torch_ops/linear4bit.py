@@ -339,10 +339,9 @@ class Linear4bit(nn.Linear):
         new_bias = check_bias(report, sd, self.bias, self.out_features)
         known = {"weight", "bias"}
         report.unexpected += [k for k in sd if k not in known and not k.startswith("weight.")]
-        if not report.ok(strict):
-            report.hand_over(missing_keys, unexpected_keys, error_msgs)
-            return
         report.hand_over(missing_keys, unexpected_keys, error_msgs)
+        if not report.ok():
+            return
         with torch.no_grad():
             if new_weight is not None:
                 self.weight.data = new_weight.data

@@ -286,10 +286,9 @@ class Linear8bitLt(nn.Linear):
         new_weight = self._checked_weight(sd, report)
         new_bias = check_bias(report, sd, self.bias, self.out_features)
         report.unexpected += [k for k in sd if k not in ("weight", "bias", "SCB", "weight_format")]
-        if not report.ok(strict):
-            report.hand_over(missing_keys, unexpected_keys, error_msgs)
-            return
         report.hand_over(missing_keys, unexpected_keys, error_msgs)
+        if not report.ok():
+            return
         with torch.no_grad():
             if isinstance(new_weight, Int8Params):
                 self.weight.data = new_weight.data

@@ -14,7 +14,8 @@ float8(clamp(x / scale, -fmax, fmax)) rounded to nearest even; a NaN quotient gi
 
 Implementations: reference/fp8.py (numpy, the oracle) and fp8.cu + _cupy.py (cupy, compute
 capability >= 8.9); identical codes and scales. The torch layers (torch_ops/fp8.py) call the
-CuPy kernels through _cupy's ``*_torch`` entry points, which return torch float8 tensors.
+ops of qkernels/fp8/ops.py, which reach the CuPy kernels through _cupy's ``*_torch`` entry
+points (torch float8 tensors out).
 """
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""The LLM.int8() torch op layer: what Linear8bitLt (torch_ops/linear8bit.py) calls.
+"""The int8 family's torch op layer: what Linear8bitLt (torch_ops/linear8bit.py) and the
+SwitchBack layers (torch_ops/switchback.py, second half of this file) call.
+
+LLM.int8():
 
     prepare_int8_linear(CB, SCB, threshold) -> Int8LinearPlan   once per weight (and per move)
     plan(x2, bias) -> out                                      eager, per call
