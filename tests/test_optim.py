@@ -5,6 +5,7 @@ distributed (DDP, gloo, 2 processes), and every GPU backend bit for bit against 
 reference."""
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import os
@@ -504,6 +505,10 @@ def _ddp_worker(rank, world, port, out):
         opt.step()
     if rank == 0:
         torch.save([p.detach() for p in model.module.parameters()], out)
+    # DDP's reducer goes before its process group: freed after destroy_process_group, its
+    # destructor joins a gloo thread that waits for the GIL it holds (a suite hung here)
+    del model, opt
+    gc.collect()
     dist.destroy_process_group()
 
 
