@@ -40,7 +40,7 @@ import statistics
 import sys
 import time
 
-from .timing import Row
+from .timing import Row, bitsandbytes_or_none
 
 SECTION = "decode"
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
@@ -69,13 +69,6 @@ CONFIGS = (
     Config("decode int8 t=6 (bnb)", "float16", "int8", "bnb"),
 )
 
-
-def _bnb():
-    try:
-        import bitsandbytes as bnb
-        return bnb
-    except Exception:
-        return None
 
 
 # -- the model --------------------------------------------------------------------------------
@@ -112,7 +105,7 @@ def _bnb_replace(model, family: str) -> None:
     Linear8bitLt (threshold 6), weights copied through the state_dict, then moved to the
     model's device (where bitsandbytes quantizes)."""
     import torch
-    bnb = _bnb()
+    bnb = bitsandbytes_or_none()
     if bnb is None:
         raise ImportError("bitsandbytes is not importable")
     names = [n for n, m in model.named_modules()
@@ -439,7 +432,7 @@ def gpu_rows(sizes: str = "full") -> list[Row]:
     layers, steps = LAYERS[sizes], NEW_TOKENS[sizes]
     rows = []
     for config in CONFIGS:
-        if config.owner == "bnb" and _bnb() is None:
+        if config.owner == "bnb" and bitsandbytes_or_none() is None:
             continue
         try:
             rows += config_rows(config, layers, steps)

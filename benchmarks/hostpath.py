@@ -14,18 +14,11 @@ bitsandbytes' layer, all in one run:
 """
 from __future__ import annotations
 
-from .timing import Row, cuda_graph_us, host_us, steady_eager_us
+from .timing import Row, bitsandbytes_or_none, cuda_graph_us, host_us, steady_eager_us
 
 SECTION = "host_path"
 ROTATE = 4
 
-
-def _bnb():
-    try:
-        import bitsandbytes as bnb
-        return bnb
-    except Exception:
-        return None
 
 
 def _bnb_layer(bnb, kind: str, linear, threshold: float = 0.0):
@@ -51,7 +44,7 @@ def _contenders(kind: str, in_f: int, out_f: int, threshold: float, count: int):
     else:
         ours = [Linear8bitLt.from_linear(m, threshold=threshold) for m in base]
     out = {"qkernels": ours, "torch": base}
-    bnb = _bnb()
+    bnb = bitsandbytes_or_none()
     if bnb is not None:
         out["bitsandbytes"] = [_bnb_layer(bnb, kind, m, threshold) for m in base]
     return out, dtype

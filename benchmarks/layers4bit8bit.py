@@ -10,20 +10,13 @@ is captured (the outlier count stays on the device). Bytes: the weight read once
 out."""
 from __future__ import annotations
 
-from .timing import Row, cpu_interleaved_us, cuda_graph_us, eager_us
+from .timing import Row, bitsandbytes_or_none, cpu_interleaved_us, cuda_graph_us, eager_us
 
 SECTION = "inference_layers"
 SHAPES = {"small": [(4096, 4096)], "full": [(4096, 4096), (4096, 14336)]}
 BATCHES = {"small": [1, 4096], "full": [1, 16, 4096]}
 ROTATE = 4
 
-
-def _bnb():
-    try:
-        import bitsandbytes as bnb
-        return bnb
-    except Exception:
-        return None
 
 
 def _time(layers, xs, graph: bool):
@@ -64,7 +57,7 @@ def gpu_rows(sizes: str = "full") -> list[Row]:
     import torch
     from torch_ops.linear4bit import LinearNF4
     from torch_ops.linear8bit import Linear8bitLt
-    bnb = _bnb()
+    bnb = bitsandbytes_or_none()
     rows = []
     for in_f, out_f in SHAPES[sizes]:
         size_base = f"{in_f}->{out_f}"
@@ -125,7 +118,7 @@ def cpu_rows(sizes: str = "full") -> list[Row]:
     x = torch.randn(1, 1024)
     fns = {"qkernels NF4": LinearNF4.from_linear(lin), "qkernels int8": Linear8bitLt.from_linear(lin),
            "torch": lin}
-    bnb = _bnb()
+    bnb = bitsandbytes_or_none()
     if bnb is not None:
         b4 = bnb.nn.Linear4bit(1024, 1024, quant_type="nf4")
         b4.load_state_dict(lin.state_dict())

@@ -13,6 +13,15 @@ import time
 from typing import Callable, Sequence
 
 
+def bitsandbytes_or_none():
+    """The bitsandbytes module when it imports (its rows sit beside ours), else None."""
+    try:
+        import bitsandbytes
+        return bitsandbytes
+    except Exception:  # missing, or a build without this machine's CUDA
+        return None
+
+
 @dataclasses.dataclass
 class Row:
     """One line of a results table."""
