@@ -219,6 +219,7 @@ class PreparedWeight8bit:
         self.aligned = self.K % 16 == 0 and CB.data_ptr() % 16 == 0
         self._cb, self._scb = CB.data_ptr(), SCB.data_ptr()
         self._launches: dict = {}
+        self._routes: dict = {}
         self._row_quant_ctas: dict = {}
 
     def usable(self, M: int) -> bool:
@@ -262,26 +263,40 @@ class PreparedWeight8bit:
                 (0, 1, 2, 5), (1,), (threads,))
         return launch
 
+    def _route(self, x_dtype, bias_dtype, M: int):
+        """(gemv launch, quant launch or None, shared memory, workspace bytes, x's rows are
+        16-byte multiples) of the threshold-0 forward for M rows: what ``forward`` needs per
+        call, worked out once per (x dtype, bias dtype, M)."""
+        dtype = _TORCH_NAMES[x_dtype]
+        bdt = -1 if bias_dtype is None else _DT[_TORCH_NAMES[bias_dtype]]
+        gemv, staged = self._gemv(dtype, bdt, M, False)
+        rows16 = (self.K * _ES[dtype]) % 16 == 0
+        if staged:
+            route = (gemv, None, M * self.nch * 16, 0, rows16)
+        else:  # codes (M, nch * 16) int8, then absmax float32 (M,): one workspace
+            route = (gemv, self._quant(dtype), 0, M * self.nch * 16 + 4 * M, rows16)
+        self._routes[(x_dtype, bias_dtype, M)] = route
+        return route
+
     def forward(self, x, M: int, bias, stream: int):
         """out (..., N) in x's dtype for x (..., K) contiguous with M rows (1 <= M <=
         MAX_ROWS), bias (N,) of a float dtype, contiguous, or None, threshold 0:
         ``int8_linear_gemv_torch(x, CB, SCB, bias)``."""
         import torch
-        dtype = _TORCH_NAMES[x.dtype]
-        bdt = -1 if bias is None else _DT[_TORCH_NAMES[bias.dtype]]
-        gemv, staged = self._gemv(dtype, bdt, M, False)
+        bias_dtype = None if bias is None else bias.dtype
+        route = self._routes.get((x.dtype, bias_dtype, M)) or self._route(x.dtype, bias_dtype, M)
+        gemv, quant, smem, ws_bytes, rows16 = route
         out = x.new_empty((*x.shape[:-1], self.N))
         xp = x.data_ptr()
-        x_vec_ok = int(xp % 16 == 0 and (self.K * _ES[dtype]) % 16 == 0)
+        x_vec_ok = int(rows16 and xp % 16 == 0)
         bp = 0 if bias is None else bias.data_ptr()
-        if staged:
-            gemv.launch(stream, xp, 0, 0, bp, out.data_ptr(), M, x_vec_ok, 0, 0, smem=M * self.nch * 16)
+        if quant is None:  # staged: every CTA quantizes x into shared memory
+            gemv.launch(stream, xp, 0, 0, bp, out.data_ptr(), M, x_vec_ok, 0, 0, smem=smem)
             return out
-        # codes (M, nch * 16) int8, then absmax float32 (M,): one workspace
-        ws = x.new_empty((M * self.nch * 16 + 4 * M,), dtype=torch.uint8)
+        ws = x.new_empty((ws_bytes,), dtype=torch.uint8)
         codes = ws.data_ptr()
         absmax = codes + M * self.nch * 16
-        self._quant(dtype).launch(stream, xp, codes, absmax, x_vec_ok, grid_x=M)
+        quant.launch(stream, xp, codes, absmax, x_vec_ok, grid_x=M)
         gemv.launch(stream, xp, codes, absmax, bp, out.data_ptr(), M, x_vec_ok, 0, 0, smem=0)
         return out
 
