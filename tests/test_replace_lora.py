@@ -1,7 +1,7 @@
-"""replace_linear (model conversion, skip list, progress, memory report) and LoRA / QLoRA."""
+"""replace_linear (model conversion, skip list, progress, memory report, a conv + linear model
+beside bitsandbytes) and LoRA / QLoRA. Shared layers, tied weights and all-or-nothing
+conversion: tests/test_replace.py."""
 from __future__ import annotations
-
-import importlib.util
 
 import pytest
 import torch
@@ -66,20 +66,23 @@ def test_replace_linear_progress_bar_and_errors(capsys):
 
 @pytest.mark.parametrize("kind,module", [("switchback", "torch_ops.switchback"), ("fp8", "torch_ops.fp8")])
 def test_replace_linear_training_kinds(kind, module):
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} not present")
+    """The training layers keep nn.Linear's float Parameters: the new layer holds the old
+    Parameter objects, so an optimizer made before the conversion still trains it."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(4, 64)
     ref = model(x).detach()
-    weight = model[0].weight
+    weight, before = model[0].weight, model[0].weight.detach().clone()
     report = replace_linear(model, kind, skip=(), verbose=False)
     assert report.replaced == ["0", "2"] and type(model[0]).__module__ == module
-    assert model[0].weight is not weight and torch.equal(model[0].weight, weight)
+    assert model[0].weight is weight
     out = model(x)
     assert out.shape == ref.shape and _cos(out, ref) > 0.98
     out.pow(2).mean().backward()
     assert model[0].weight.grad is not None
+    opt.step()
+    assert not torch.equal(model[0].weight, before)
 
 
 def test_fresh_lora_is_the_identity_and_validates():
@@ -122,12 +125,12 @@ def test_qlora_training_changes_only_adapters(kind):
         assert torch.equal(after[k], v), k
 
 
-# --- accuracy on a small pretrained model shipped inside a PyPI package -----------------------
+# --- accuracy on a small conv + linear model, beside bitsandbytes ----------------------------
 
 class ONet(nn.Module):
-    """MTCNN's output network (facenet-pytorch ships its trained weights in the wheel:
-    facenet_pytorch/data/onet.pt); 48x48 face crops -> (face prob (2), box (4), landmarks (10)).
-    Its Linear layers: dense5 1152 -> 256, dense6_{1,2,3} 256 -> 2, 4, 10."""
+    """The shape of MTCNN's output network (facenet-pytorch's onet); 48x48 face crops ->
+    (face prob (2), box (4), landmarks (10)). Its Linear layers: dense5 1152 -> 256,
+    dense6_{1,2,3} 256 -> 2, 4, 10 (output sizes no kernel tiles evenly)."""
 
     def __init__(self):
         super().__init__()
@@ -148,23 +151,27 @@ class ONet(nn.Module):
         return torch.cat([self.dense6_1(x).softmax(1), self.dense6_2(x), self.dense6_3(x)], 1)
 
 
-def _onet():
-    spec = importlib.util.find_spec("facenet_pytorch")  # located, not imported (needs torchvision)
-    if spec is None:
-        pytest.skip("facenet-pytorch not installed (pip install --no-deps facenet-pytorch==2.6.0)")
-    import os
+def _onet(seed=1):
+    """ONet with seeded weights; the Linear weights heavy-tailed (Student-t, 4 degrees of
+    freedom, at the default init's scale), as trained weights are, which makes 4-bit
+    quantization harder than the uniform default init does."""
+    torch.manual_seed(seed)
     model = ONet()
-    path = os.path.join(spec.submodule_search_locations[0], "data", "onet.pt")
-    model.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m) is nn.Linear:
+                w = torch.distributions.StudentT(4.0).sample(m.weight.shape)
+                m.weight.copy_(w * (m.weight.std() / w.std()))
     return model.eval()
 
 
 @pytest.mark.parametrize("kind,bound", [("nf4", 0.999), ("int8", 0.9999)])
-def test_pretrained_model_outputs_stay_close(kind, bound):
+def test_conv_linear_model_outputs_stay_close(kind, bound):
     """Cosine similarity of the quantized model's outputs to fp32's on 32 random crops;
     bitsandbytes' layers side by side (train mode on CPU: its eval kernels need out % 32 == 0,
     and its CPU int8 path then skips activation quantization, so only the NF4 number is
-    like for like: ours must match it to 1e-4)."""
+    like for like: ours must match it to 1e-6). Measured (CPU, bnb 0.50.2): 1 - cos is
+    1.5e-4 (NF4, ours and bnb's within 2e-7 of each other) and 4.3e-6 (int8)."""
     import copy
     model = _onet()
     torch.manual_seed(0)
@@ -193,4 +200,4 @@ def test_pretrained_model_outputs_stay_close(kind, bound):
         bnb_cos = _cos(theirs.train()(x), ref)
     assert bnb_cos > bound
     if kind == "nf4":
-        assert abs(ours - bnb_cos) < 1e-4
+        assert abs(ours - bnb_cos) < 1e-6

@@ -210,6 +210,118 @@ def test_prepare_for_eval(variant):
         fresh(x)
 
 
+def _prepared_sd(variant, dtype=torch.float16, seed=15):
+    torch.manual_seed(seed)
+    layer = VARIANTS[variant](48, 20, dtype=dtype).eval().prepare_for_eval()
+    return {k: v.clone() for k, v in layer.state_dict().items()}
+
+
+def _bad_int8_checkpoints(variant):
+    """(description, state_dict, text the error must contain) for int8 checkpoints a
+    (48 -> 20) layer of this variant cannot take."""
+    sd = _prepared_sd(variant)
+    other = "global" if variant == "vectorwise" else "vectorwise"
+    cases = [
+        ("W_int8 shape", {**sd, "W_int8": sd["W_int8"][:, :47]}, r"W_int8.*expected.*\(20, 48\).*got.*\(20, 47\)"),
+        ("W_int8 transposed", {**sd, "W_int8": sd["W_int8"].t().contiguous()}, r"W_int8.*\(48, 20\)"),
+        ("W_int8 dtype", {**sd, "W_int8": sd["W_int8"].half()}, r"W_int8.*int8.*float16"),
+        ("state_W of the other variant", {**sd, "state_W": _prepared_sd(other)["state_W"]},
+         "state_W.*" + ("vector-wise" if variant == "vectorwise" else "global")),
+        ("state_W dtype", {**sd, "state_W": sd["state_W"].to(torch.int32)}, r"state_W.*int32"),
+        ("state_W alone", {k: v for k, v in sd.items() if k != "W_int8"}, "W_int8 and state_W"),
+        ("bias shape", {**sd, "bias": sd["bias"][:19]}, r"bias.*\(19,\)"),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("variant", ["global", "vectorwise"])
+def test_load_validates_an_int8_checkpoint_and_changes_nothing_on_error(variant):
+    """A bad W_int8 / state_W / bias fails at load (not at the first forward) with an error
+    naming the key, the shape or dtype found and the one expected; the layer is unchanged:
+    a fresh layer keeps its float weight, a prepared one its int8 weight."""
+    torch.manual_seed(16)
+    x = torch.randn(3, 48, dtype=torch.float16)
+    for what, sd, match in _bad_int8_checkpoints(variant):
+        fresh = VARIANTS[variant](48, 20, dtype=torch.float16).eval()
+        w, b = fresh.weight, fresh.bias.detach().clone()
+        y = fresh(x)
+        for strict in (True, False):
+            with pytest.raises(RuntimeError, match=match):
+                fresh.load_state_dict(sd, strict=strict)
+            assert not fresh.prepared, what
+            assert fresh.weight is w and torch.equal(fresh.bias, b), what
+            assert torch.equal(fresh(x), y), what
+        prepared = VARIANTS[variant](48, 20, dtype=torch.float16).eval().prepare_for_eval()
+        before = {k: v.clone() for k, v in prepared.state_dict().items()}
+        if what == "state_W alone":  # a prepared layer keeps its W_int8: a partial load is fine
+            continue
+        with pytest.raises(RuntimeError, match=match):
+            prepared.load_state_dict(sd)
+        after = prepared.state_dict()
+        assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items()), what
+
+
+def test_int8_checkpoint_needs_an_int8_layer():
+    sd = _prepared_sd("global", torch.float32)
+    fp8 = SwitchBackLinear(48, 20, quant_dtype="fp8").eval()
+    with pytest.raises(RuntimeError, match="quant_dtype='int8'"):
+        fp8.load_state_dict(sd)
+    assert not fp8.prepared and "weight" in fp8._parameters
+
+
+@pytest.mark.parametrize("variant", ["global", "vectorwise"])
+def test_load_with_strict_false_loads_what_is_present(variant):
+    """torch calls _load_from_state_dict with strict=True whatever the user asked and applies
+    the user's strict afterwards: a checkpoint without its bias still loads its weight."""
+    torch.manual_seed(17)
+    lin = torch.nn.Linear(48, 20)
+    layer = VARIANTS[variant](48, 20)
+    bias = layer.bias.detach().clone()
+    result = layer.load_state_dict({"weight": lin.weight.detach()}, strict=False)
+    assert result.missing_keys == ["bias"] and result.unexpected_keys == []
+    assert torch.equal(layer.weight, lin.weight) and torch.equal(layer.bias, bias)
+    # the int8 form: a fresh layer becomes prepared, its bias kept
+    sd = _prepared_sd(variant, torch.float32)
+    fresh = VARIANTS[variant](48, 20).eval()
+    bias = fresh.bias.detach().clone()
+    result = fresh.load_state_dict({k: v for k, v in sd.items() if k != "bias"}, strict=False)
+    assert result.missing_keys == ["bias"] and result.unexpected_keys == []
+    assert fresh.prepared and torch.equal(fresh.W_int8, sd["W_int8"])
+    assert torch.equal(fresh.state_W, sd["state_W"]) and torch.equal(fresh.bias, bias)
+    # strict=True reports the missing bias (as nn.Linear does)
+    with pytest.raises(RuntimeError, match="Missing key.*bias"):
+        VARIANTS[variant](48, 20).eval().load_state_dict({k: v for k, v in sd.items() if k != "bias"})
+
+
+@pytest.mark.parametrize("variant", ["global", "vectorwise"])
+def test_prepared_layer_and_nn_linear_checkpoints(variant):
+    """A prepared layer's state_dict is bitsandbytes' eval format {W_int8, state_W, bias}
+    (SPEC 7): it loads into any SwitchBackLinear of the variant, not into nn.Linear (whose
+    keys it does not have). The other way works: an nn.Linear checkpoint loads into a
+    prepared layer, quantized on load exactly as prepare_for_eval would quantize it."""
+    torch.manual_seed(18)
+    lin = torch.nn.Linear(48, 20, dtype=torch.bfloat16)
+    x = torch.randn(5, 48, dtype=torch.bfloat16)
+    want = VARIANTS[variant](48, 20, dtype=torch.bfloat16).eval()
+    want.load_state_dict(lin.state_dict())
+    want.prepare_for_eval()
+    prepared = VARIANTS[variant](48, 20, dtype=torch.bfloat16).eval().prepare_for_eval()
+    W_int8 = prepared.W_int8
+    prepared.load_state_dict(lin.state_dict(), strict=True)
+    assert prepared.prepared and prepared.W_int8 is W_int8   # loaded in place
+    for k, v in want.state_dict().items():
+        assert torch.equal(prepared.state_dict()[k], v), k
+    assert torch.equal(prepared(x), want(x))
+    # a float32 checkpoint is cast to the layer's dtype first, as nn.Linear's load does
+    prepared.load_state_dict({k: v.float() for k, v in lin.state_dict().items()})
+    assert torch.equal(prepared(x), want(x))
+    with pytest.raises(RuntimeError, match=r"weight.*expected.*\(20, 48\).*got.*\(20, 47\)"):
+        prepared.load_state_dict({"weight": lin.weight[:, :47], "bias": lin.bias})
+    assert torch.equal(prepared(x), want(x))
+    with pytest.raises(RuntimeError, match="Unexpected key.*W_int8"):
+        torch.nn.Linear(48, 20).load_state_dict(prepared.state_dict())
+
+
 def test_nan_rows_stay_in_their_rows():
     torch.manual_seed(6)
     for cls in VARIANTS.values():

@@ -14,7 +14,10 @@ the activation precision ("switch back"). Variants:
     SwitchBackLinearVectorwise           per-output-channel weight scales (per input channel
                                          in the backward)
 
-Parameters and state_dict are exactly nn.Linear's, so a checkpoint moves between the two.
+Parameters and state_dict are exactly nn.Linear's, so a checkpoint moves between the two,
+until ``prepare_for_eval()``: then the state_dict is bitsandbytes' eval checkpoint {W_int8,
+state_W, bias}, which loads into these layers (not nn.Linear), while an nn.Linear checkpoint
+still loads into a prepared layer (quantized on load).
 The int8 primitives are qkernels.int8's (NumPy reference on CPU, CuPy kernels on CUDA),
 declared as ``torch.library`` custom ops with fake kernels in qkernels.int8.ops (re-exported
 here), so a compiled model has no graph break in these layers. ``quant_dtype="fp8"`` runs
@@ -33,6 +36,7 @@ from qkernels.int8.ops import (dequantize_rowwise, direct_dequantize_rowwise,
                                quantize_columnwise_and_transpose, quantize_global,
                                quantize_global_transpose, quantize_rowwise, switchback_direct)
 from ._checks import check_linear_input, compute_dtype
+from ._layers import LoadReport, check_bias, layer_keys
 from .fp8 import linear_fp8_native
 
 __all__ = ["SwitchBackLinear", "SwitchBackLinearGlobal", "SwitchBackLinearGlobalMemEfficient",
@@ -152,7 +156,10 @@ class SwitchBackLinear(nn.Linear):
     it. ``prepare_for_eval()`` (in eval mode) quantizes the weight once and replaces it with
     the buffers ``W_int8`` (int8 (out, in)) and ``state_W`` ((1,) global or (out,) row-wise
     absmax, the weight's dtype), as bitsandbytes does; a fresh module loads such a
-    checkpoint with ``load_state_dict``.
+    checkpoint with ``load_state_dict`` (and becomes prepared). That checkpoint does not load
+    into nn.Linear (save before prepare_for_eval for one that does); an nn.Linear checkpoint
+    loads into a prepared layer, quantized on load. Shapes and dtypes of W_int8 / state_W are
+    checked at load, and a load that fails changes nothing in the layer.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
@@ -215,7 +222,13 @@ class SwitchBackLinear(nn.Linear):
     @torch.no_grad()
     def prepare_for_eval(self) -> "SwitchBackLinear":
         """Quantize the weight once (global, or row-wise when vector-wise) into the buffers
-        W_int8 / state_W and delete ``weight``. Needs eval mode; int8 layers only."""
+        W_int8 / state_W and delete ``weight``. Needs eval mode; int8 layers only.
+
+        The state_dict becomes bitsandbytes' eval checkpoint ``{W_int8, state_W, bias}``
+        (SPEC 7). It loads into a SwitchBackLinear of the same variant, fresh or prepared,
+        but not into nn.Linear (no ``weight`` key): keep ``state_dict()`` from before this
+        call for a float checkpoint. The other way works: an nn.Linear checkpoint loads into
+        a prepared layer, quantized on load exactly as this method quantizes."""
         name = type(self).__name__
         if self.training:
             raise RuntimeError(f"{name}.prepare_for_eval() needs eval mode: call .eval() first "
@@ -231,18 +244,120 @@ class SwitchBackLinear(nn.Linear):
         self.register_buffer("state_W", state_W)
         return self
 
+    # -- state_dict ---------------------------------------------------------------------------
+    # Three checkpoints load: nn.Linear's {weight, bias}; the int8 eval form {W_int8, state_W,
+    # bias}, which makes a fresh layer prepared; and {weight, bias} into a prepared layer,
+    # quantized on load as prepare_for_eval() would. Everything present is validated before
+    # the layer changes: an error (error_msgs, raised whatever the user's strict) leaves it as
+    # it was. torch passes strict=True here whatever the user asked and applies the user's
+    # strict to the missing / unexpected keys afterwards, so those never stop the present
+    # keys from loading (as in nn.Linear).
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # a prepared (int8) checkpoint loads into a fresh module: become prepared first
-        key_q, key_s = prefix + "W_int8", prefix + "state_W"
-        if key_q in state_dict and key_s in state_dict and not self.prepared:
-            q, s = state_dict[key_q], state_dict[key_s]
-            device = self.weight.device
-            del self.weight
-            self.register_buffer("W_int8", torch.empty(q.shape, dtype=torch.int8, device=device))
-            self.register_buffer("state_W", torch.empty(s.shape, dtype=s.dtype, device=device))
+        sd = layer_keys(state_dict, prefix)
+        has_int8 = "W_int8" in sd or "state_W" in sd
+        if self.prepared and not has_int8 and "weight" in sd:
+            self._load_float_into_prepared(sd, prefix, local_metadata, missing_keys,
+                                           unexpected_keys, error_msgs)
+            return
+        if has_int8:
+            report = LoadReport(prefix)
+            self._check_int8_checkpoint(sd, report)
+            if "bias" in sd:   # only its errors: nn.Module reports missing / unexpected keys
+                check_bias(report, sd, self.bias, self.out_features)
+            if not report.ok():
+                error_msgs.extend(report.errors)
+                return
+            if not self.prepared:   # a fresh layer becomes prepared, then loads the buffers
+                q, s = sd["W_int8"], sd["state_W"]
+                device = self.weight.device
+                del self.weight
+                self.register_buffer("W_int8", torch.empty(q.shape, dtype=torch.int8, device=device))
+                self.register_buffer("state_W", torch.empty(s.shape, dtype=s.dtype, device=device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    @staticmethod
+    def _describe(t) -> str:
+        if not isinstance(t, Tensor):
+            return f"a {type(t).__name__}"
+        return f"{str(t.dtype).replace('torch.', '')} of shape {tuple(t.shape)}"
+
+    def _check_int8_checkpoint(self, sd: dict, report: LoadReport) -> None:
+        """Record in ``report`` what is wrong with the checkpoint's W_int8 / state_W."""
+        name = type(self).__name__
+        if self.quant_dtype != "int8":
+            report.error("W_int8", f"an int8 eval checkpoint (W_int8, state_W) loads into "
+                         f"quant_dtype='int8' layers only; this {name} has quant_dtype="
+                         f"{self.quant_dtype!r}")
+            return
+        if not self.prepared and not ("W_int8" in sd and "state_W" in sd):
+            have, lack = ("W_int8", "state_W") if "W_int8" in sd else ("state_W", "W_int8")
+            report.error(lack, f"W_int8 and state_W load together (the int8 weight and its "
+                         f"scale) into a layer that is not prepared; the checkpoint has {have} "
+                         f"but no {lack}")
+            return
+        if "W_int8" in sd:
+            q, want = sd["W_int8"], (self.out_features, self.in_features)
+            if not isinstance(q, Tensor) or q.dtype != torch.int8 or tuple(q.shape) != want:
+                report.error("W_int8", f"expected an int8 tensor of shape (out_features, "
+                             f"in_features) = {want}; got {self._describe(q)}")
+        if "state_W" in sd:
+            s = sd["state_W"]
+            vw = self.vector_wise_quantization
+            want = (self.out_features,) if vw else (1,)
+            if not isinstance(s, Tensor) or s.dtype not in (torch.float16, torch.bfloat16,
+                                                            torch.float32):
+                report.error("state_W", f"expected a float16, bfloat16 or float32 tensor; got "
+                             f"{self._describe(s)}")
+            elif tuple(s.shape) != want:
+                if vw:
+                    hint = (" (a global-quantization checkpoint: load it into a "
+                            "SwitchBackLinearGlobal)" if tuple(s.shape) == (1,) else "")
+                    expect = f"one scale per output row, shape ({self.out_features},)"
+                else:
+                    hint = (" (a vector-wise checkpoint: load it into a "
+                            "SwitchBackLinearVectorwise)" if tuple(s.shape) == (self.out_features,)
+                            else "")
+                    expect = "one scale, shape (1,)"
+                report.error("state_W", f"this {name} quantizes the weight "
+                             f"{'vector-wise' if vw else 'globally'} and expects "
+                             f"{expect}; got shape {tuple(s.shape)}{hint}")
+
+    def _load_float_into_prepared(self, sd, prefix, local_metadata, missing_keys,
+                                  unexpected_keys, error_msgs) -> None:
+        """An nn.Linear checkpoint into a prepared layer: its weight, cast to the layer's
+        dtype (state_W's) as nn.Linear's load casts, quantized as prepare_for_eval() does."""
+        report = LoadReport(prefix)
+        w, want = sd["weight"], (self.out_features, self.in_features)
+        if not isinstance(w, Tensor) or not w.is_floating_point() or tuple(w.shape) != want:
+            report.error("weight", f"expected a floating-point tensor of shape (out_features, "
+                         f"in_features) = {want} (this layer is prepared for eval: it is "
+                         f"quantized on load); got {self._describe(w)}")
+        bias = check_bias(report, sd, self.bias, self.out_features)
+        report.unexpected += [k for k in sd if k not in ("weight", "bias")]
+        quantized = None
+        if report.ok():
+            device = self.W_int8.device if self.W_int8.device.type != "meta" else w.device
+            quantize = quantize_rowwise if self.vector_wise_quantization else quantize_global
+            with torch.no_grad():
+                quantized = quantize(w.detach().to(device=device, dtype=self.state_W.dtype))
+        report.hand_over(missing_keys, unexpected_keys, error_msgs)
+        if quantized is None:
+            return
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        with torch.no_grad():
+            for key, t in zip(("W_int8", "state_W"), quantized):
+                if assign:
+                    self._buffers[key] = t
+                else:
+                    self._buffers[key].copy_(t)
+            if bias is not None:
+                if assign:
+                    self.bias = nn.Parameter(bias, requires_grad=self.bias.requires_grad)
+                else:
+                    self.bias.copy_(bias)
 
     def extra_repr(self) -> str:
         kind = "vector-wise" if self.vector_wise_quantization else "global"
