@@ -135,9 +135,17 @@ def check_4bit_state(state, packed_shape, packed_dtype, argname: str = "state") 
                          f"{state.blocksize} need {nblocks}")
     if tuple(state.code.shape) != (16,):
         raise ValueError(f"{argname}.code must have shape (16,); got {tuple(state.code.shape)}")
-    if state.state2 is not None and int(state.state2.blocksize) != NESTED_BLOCKSIZE:
-        raise ValueError(f"{argname}.state2.blocksize must be {NESTED_BLOCKSIZE}; "
-                         f"got {state.state2.blocksize}")
+    s2 = state.state2
+    if s2 is not None:
+        if int(s2.blocksize) != NESTED_BLOCKSIZE:
+            raise ValueError(f"{argname}.state2.blocksize must be {NESTED_BLOCKSIZE}; got {s2.blocksize}")
+        need = -(-nblocks // NESTED_BLOCKSIZE)
+        if int(np.prod(s2.absmax.shape)) != need:
+            raise ValueError(f"{argname}.state2.absmax (the nested absmax) has "
+                             f"{int(np.prod(s2.absmax.shape))} values; {nblocks} blocks need {need}")
+        if tuple(s2.code.shape) != (256,):
+            raise ValueError(f"{argname}.state2.code (the nested quant_map) must have shape (256,); "
+                             f"got {tuple(s2.code.shape)}")
     return n
 
 

@@ -17,6 +17,21 @@ Loading checks before reading any tensor that each parameter's state has the pre
 (8-bit or 32-bit) this optimizer's configuration gives it and the same element count, and
 raises a ValueError naming the parameter otherwise.
 
+Saving is atomic: the checkpoint is written to the sibling folder
+``<path>.save_checkpoint-partial`` (every file fsynced, ``.metadata`` last) and renamed to
+``path`` only once complete; the previous checkpoint is renamed to
+``<path>.save_checkpoint-previous`` for the moment between the two renames, then removed. A
+process killed during a save (SIGKILL, OOM, preemption) leaves at ``path`` the previous
+checkpoint, or the new one complete, never a partial or mixed one; a kill between the two
+renames leaves no ``path``, and load_checkpoint then reads the previous one from its
+``-previous`` folder (with a RuntimeWarning) until the next save puts it back. ``path`` is
+replaced as a whole: other files kept in that folder do not survive a save.
+
+Loading is all or nothing: DCP reads into new tensors, not into the model's and optimizer's,
+which change only once everything was read and checked (a truncated or corrupt file raises a
+ValueError naming the checkpoint and changes nothing). That costs, while loading, memory for
+one more copy of this rank's model and optimizer state.
+
 Loading never runs code stored in a checkpoint. DCP pickles its ``.metadata`` file and
 every non-tensor item (``extra`` values, optimizer hyperparameters, step counts), and its
 default load planner unpickles those items with ``weights_only=False``, which executes
@@ -30,7 +45,10 @@ import collections
 import io
 import json
 import math
+import os
 import pickle
+import shutil
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -116,7 +134,12 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer=None, extra: dict | 
     None, and lists, tuples and str-keyed dicts of these) or a tensor; anything else raises
     a TypeError here, since load_checkpoint would refuse it (DCP flattens a dict value: {"d":
     {"a": 1}} comes back as {"d.a": 1}). ``no_dist=True``: this process
-    alone (default: alone exactly when no process group is initialized)."""
+    alone (default: alone exactly when no process group is initialized).
+
+    Atomic (module docstring): written to ``<path>.save_checkpoint-partial``, then renamed
+    to ``path`` (by rank 0, once every rank's files and ``.metadata`` are written) replacing
+    the previous checkpoint as a whole; a kill mid-save leaves the previous one loadable.
+    (An fsspec URL is written in place by DCP, not atomically.)"""
     dcp, dcp_sd = _dcp()
     if extra is not None and not isinstance(extra, dict):
         raise TypeError(f"extra must be a dict or None; got {type(extra).__name__}")
@@ -124,7 +147,97 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer=None, extra: dict | 
     sd = {"model": dcp_sd.get_model_state_dict(model), "extra": dict(extra or {})}
     if optimizer is not None:
         sd["optim"] = optimizer_checkpoint_state(model, optimizer)
-    dcp.save(sd, checkpoint_id=str(path), no_dist=not _distributed() if no_dist is None else no_dist)
+    alone = not _distributed() if no_dist is None else no_dist
+    if "://" in str(path):  # an fsspec URL (load_checkpoint reads local folders only): as DCP
+        dcp.save(sd, checkpoint_id=str(path), no_dist=alone)  # writes it, in place
+        return
+    final, partial, previous = _siblings(path)
+    if os.path.exists(final) and not os.path.isdir(final):
+        raise NotADirectoryError(f"save_checkpoint: {final} exists and is not a folder")
+    lead = alone or dist.get_rank() == 0
+    if lead:  # what a killed save left: its partial folder, or the previous checkpoint
+        _restore_previous(final, previous)
+        shutil.rmtree(partial, ignore_errors=True)
+    if not alone:
+        dist.barrier()  # nobody writes into the partial folder before it was emptied
+    dcp.save(sd, checkpoint_id=partial, no_dist=alone)  # returns once .metadata is written
+    if alone:
+        _move_into_place(final, partial, previous)
+        return
+    error = None
+    if lead:
+        try:
+            _move_into_place(final, partial, previous)
+        except OSError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    box = [error]
+    dist.broadcast_object_list(box, src=0)  # every rank returns once it is in place
+    if box[0] is not None:
+        raise OSError(f"save_checkpoint: the checkpoint was written to {partial} but could not "
+                      f"be moved to {final} ({box[0]})")
+
+
+_PARTIAL, _PREVIOUS = ".save_checkpoint-partial", ".save_checkpoint-previous"
+
+
+def _siblings(path) -> tuple[str, str, str]:
+    """(the checkpoint folder, the folder a save writes first, the folder the previous
+    checkpoint waits in between the two renames)."""
+    final = os.path.normpath(os.fspath(path))
+    return final, final + _PARTIAL, final + _PREVIOUS
+
+
+def _restore_previous(final: str, previous: str) -> None:
+    """Undo what a save killed after its first rename left: the previous checkpoint back at
+    ``final`` when there is none, else the leftover removed."""
+    if os.path.isdir(previous):
+        if not os.path.exists(final):
+            os.rename(previous, final)
+        else:
+            shutil.rmtree(previous, ignore_errors=True)
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make renames and new entries in ``folder`` durable (best effort: not every platform
+    or file system can open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _move_into_place(final: str, partial: str, previous: str) -> None:
+    """``partial`` (complete, its files fsynced by DCP) becomes ``final``; the checkpoint
+    there before is removed only after that."""
+    _fsync_dir(partial)
+    if os.path.exists(final):
+        os.rename(final, previous)
+    os.rename(partial, final)
+    _fsync_dir(os.path.dirname(final) or ".")
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _readable_folder(path) -> str:
+    """``path``, or its ``-previous`` folder where a save was killed between its renames."""
+    final, _, previous = _siblings(path)
+    if not os.path.exists(final) and os.path.isdir(previous):
+        warnings.warn(f"checkpoint {final}: a save was interrupted while replacing it; loading "
+                      f"the previous checkpoint from {previous} (the next save puts it back)",
+                      RuntimeWarning, stacklevel=3)
+        return previous
+    return final
+
+
+def _fresh(value):
+    """An uninitialized tensor like ``value`` (a DTensor sharded alike) for DCP to read
+    into; anything else as it is."""
+    return torch.empty_like(value) if isinstance(value, torch.Tensor) else value
 
 
 def load_checkpoint(path, model: torch.nn.Module, optimizer=None, *, no_dist: bool | None = None) -> dict:
@@ -138,28 +251,53 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer=None, *, no_dist: bo
     bool, None, lists, tuples and dicts of these (and tensors, torch dtypes/devices); an
     item holding any other object (a class instance, a function) raises a ValueError naming
     it, and the object is never built. The ``.metadata`` file may hold DCP's own metadata
-    classes only (else a ValueError)."""
+    classes only (else a ValueError).
+
+    All or nothing: a checkpoint that cannot be read (a file truncated, corrupt or missing)
+    or does not fit raises (a ValueError, or FileNotFoundError without ``.metadata``) and
+    leaves ``model`` and ``optimizer`` as they were, also an optimizer that had no state yet.
+    The optimizer's state is swapped in first (Optimizer8bit.load_state_dict checks it all
+    before), then the model's parameters are copied."""
     dcp, dcp_sd = _dcp()
-    reader = _safe_reader(str(path))
+    path = _readable_folder(path)
+    reader = _safe_reader(path)
     meta = reader.read_metadata().state_dict_metadata
-    sd = {"model": dcp_sd.get_model_state_dict(model), "extra": {}}
+    # DCP loads into the tensors it is given: new ones, so a read that fails half-way has
+    # written nothing the model or the optimizer holds
+    sd = {"model": {k: _fresh(v) for k, v in dcp_sd.get_model_state_dict(model).items()},
+          "extra": {}}
     for key in meta:
         if key.startswith("extra."):
             sd["extra"][key[len("extra."):]] = None
+    created = []  # parameters whose (zero) state optimizer_checkpoint_state makes as a template
     if optimizer is not None:
-        sd["optim"] = optimizer_checkpoint_state(model, optimizer)
-        _check_optimizer_layout(sd["optim"], meta, path)
+        created = [p for g in optimizer.param_groups for p in g["params"]
+                   if not optimizer.state.get(p)]
     try:
-        dcp.load(sd, storage_reader=reader, planner=_plain_data_planner(str(path)),
-                 no_dist=not _distributed() if no_dist is None else no_dist)
-    except dcp.CheckpointException as exc:  # DCP wraps each rank's error: surface ours
-        refused = [e for e, _ in exc.failures.values() if isinstance(e, _RefusedItem)]
-        if refused:
-            raise ValueError(str(refused[0])) from None
+        if optimizer is not None:
+            template = optimizer_checkpoint_state(model, optimizer)
+            _check_optimizer_layout(template, meta, path)
+            template["state"] = {name: {k: _fresh(v) for k, v in st.items()}
+                                 for name, st in template["state"].items()}
+            sd["optim"] = template
+        try:
+            dcp.load(sd, storage_reader=reader, planner=_plain_data_planner(path),
+                     no_dist=not _distributed() if no_dist is None else no_dist)
+        except dcp.CheckpointException as exc:  # DCP wraps each rank's error: surface ours
+            refused = [e for e, _ in exc.failures.values() if isinstance(e, _RefusedItem)]
+            if refused:
+                raise ValueError(str(refused[0])) from None
+            # a BaseException: made an ordinary error, naming the checkpoint and the cause
+            rank, (err, _) = next(iter(exc.failures.items()))
+            raise ValueError(f"checkpoint {path} could not be read (rank {rank}: "
+                             f"{type(err).__name__}: {err}); nothing was loaded") from exc
+        if optimizer is not None:
+            optimizer.load_state_dict(_to_index_keyed(optimizer, sd["optim"], _names(model)))
+    except BaseException:
+        for p in created:
+            optimizer.state.pop(p, None)
         raise
     dcp_sd.set_model_state_dict(model, sd["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(_to_index_keyed(optimizer, sd["optim"], _names(model)))
     return sd["extra"]
 
 

@@ -353,8 +353,11 @@ def _check_weight_format(fmt, prefix: str) -> None:
     supported (SPEC.md section 9)."""
     if fmt is None:
         return
-    value = fmt.item() if isinstance(fmt, torch.Tensor) and fmt.numel() == 1 else fmt
-    if value in (0, "row"):
+    if isinstance(fmt, torch.Tensor):
+        value = fmt.item() if fmt.numel() == 1 else None  # an empty or longer tensor is no format
+    else:
+        value = fmt
+    if isinstance(value, (int, str)) and value in (0, "row"):
         return
     raise ValueError(f"{prefix}weight_format: only row-major weights are supported (0 or 'row'); "
                      f"got {fmt!r}")
