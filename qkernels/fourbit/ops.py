@@ -95,6 +95,8 @@ class Matmul4bitPlan:
     def __call__(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         cuda = self._cuda
         if cuda is not None and takes_cuda_path(x):
+            if x.device != self.device:  # the prepared launch holds this device's pointers
+                raise ValueError(f"matmul_4bit: x is on {x.device} but the weight is on {self.device}")
             M = x.numel() // self.K if self.K else 0
             if cuda.fused and 0 < M <= FUSED_MAX_ROWS:
                 if not x.is_contiguous() or x.data_ptr() % 16:

@@ -148,6 +148,8 @@ class Int8LinearPlan:
         """x (..., K) -> (..., N) (the layer passes its input as it came)."""
         cuda = self._cuda
         if cuda is not None and takes_cuda_path(x):
+            if x.get_device() != cuda.device:  # the prepared launches hold this device's pointers
+                raise ValueError(f"int8_linear: x is on {x.device} but the weight is on cuda:{cuda.device}")
             M = x.numel() // self.K if self.K else 0
             if cuda.usable(M):
                 if not x.is_contiguous():
