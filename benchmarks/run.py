@@ -16,6 +16,7 @@ import importlib
 import pathlib
 import subprocess
 import sys
+import textwrap
 
 from . import timing
 
@@ -102,14 +103,29 @@ def plot_section(section: str, rows: list[timing.Row], ceiling_gbps: float | Non
     return path
 
 
+_HELP = """\
+Time each section's ops per backend (on a GPU: the median per call of a CUDA
+graph over 4 rotated inputs), beside bitsandbytes and torch measured in the
+same run, and against the device's measured ceilings (copy bandwidth, bf16
+cuBLAS rate). Prints one markdown table per section and writes them, with the
+date and commit, to DIR/<device>.md, plus one PNG per section when matplotlib
+is installed."""
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ops", default=",".join(SECTIONS),
-                   help=f"comma-separated sections (default all: {','.join(SECTIONS)})")
-    p.add_argument("--sizes", choices=("small", "full"), default="full")
+    sections = textwrap.fill(", ".join(SECTIONS), width=76, initial_indent="  ",
+                             subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=_HELP,
+                                epilog=f"sections (for --ops):\n{sections}",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ops", metavar="SECTION[,SECTION...]", default=",".join(SECTIONS),
+                   help="comma-separated sections to run (default: all, listed below)")
+    p.add_argument("--sizes", choices=("small", "full"), default="full",
+                   help="problem sizes (default: full)")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="default: cuda when a GPU is present, else cpu")
-    p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    p.add_argument("--out", metavar="DIR", default=str(pathlib.Path(__file__).parent / "results"),
+                   help="folder for the tables and plots (default: benchmarks/results)")
     args = p.parse_args(argv)
     unknown = [s for s in args.ops.split(",") if s not in SECTIONS]
     if unknown:

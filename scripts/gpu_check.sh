@@ -31,7 +31,7 @@ if [ "${TESTS-all}" != "" ]; then
 fi
 
 if [ -n "${DEMO:-}" ]; then
-  timeout "${DEMO_LIMIT:-150}" python3 -m qkernels demo --out "$WORK/demo" ${DEMO_ARGS:-} \
+  timeout "${DEMO_LIMIT:-150}" python3 -m torch_ops demo --out "$WORK/demo" ${DEMO_ARGS:-} \
     > "$OUT/demo.log" 2>&1; echo "demo rc=$?"; tail -15 "$OUT/demo.log"
 fi
 

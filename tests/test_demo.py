@@ -1,4 +1,4 @@
-"""``python -m qkernels demo`` at its tiny size: the table's shape, every configuration's loss
+"""``qkernels demo`` at its tiny size: the table's shape, every configuration's loss
 going down, and one clear line (no traceback) for each bad option."""
 import json
 

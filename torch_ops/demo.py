@@ -1,4 +1,4 @@
-"""``python -m qkernels demo``: train a small character-level transformer on English text that
+"""``qkernels demo``: train a small character-level transformer on English text that
 ships with Python (``pydoc_data.topics``) in several quantized configurations side by side,
 then compress the trained baseline for inference, and print one table.
 
@@ -254,8 +254,18 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+_HELP = """\
+Train a small character-level transformer on English text that ships with
+Python (pydoc_data.topics) in several quantized configurations side by side
+(fp32 Linear + AdamW, SwitchBackLinear + AdamW8bit, LinearFP8Mixed +
+Adam8bit), then convert the trained baseline to Linear8bitLt and LinearNF4 for
+inference, and print one table. Writes demo.md, demo.json and a loss plot
+(demo_loss.png, when matplotlib is installed) to OUT."""
+
+
 def parse_args(argv):
-    p = _Parser(prog="python -m qkernels demo", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="qkernels demo", description=_HELP,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=None,
                    help="training steps per configuration (default 200 on CPU, 600 on a GPU)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",

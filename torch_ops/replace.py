@@ -74,13 +74,17 @@ class ReplaceReport:
     skipped: list
     bytes_before: int
     bytes_after: int
+    meta: bool = False  # some tensor was on the meta device: the byte counts leave it out
 
     def __str__(self) -> str:
+        head = (f"replace_linear: {len(self.replaced)} nn.Linear -> {self.kind}, "
+                f"{len(self.skipped)} skipped; ")
+        if self.meta:
+            return head + "model memory: sizes unknown (tensors on the meta device)"
         mib = 1 << 20
         ratio = self.bytes_before / self.bytes_after if self.bytes_after else float("inf")
-        return (f"replace_linear: {len(self.replaced)} nn.Linear -> {self.kind}, "
-                f"{len(self.skipped)} skipped; model memory {self.bytes_before / mib:.2f} MiB -> "
-                f"{self.bytes_after / mib:.2f} MiB ({ratio:.2f}x smaller)")
+        return head + (f"model memory {self.bytes_before / mib:.2f} MiB -> "
+                       f"{self.bytes_after / mib:.2f} MiB ({ratio:.2f}x smaller)")
 
 
 def _state_tensors(param):
@@ -112,6 +116,13 @@ def model_bytes(model: nn.Module) -> int:
         seen.add(key)
         total += t.numel() * t.element_size()
     return total
+
+
+def _has_meta(model: nn.Module) -> bool:
+    """Whether any parameter, buffer or quantization-state tensor is on the meta device."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [t for p in model.parameters() for t in _state_tensors(p)]
+    return any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in tensors)
 
 
 def _layer_class(kind: str):
@@ -292,7 +303,7 @@ def replace_linear(model: nn.Module, kind: str, skip=("lm_head",), *, verbose: b
         _check_ties(model, kind, cls, targets)
 
     # 2. build every new layer (quantizing); the model is still untouched
-    before = model_bytes(model)
+    before, meta = model_bytes(model), _has_meta(model)
     show = progress if progress is not None else len(targets) > progress_min
     todo = targets
     if show:
@@ -313,7 +324,8 @@ def replace_linear(model: nn.Module, kind: str, skip=("lm_head",), *, verbose: b
     order = {name: i for i, (name, _) in enumerate(model.named_modules(remove_duplicate=False))}
     replaced = sorted((n for t in targets for n in t.names), key=order.__getitem__)
     del targets, new, shared, todo
-    report = ReplaceReport(kind, replaced, skipped, before, model_bytes(model))
+    report = ReplaceReport(kind, replaced, skipped, before, model_bytes(model),
+                           meta or _has_meta(model))
     if verbose:
         print(report, file=sys.stderr)
     return report
