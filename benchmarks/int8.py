@@ -109,16 +109,6 @@ def _quant_rows(op: str, M: int, K: int) -> list[Row]:
     return rows
 
 
-def _with(module, attr: str, value, fn, *args):
-    """fn(*args) with module.attr set to value for the call (read when the kernel launches)."""
-    saved = getattr(module, attr)
-    setattr(module, attr, value)
-    try:
-        return fn(*args)
-    finally:
-        setattr(module, attr, saved)
-
-
 def _gemm_rows(M: int, N: int, K: int) -> list[Row]:
     import torch
     from qkernels.int8 import _cupy
@@ -143,12 +133,11 @@ def _gemm_rows(M: int, N: int, K: int) -> list[Row]:
         "torch": [lambda a=a, w=w: torch_two_pass(a, w) for a, w in pairs],
         "torch _int_mm": [lambda a=a, w=w: torch._int_mm(a, w.t()) for a, w in pairs],
     }
-    if _cupy.USE_SM90 and torch.cuda.get_device_capability() == (9, 0):
-        # the kernels the default path does not take: Hopper tile variants, portable mma.sync
-        for label, attr, value in (("cupy raw sm90 BN=128", "SM90_TILE", (128, 128, 3)),
-                                   ("cupy raw mma.sync", "USE_SM90", False)):
-            fns[label] = [lambda a=a, w=w, attr=attr, value=value: _with(
-                _cupy, attr, value, _cupy.int8_matmul_dequant_torch, a, w, sa, sw, bias) for a, w in pairs]
+    if torch.cuda.get_device_capability() == (9, 0) and K % 16 == 0:
+        # the kernels the default path does not take: a Hopper tile variant, portable mma.sync
+        for label, kernel in (("cupy raw sm90 BN=128", "sm90_bn128"), ("cupy raw mma.sync", "mma_sync")):
+            fns[label] = [lambda a=a, w=w, kernel=kernel: _cupy.int8_matmul_dequant_torch(
+                a, w, sa, sw, bias, kernel=kernel) for a, w in pairs]
     Ab = [a.to(torch.bfloat16) for a in As[:2]]
     Wb = [w.to(torch.bfloat16) for w in Ws[:2]]
     fns["torch bf16"] = [lambda a=a, w=w: a @ w.t() for a, w in zip(Ab, Wb)]

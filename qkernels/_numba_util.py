@@ -1,45 +1,40 @@
 """Small helpers shared by the Numba kernels, including the bit casts the CUDA simulator
-lacks (libdevice is not simulated, so under NUMBA_ENABLE_CUDASIM=1 they are plain NumPy)."""
+lacks (libdevice is not simulated, so under NUMBA_ENABLE_CUDASIM=1 they are plain NumPy).
+
+Only the ``_numba`` modules import this one, and the backend tables import those on the
+first call of a Numba op (``qkernels._backend.lazy``): ``import qkernels`` never loads Numba.
+"""
 from __future__ import annotations
 
 import numpy as np
 
-if not hasattr(np, "row_stack"):  # numba-cuda 0.30 still calls np.row_stack (gone in NumPy 2.5)
+
+def numpy_row_stack_shim(numba_cuda_version: str | None = None) -> bool:
+    """Give NumPy back ``np.row_stack`` (an alias of ``np.vstack``, removed in NumPy 2.5) for
+    numba-cuda 0.30.x, whose CUDA target registers an overload of it, unguarded, when it first
+    compiles a kernel (numba/cuda/np/arrayobj.py). Only then: with a NumPy that still has
+    row_stack, or another numba-cuda (``numba_cuda_version``, default the installed one),
+    NumPy is left alone. Returns whether the alias was set."""
+    if hasattr(np, "row_stack"):
+        return False
+    if numba_cuda_version is None:
+        from importlib import metadata
+        try:
+            numba_cuda_version = metadata.version("numba-cuda")
+        except metadata.PackageNotFoundError:
+            return False
+    if not numba_cuda_version.startswith("0.30."):
+        return False
     np.row_stack = np.vstack
+    return True
+
+
+# Before the first kernel compiles (numba-cuda imports arrayobj then, not on ``import numba``).
+numpy_row_stack_shim()
 
 from numba import config, cuda, float32, int32, uint32, uint64  # noqa: E402
 
 if config.ENABLE_CUDASIM:
-    import sys
-    import threading
-    import traceback
-
-    from numba.core import types as _types
-    from numba.np import numpy_support as _numpy_support
-    from numba.cuda.simulator import kernelapi as _kernelapi
-
-    # The simulator creates a block's shared array on first use without a lock: two threads
-    # that both find it missing each make their own, and a reduction over it then sees only
-    # part of the block (an intermittent wrong absmax). Same keying as the simulator's (the
-    # calling file and line), with the lookup-and-create serialized.
-    _shared_lock = threading.Lock()
-
-    def _shared_array(self, shape, dtype, alignment=None):
-        if shape == 0 or alignment is not None:  # dynamic shared memory / unsupported
-            return _unlocked_shared_array(self, shape, dtype, alignment)
-        if isinstance(dtype, _types.Type):
-            dtype = _numpy_support.as_dtype(dtype)
-        caller = tuple(traceback.extract_stack(sys._getframe(1), limit=1)[-1])[0:2]
-        with _shared_lock:
-            res = self._allocations.get(caller)
-            if res is None:
-                res = self._allocations[caller] = np.empty(shape, dtype)
-        return res
-
-    if _kernelapi.FakeCUDAShared.array.__name__ != "_shared_array":
-        _unlocked_shared_array = _kernelapi.FakeCUDAShared.array
-        _kernelapi.FakeCUDAShared.array = _shared_array
-
     def float_bits(y):
         return int(np.float32(y).view(np.uint32))
 

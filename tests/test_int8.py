@@ -585,22 +585,27 @@ def test_gpu_switchback_matmuls_match_reference(M, N, K, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tile", [(256, 128, 4), (128, 128, 3), (256, 64, 4)])
-def test_gpu_sm90_gemm_matches_reference(tile, monkeypatch):
-    """The Hopper wgmma GEMM (gemm_sm90.cu) in each tile configuration, on shapes with more
-    tiles than SMs (the persistent loop), partial tiles in M, N and K, int32 and every epilogue
-    dtype: bit-equal to the reference, and to the portable int8_gemm on the same inputs."""
+@pytest.mark.parametrize("kernel,seed", [("sm90", 388), ("sm90_bn128", 259), ("sm90_bk64", 324)])
+def test_gpu_sm90_gemm_matches_reference(kernel, seed):
+    """The Hopper wgmma GEMM (gemm_sm90.cu) in each tile configuration, forced by name, on
+    shapes with more tiles than SMs (the persistent loop), partial tiles in M, N and K, int32
+    and every epilogue dtype: bit-equal to the reference, and to the portable int8_gemm
+    ("mma_sync") on the same inputs. "sm90" is the default choice on this device."""
+    import cupy
     import torch
     from qkernels.int8 import _cupy
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the wgmma GEMM runs on compute capability 9.0 only")
-    monkeypatch.setattr(_cupy, "SM90_TILE", tile)
-    rng = np.random.default_rng(sum(tile))
+    assert _cupy.kernel_choice("gemm", torch.cuda.current_device(), 64, 64, 64, "int8", True) == "sm90"
+    rng = np.random.default_rng(seed)
     for M, N, K in [(2051, 2312, 272), (130, 4100, 1008), (3, 9, 16), (1, 4096, 4096)]:
         a, W = _gemm_case(rng, M, N, K)
         ta, tW = torch.from_numpy(a).cuda(), torch.from_numpy(W).cuda()
         C = ref.int8_linear_matmul(a, W)
-        np.testing.assert_array_equal(Q.int8_linear_matmul(ta, tW).cpu().numpy(), C)
+        raw = cupy.empty((M, N), cupy.int32)
+        _cupy.gemm(cupy.from_dlpack(ta), cupy.from_dlpack(tW), None, "float32", None, "float32", False,
+                   None, None, raw, "int32", kernel=kernel)
+        np.testing.assert_array_equal(cupy.asnumpy(raw), C)
         for dtype in DTYPES:
             sa32 = round_to(rng.uniform(0, 8, M).astype(np.float32), dtype)
             sb32 = round_to(rng.uniform(0, 8, N).astype(np.float32), dtype)
@@ -608,11 +613,9 @@ def test_gpu_sm90_gemm_matches_reference(tile, monkeypatch):
             want = ref.int8_matmul_rowwise_dequantize(a, W.T, as_numpy(sa32, dtype), as_numpy(sb32, dtype),
                                                       as_numpy(bias32, dtype))
             args = (ta, tW, _cuda(sa32, dtype), _cuda(sb32, dtype), _cuda(bias32, dtype))
-            got = _cupy.int8_matmul_dequant_torch(*args)
+            got = _cupy.int8_matmul_dequant_torch(*args, kernel=kernel)
             np.testing.assert_array_equal(_np(got), f32_of(want))
-            monkeypatch.setattr(_cupy, "USE_SM90", False)
-            portable = _cupy.int8_matmul_dequant_torch(*args)
-            monkeypatch.setattr(_cupy, "USE_SM90", True)
+            portable = _cupy.int8_matmul_dequant_torch(*args, kernel="mma_sync")
             assert torch.equal(got, portable)
 
 

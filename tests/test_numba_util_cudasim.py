@@ -1,5 +1,6 @@
-"""The CUDA-simulator shim in qkernels._numba_util: a block's shared arrays are one array per
-(file, line) for every thread, even when thread switches land inside their creation."""
+"""The CUDA-simulator fix in tests/conftest.py (_serialize_simulator_shared_arrays): a block's
+shared arrays are one array per (file, line) for every thread, even when thread switches land
+inside their creation."""
 import os
 import time
 
@@ -32,7 +33,7 @@ def two_arrays(out):
 def test_shared_arrays_are_shared_by_the_whole_block(monkeypatch):
     from numba.cuda.simulator import kernelapi
 
-    import qkernels._numba_util  # noqa: F401  (installs the shim)
+    assert getattr(kernelapi.FakeCUDAShared.array, "qkernels_serialized", False)  # conftest's
 
     class SlowNumpy:  # widens the simulator's create-on-first-use window to 2 ms
         def __getattr__(self, name):

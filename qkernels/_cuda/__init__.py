@@ -32,6 +32,11 @@ from typing import NamedTuple
 
 _INCLUDE = str(importlib.resources.files(__package__))
 
+# The storage-type codes of the kernels' DT template parameters: QK_DT_F32, QK_DT_F16 and
+# QK_DT_BF16 in common.cuh (keep the two in step). The launchers write them into template
+# instance names, e.g. f"quantize_blockwise<{DTYPE_CODES[dtype]}, {blocksize}>".
+DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
+
 
 @functools.lru_cache(maxsize=None)
 def _source(package: str, filename: str) -> str:

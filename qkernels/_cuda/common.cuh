@@ -4,6 +4,7 @@
 // 2 = bfloat16 (the logical dtypes of qkernels' public API).
 #pragma once
 
+typedef signed char i8;
 typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -42,6 +43,24 @@ template <int DT> __device__ __forceinline__ typename Storage<DT>::type from_f32
 template <> __device__ __forceinline__ float from_f32<QK_DT_F32>(float v) { return v; }
 template <> __device__ __forceinline__ u16 from_f32<QK_DT_F16>(float v) { return f32_to_f16(v); }
 template <> __device__ __forceinline__ u16 from_f32<QK_DT_BF16>(float v) { return f32_to_bf16(v); }
+
+// v + bias[col] in float32, rounded once; the bias is of storage type BDT, or absent (BDT -1).
+template <int BDT> struct Bias {
+  __device__ static __forceinline__ float add(float v, const void* b, int col) {
+    return __fadd_rn(v, to_f32<BDT>(reinterpret_cast<const typename Storage<BDT>::type*>(b)[col]));
+  }
+};
+template <> struct Bias<-1> {
+  __device__ static __forceinline__ float add(float v, const void*, int) { return v; }
+};
+
+// The 32-bit shared-window address of a pointer into shared memory (cp.async, ldmatrix and
+// wgmma descriptors take it), without cuda_runtime's __cvta_generic_to_shared.
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+  u32 r;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+  return r;
+}
 
 // max that propagates NaN (as NumPy's max does): the reference's absmax rule. One FMNMX.NAN.
 __device__ __forceinline__ float nan_max(float a, float b) {

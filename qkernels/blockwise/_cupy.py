@@ -10,9 +10,7 @@ import functools
 import numpy as np
 
 from reference.blockwise import search_table
-from .._cuda import get_kernel, multiprocessor_count
-
-_DT = {"float32": 0, "float16": 1, "bfloat16": 2}
+from .._cuda import DTYPE_CODES as _DT, get_kernel, multiprocessor_count
 
 
 @functools.lru_cache(maxsize=32)

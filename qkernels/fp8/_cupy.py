@@ -17,10 +17,9 @@ import functools
 
 import numpy as np
 
-from .._cuda import aligned16, current_device, get_kernel, multiprocessor_count, ptr
+from .._cuda import DTYPE_CODES as _DT, aligned16, current_device, get_kernel, multiprocessor_count, ptr
 from .._interop import on_stream, torch_stream
 
-_DT = {"float32": 0, "float16": 1, "bfloat16": 2}
 _ES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _E5M2 = {"e4m3": "false", "e5m2": "true"}
 _TILE = 64

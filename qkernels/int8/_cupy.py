@@ -9,6 +9,9 @@ Two entry levels:
   DLPack conversion and no host synchronization. The layers call these per step.
 Every launch goes through one typed argument list per kernel (pointers as uint64, sizes as
 int32/int64, floats as float32): CuPy checks nothing, a wrong width shifts every argument.
+
+Which product kernel runs is decided in one place, ``kernel_choice`` (cached per device,
+shape and dtype); the launchers' ``kernel=`` keyword forces one by name (tests, benchmarks).
 """
 from __future__ import annotations
 
@@ -16,18 +19,20 @@ import functools
 
 import numpy as np
 
-from .._cuda import aligned16, current_device, get_kernel, multiprocessor_count, ptr
-from .._interop import on_stream, torch_stream
+from .._cuda import DTYPE_CODES, get_kernel, multiprocessor_count
+from .._cuda import aligned16 as _aligned, current_device as _device, ptr as _ptr
+from .._interop import on_stream as _on_stream, torch_stream as _stream_of
 
-_DT = {"float32": 0, "float16": 1, "bfloat16": 2, "int32": 3}
+_DT = {**DTYPE_CODES, "int32": 3}  # ODT 3 in int8.cu and gemm_sm90.cu: the raw int32 product
+_u64 = np.uint64  # pointers travel as unsigned 64-bit kernel arguments
 _ES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _GEMM_THREADS = 256
 _GEMM_TILE = 128
 _GEMM_SMEM = 4 * 2 * 128 * 64       # G_STAGES * 2 operands * 128 rows * 64 bytes
 _QT_TN = 128                        # quant_transpose tile: 128 rows x 256 bytes of x
 # Two-pass quantizers: the part of x (a fraction of the L2 size) that the absmax pass reads
-# last with normal loads, so that the reverse second pass finds it in L2. A knob to tune.
-L2_KEEP = 0.6
+# last with normal loads, so that the reverse second pass finds it in L2.
+_L2_KEEP = 0.6
 
 
 def _b(v: bool) -> str:
@@ -45,18 +50,92 @@ def _gemm_kernel(device: int, name: str):
     return k
 
 
-# The Hopper GEMM (gemm_sm90.cu: wgmma, persistent CTAs), taken on compute capability 9.0
-# when K % 16 == 0 and both operands are 16-byte aligned; int8_gemm elsewhere.
-# SM90_TILE = (BN, BK, STAGES): BN 256 runs one CTA per SM, BN 128 two.
-SM90_TILE = (256, 128, 4)
-USE_SM90 = True  # a switch for benchmarks and tests that time or check int8_gemm alone
-ROW_QUANT_WAVES = 1  # row_quant's grid in waves of resident CTAs (launch_row_quant)
+# --- kernel choice -----------------------------------------------------------------------------
+# The family's product kernels, by the names that the ``kernel=`` keyword of the launchers
+# takes and ``kernel_choice`` returns.
+# GEMM of int8 operands (launch_gemm, gemm, int8_matmul_dequant_torch; the outlier forward
+# above GEMV_MAX_ROWS rows):
+#   "sm90", "sm90_bn128", "sm90_bk64"  gemm_sm90.cu (wgmma, persistent CTAs) with the tile
+#       (BN, BK, STAGES) of _SM90_TILES (BN 256 runs one CTA per SM, BN 128 two); needs
+#       compute capability 9.0, K % 16 == 0 and 16-byte aligned operands
+#   "mma_sync"  int8.cu's int8_gemm (mma.sync, 128 x 128 tiles): any device, any K
+# LLM.int8() forward of a float x with at most GEMV_MAX_ROWS rows (_cupy_gemv, gemv.cu):
+#   "gemv_staged"  int8_gemv<STAGED>: every CTA quantizes x into shared memory (one launch)
+#   "gemv_dp4a"    int8_gemv_quant, then int8_gemv (dp4a) on the codes (two launches)
+#   "gemv_mma"     int8_gemv_quant, then int8_gemv_mma (tensor cores, the same bits); needs
+#                  K % 16 == 0 and a 16-byte aligned weight
+_SM90_TILES = {"sm90": (256, 128, 4), "sm90_bn128": (128, 128, 3), "sm90_bk64": (256, 64, 4)}
+GEMM_KERNELS = (*_SM90_TILES, "mma_sync")
+GEMV_KERNELS = ("gemv_staged", "gemv_dp4a", "gemv_mma")
+GEMV_MAX_ROWS = 16                 # gemv.cu's largest row bound (template MT)
+_GEMV_MMA_MIN_ROWS = 4             # the tensor-core GEMV from this many rows (aligned weights)
+# Staged when x has at most this many bytes: each CTA (one per SM) then reads x from L2
+# before its first dot product (the first weight loads already in flight), ~0.5 us for
+# 32 KB against ~2-3 us for a second launch in a CUDA graph. Above it the per-SM re-read of
+# x grows past the per-SM share of a 4096 x 4096 weight (124 KB).
+_GEMV_STAGE_MAX_X_BYTES = 32 * 1024
+_GEMV_SMEM_DEFAULT = 46 * 1024      # dynamic shared memory without the opt-in (48 KB less static)
 
 
 @functools.lru_cache(maxsize=None)
 def _is_sm90(device: int) -> bool:
     import cupy
     return cupy.cuda.Device(device).compute_capability == "90"
+
+
+def _forced(kernel: str, allowed: tuple, op: str) -> str:
+    if kernel not in allowed:
+        raise ValueError(f"kernel for {op!r} must be one of {', '.join(allowed)} or None; got {kernel!r}")
+    return kernel
+
+
+@functools.lru_cache(maxsize=4096)
+def kernel_choice(op: str, device: int, M: int, N: int, K: int, dtype: str, aligned: bool,
+                  kernel: str | None = None) -> str | None:
+    """The int8 kernel for out (M, N) = x (M, K) @ W (N, K)^T on CUDA device ``device``.
+
+    op: "gemm" (x int8, already quantized; dtype is ignored), "linear" (LLM.int8() forward
+    of a float x of ``dtype``, threshold 0, 1 <= M <= GEMV_MAX_ROWS) or "linear_outliers"
+    (threshold > 0, the codes made beforehand by row_quant; any M).
+    aligned: K % 16 == 0 and the int8 operands' bases 16-byte aligned (x's too for "gemm").
+    kernel: None chooses; a name from GEMM_KERNELS or GEMV_KERNELS forces that kernel
+    (ValueError where it cannot run these operands).
+    Returns a kernel name, or None for "linear_outliers" where no fused form exists (more
+    than GEMV_MAX_ROWS rows off compute capability 9.0): the caller then synchronizes.
+    Chosen: "gemm": "sm90" on compute capability 9.0 with aligned operands, else
+    "mma_sync". "linear": "gemv_mma" from 4 rows on aligned weights, else "gemv_staged"
+    where x fits (at most 32 KB, and its codes in shared memory), else "gemv_dp4a".
+    "linear_outliers": the GEMV as "linear" but never staged (it reads the given codes),
+    "sm90" above GEMV_MAX_ROWS rows."""
+    if op not in ("gemm", "linear", "linear_outliers"):
+        raise ValueError(f"op must be 'gemm', 'linear' or 'linear_outliers'; got {op!r}")
+    if op == "gemm" or (op == "linear_outliers" and M > GEMV_MAX_ROWS):
+        sm90 = _is_sm90(device)
+        if kernel is None:
+            if op == "gemm":
+                return "sm90" if sm90 and aligned else "mma_sync"
+            return "sm90" if sm90 and aligned else None
+        allowed = GEMM_KERNELS if op == "gemm" else tuple(_SM90_TILES)
+        _forced(kernel, allowed, op)
+        if kernel in _SM90_TILES and not (sm90 and aligned):
+            raise ValueError(f"kernel {kernel!r} needs compute capability 9.0, K % 16 == 0 and "
+                             "16-byte aligned operands")
+        return kernel
+    if not 1 <= M <= GEMV_MAX_ROWS:
+        raise ValueError(f"the GEMV takes 1 to {GEMV_MAX_ROWS} rows of x; got {M}")
+    nbytes = M * K * _ES[dtype]
+    fits = M * (-(-K // 16)) * 16 <= _GEMV_SMEM_DEFAULT  # x's codes in shared memory
+    if kernel is None:
+        if aligned and M >= _GEMV_MMA_MIN_ROWS:
+            return "gemv_mma"
+        staged = op == "linear" and fits and nbytes <= _GEMV_STAGE_MAX_X_BYTES
+        return "gemv_staged" if staged else "gemv_dp4a"
+    _forced(kernel, GEMV_KERNELS if op == "linear" else ("gemv_dp4a", "gemv_mma"), op)
+    if kernel == "gemv_mma" and not aligned:
+        raise ValueError("the tensor-core GEMV needs K % 16 == 0 and a 16-byte aligned weight")
+    if kernel == "gemv_staged" and not fits:
+        raise ValueError(f"x is too large to stage in shared memory: {M} x {K}")
+    return kernel
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,9 +146,10 @@ def _sm90_kernel(device: int, name: str, smem: int):
 
 
 def _launch_gemm_sm90(device, a, bt, M, N, K, out, odt, rdt, cdt, bdt, c_global, r, c, bias,
-                      vec_out, outliers=None):
-    """``outliers``: None, or (x, idx, count) pointers for the OUTL epilogue (gemm_sm90.cu)."""
-    bn, bk, stages = SM90_TILE
+                      vec_out, outliers=None, *, kernel: str = "sm90"):
+    """``outliers``: None, or (x, idx, count) pointers for the OUTL epilogue (gemm_sm90.cu);
+    ``kernel``: one of the sm90 names of GEMM_KERNELS (its tile)."""
+    bn, bk, stages = _SM90_TILES[kernel]
     name = (f"int8_gemm_sm90<{odt}, {rdt}, {cdt}, {bdt}, {_b(c_global)}, {bn}, {bk}, {stages}, "
             f"{_b(outliers is not None)}>")
     smem = stages * (128 + bn) * bk + 1024  # + 1 KB to align the swizzle atoms
@@ -84,10 +164,6 @@ def _launch_gemm_sm90(device, a, bt, M, N, K, out, odt, rdt, cdt, bdt, c_global,
       shared_mem=smem)
 
 
-_ptr, _aligned, _device = ptr, aligned16, current_device
-_u64 = np.uint64  # pointers travel as unsigned 64-bit kernel arguments
-
-
 @functools.lru_cache(maxsize=None)
 def _l2_bytes(device: int) -> int:
     import cupy
@@ -96,10 +172,7 @@ def _l2_bytes(device: int) -> int:
 
 def _keep_bytes() -> int:
     """Bytes of x the absmax pass leaves in L2 for the reverse quantizing pass."""
-    return int(L2_KEEP * _l2_bytes(_device()))
-
-
-_on_stream = on_stream
+    return int(_L2_KEEP * _l2_bytes(_device()))
 
 
 # --- pointer-level launchers (all sizes validated by the caller) ---------------------------
@@ -118,10 +191,9 @@ def launch_row_quant(x: int, dtype: str, q: int, stats: int, stats_dtype: str, f
     k = _kernel(f"row_quant<{_DT[dtype]}, {_DT[stats_dtype]}, {nv}, {_b(thresh)}>")
     # One wave of CTAs (<= 64 registers a thread: 1024 // threads CTAs per SM), each walking
     # rows with the next row's loads in flight; THRESH: each CTA then sets an outlier
-    # column's flag once, not once per row. ROW_QUANT_WAVES = 0: one CTA per row.
+    # column's flag once, not once per row.
     per_sm = min(32, max(1, 1024 // threads))
-    grid = rows if ROW_QUANT_WAVES == 0 else ROW_QUANT_WAVES * per_sm * multiprocessor_count(_device())
-    grid = min(rows, grid, 1 << 30)
+    grid = min(rows, per_sm * multiprocessor_count(_device()), 1 << 30)
     k((grid,), (threads,), (_u64(x), _u64(q), _u64(stats), _u64(flags), np.int32(rows),
                             np.int32(cols), np.float32(threshold), np.int32(vec_ok)))
 
@@ -237,22 +309,25 @@ def launch_mm_dequant(C: int, r: int, c: int, bias: int, bias_dtype: str | None,
 
 def launch_gemm(a: int, bt: int, M: int, N: int, K: int, out: int, out_dtype: str,
                 r: int = 0, r_dtype: str = "float32", c: int = 0, c_dtype: str = "float32",
-                c_global: bool = False, bias: int = 0, bias_dtype: str | None = None):
+                c_global: bool = False, bias: int = 0, bias_dtype: str | None = None,
+                kernel: str | None = None):
     """out (M, N) = epilogue(a (M, K) int8 @ bt (N, K) int8 ^T); both operands row-major, lda =
-    ldb = K. out_dtype "int32" writes the raw product (r, c, bias unused)."""
+    ldb = K. out_dtype "int32" writes the raw product (r, c, bias unused). ``kernel``: None,
+    or a name from GEMM_KERNELS to force (see kernel_choice)."""
     if M == 0 or N == 0:
         return
     aligned = _aligned(a, bt) and K % 16 == 0
     vec_out = int(out % 8 == 0 and N % 2 == 0)
     device = _device()
-    if aligned and USE_SM90 and _is_sm90(device):
+    kernel = kernel_choice("gemm", device, M, N, K, "int8", aligned, kernel)
+    if kernel != "mma_sync":
         if out_dtype == "int32":
             odt, rdt, cdt, bdt, c_global = 3, 0, 0, -1, False
         else:
             odt, rdt, cdt = _DT[out_dtype], _DT[r_dtype], _DT[c_dtype]
             bdt = -1 if bias_dtype is None else _DT[bias_dtype]
         _launch_gemm_sm90(device, a, bt, M, N, K, out, odt, rdt, cdt, bdt, c_global, r, c, bias,
-                          vec_out)
+                          vec_out, kernel=kernel)
         return
     if out_dtype == "int32":
         name = f"int8_gemm<3, 0, 0, -1, false, {_b(aligned)}>"
@@ -343,14 +418,15 @@ def mm_dequant(C, r, c, bias, bias_dtype, out, out_dtype):
     launch_mm_dequant(_ptr(C), _ptr(r), _ptr(c), _ptr(bias), bias_dtype, _ptr(out), out_dtype, rows, cols)
 
 
-def gemm(a, bt, r, r_dtype, c, c_dtype, c_global, bias, bias_dtype, out, out_dtype):
+def gemm(a, bt, r, r_dtype, c, c_dtype, c_global, bias, bias_dtype, out, out_dtype,
+         kernel: str | None = None):
     M, K = a.shape
     N = bt.shape[0]
     if K == 0 and out_dtype == "int32":
         out.fill(0)
         return
     launch_gemm(_ptr(a), _ptr(bt), M, N, K, _ptr(out), out_dtype, _ptr(r), r_dtype, _ptr(c),
-                c_dtype, c_global, _ptr(bias), bias_dtype)
+                c_dtype, c_global, _ptr(bias), bias_dtype, kernel=kernel)
 
 
 # --- torch hot paths: raw pointers, torch's current stream, torch allocations --------------
@@ -359,14 +435,13 @@ def _tname(t) -> str:
     return str(t.dtype).replace("torch.", "")
 
 
-_stream_of = torch_stream
-
-
-def int8_matmul_dequant_torch(a, bt, row_scale, col_scale, bias=None, out_dtype=None, col_global=False):
+def int8_matmul_dequant_torch(a, bt, row_scale, col_scale, bias=None, out_dtype=None, col_global=False,
+                              kernel: str | None = None):
     """out (M, N) = ((f32(a @ bt^T) * row_scale) * col_scale) * K (+ bias) for torch CUDA
     tensors: a int8 (M, K) contiguous, bt int8 (N, K) contiguous (the (N, K) weight itself;
     for b = W.t() pass b.t()), row_scale (M,), col_scale (N,) or (1,) with col_global, any
-    float dtypes; out_dtype defaults to row_scale's dtype. The caller has validated."""
+    float dtypes; out_dtype defaults to row_scale's dtype. The caller has validated.
+    ``kernel``: None, or a name from GEMM_KERNELS to force (tests, benchmarks)."""
     import torch
     M, K = a.shape
     N = bt.shape[0]
@@ -376,22 +451,7 @@ def int8_matmul_dequant_torch(a, bt, row_scale, col_scale, bias=None, out_dtype=
     with _on_stream(dev, stream):
         launch_gemm(a.data_ptr(), bt.data_ptr(), M, N, K, out.data_ptr(), _tname(out),
                     row_scale.data_ptr(), _tname(row_scale), col_scale.data_ptr(), _tname(col_scale),
-                    col_global, _ptr(bias), None if bias is None else _tname(bias))
-    return out
-
-
-def int8_linear_matmul_torch(A, B):
-    """int32 (M, N) = A (M, K) @ B (N, K)^T for contiguous int8 torch CUDA tensors."""
-    import torch
-    M, K = A.shape
-    N = B.shape[0]
-    out = torch.empty((M, N), dtype=torch.int32, device=A.device)
-    dev, stream = _stream_of(A)
-    with _on_stream(dev, stream):
-        if K == 0:
-            out.zero_()
-        else:
-            launch_gemm(A.data_ptr(), B.data_ptr(), M, N, K, out.data_ptr(), "int32")
+                    col_global, _ptr(bias), None if bias is None else _tname(bias), kernel=kernel)
     return out
 
 
@@ -445,7 +505,7 @@ def int8_vectorwise_quant_torch(x, threshold: float):
     return q, stats, idx[:int(count.item())]
 
 
-def int8_linear_outliers_torch(x, CB, SCB, bias, threshold: float):
+def int8_linear_outliers_torch(x, CB, SCB, bias, threshold: float, kernel: str | None = None):
     """The LLM.int8() forward with outlier columns, without a host synchronization:
     ``(int8_mm_dequant(CA @ CB^T, SCA, SCB, bias) + x[:, cols] @ (CB[:, cols] * SCB / 127)^T)``
     rounded once to x's dtype, cols = the outlier columns of x for ``threshold`` (> 0).
@@ -457,7 +517,9 @@ def int8_linear_outliers_torch(x, CB, SCB, bias, threshold: float):
     aligned, more than 16 rows off compute capability 9.0): the caller takes the
     synchronizing form. Kernels: row_quant<THRESH> and outlier_cols (int8_outlier_quant_torch),
     then for at most 16 rows the GEMV (gemv.cu) and otherwise the Hopper GEMM with the OUTL
-    epilogue (gemm_sm90.cu), both reading x at the outlier columns."""
+    epilogue (gemm_sm90.cu), both reading x at the outlier columns. ``kernel``: None, or
+    "gemv_dp4a" / "gemv_mma" (at most 16 rows) or an sm90 name (more) to force
+    (kernel_choice's "linear_outliers")."""
     import torch
     from . import _cupy_gemv as gemv
     M, K = x.shape
@@ -465,14 +527,15 @@ def int8_linear_outliers_torch(x, CB, SCB, bias, threshold: float):
     if M == 0 or N == 0 or K % 16 or CB.data_ptr() % 16:
         return None
     device = x.device.index
-    small = M <= gemv.MAX_ROWS
+    small = M <= GEMV_MAX_ROWS
     if small and not gemv.gemv_ok(x, CB, SCB, bias):
         return None
-    if not small and not (USE_SM90 and _is_sm90(device)):
+    kernel = kernel_choice("linear_outliers", device, M, N, K, _tname(x), True, kernel)
+    if kernel is None:
         return None
     q, stats, idx, count = int8_outlier_quant_torch(x, threshold)
     if small:
-        out = gemv.int8_linear_gemv_torch(x, CB, SCB, bias, outliers=(q, stats, idx, count))
+        out = gemv.int8_linear_gemv_torch(x, CB, SCB, bias, outliers=(q, stats, idx, count), kernel=kernel)
         return out, idx, count
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     vec_out = int(N % 2 == 0)  # torch.empty bases are 16-byte aligned
@@ -481,7 +544,8 @@ def int8_linear_outliers_torch(x, CB, SCB, bias, threshold: float):
     with _on_stream(d, stream):
         _launch_gemm_sm90(device, q.data_ptr(), CB.data_ptr(), M, N, K, out.data_ptr(), _DT[_tname(x)],
                           _DT["float32"], _DT["float32"], bdt, False, stats.data_ptr(), SCB.data_ptr(),
-                          _ptr(bias), vec_out, outliers=(x.data_ptr(), idx.data_ptr(), count.data_ptr()))
+                          _ptr(bias), vec_out, outliers=(x.data_ptr(), idx.data_ptr(), count.data_ptr()),
+                          kernel=kernel)
     return out, idx, count
 
 

@@ -8,11 +8,12 @@ same float32 epilogue as the quantize + int8 GEMM path (int8.cu), in one or two 
 instead of a 128 x 128-tile GEMM that is ~95% idle at these sizes. Raw pointers, torch's
 current stream, outputs and workspaces from ``torch.empty`` (CUDA-graph safe, no host sync).
 
-Launch choice: x of at most ``STAGE_MAX_X_BYTES`` is quantized by every CTA into shared
-memory (one launch; x is re-read from L2 once per SM); a larger x is quantized once by
-``int8_gemv_quant`` (one CTA per row) and the GEMV reads the codes through L1 (two launches).
-From ``MMA_MIN_ROWS`` rows on aligned weights the second launch is ``int8_gemv_mma``
-(tensor cores, the same bits) instead of the dp4a kernel.
+Launch forms (chosen by ``_cupy.kernel_choice``, forced with ``kernel=``): "gemv_staged",
+every CTA quantizes a small x into shared memory (one launch; x is re-read from L2 once per
+SM); "gemv_dp4a", x is quantized once by ``int8_gemv_quant`` (one CTA per row) and the GEMV
+reads the codes through L1 (two launches); "gemv_mma", the same two launches with
+``int8_gemv_mma`` (tensor cores, the same bits) as the second, from a few rows on aligned
+weights.
 """
 from __future__ import annotations
 
@@ -20,25 +21,16 @@ import functools
 
 import numpy as np
 
-from .._cuda import get_kernel, multiprocessor_count
+from .._cuda import DTYPE_CODES as _DT, get_kernel, multiprocessor_count
 from .._interop import _external_stream, torch_stream
+from ._cupy import GEMV_MAX_ROWS as MAX_ROWS, kernel_choice
 
-_DT = {"float32": 0, "float16": 1, "bfloat16": 2}
 _ES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _THREADS = 512            # GV_THREADS in gemv.cu
 _WARPS = _THREADS // 32
-_MT = (1, 2, 4, 8, 16)    # the template row bounds
-# int8_gemv_mma (tensor cores) from this many rows of x on aligned weights; dp4a below it.
-MMA_MIN_ROWS = 4
-MMA_NT = 1                # 8 * MMA_NT weight rows per CTA (template NT)
+_MT = (1, 2, 4, 8, MAX_ROWS)  # the template row bounds
+_MMA_NT = 1               # 8 * _MMA_NT weight rows per CTA (template NT)
 _MMA_THREADS = 256        # GM_WARPS * 32 in gemv.cu
-MAX_ROWS = _MT[-1]
-# Staged (single launch) when M * K * element size is at most this. Each CTA (one per SM)
-# then reads x from L2 before its first dot product (the first weight loads are already in
-# flight): ~0.5 us for 32 KB, against ~2-3 us for a second launch in a CUDA graph. Above
-# it the per-SM re-read of x grows past the per-SM share of a 4096 x 4096 weight (124 KB).
-STAGE_MAX_X_BYTES = 32 * 1024
-_SMEM_DEFAULT = 46 * 1024  # dynamic shared memory usable without the opt-in attribute (48 KB less static)
 
 
 def gemv_rows(m: int) -> int | None:
@@ -89,30 +81,16 @@ def _int8_function(device: int, name: str):
         return get_kernel(__package__, "int8.cu", name).kernel
 
 
-def _staged(M: int, K: int, es: int) -> bool:
-    return M * K * es <= STAGE_MAX_X_BYTES and M * (-(-K // 16)) * 16 <= _SMEM_DEFAULT
-
-
-def _use_mma(M: int, aligned: bool, mma: bool | None) -> bool:
-    if mma is None:
-        return aligned and M >= MMA_MIN_ROWS
-    if mma and not aligned:
-        raise ValueError("the tensor-core form needs K % 16 == 0 and a 16-byte aligned CB")
-    return mma
-
-
-def int8_linear_gemv_torch(x, CB, SCB, bias=None, staged: bool | None = None,
-                           mma: bool | None = None, outliers=None):
+def int8_linear_gemv_torch(x, CB, SCB, bias=None, outliers=None, kernel: str | None = None):
     """out (M, N) in x's dtype = ((f32(CA @ CB^T) * SCA[:, None]) * SCB[None, :]) * K (+ bias)
     with CA, SCA = int8_vectorwise_quant(x) (threshold 0).
 
     x: float16 / bfloat16 / float32 (M, K) contiguous, 1 <= M <= MAX_ROWS; CB: int8 (N, K)
     contiguous; SCB: float32 (N,) contiguous; bias: (N,) of any float dtype, contiguous, or
-    None. The caller checks with ``gemv_ok``. ``staged`` forces the one-launch (True) or the
-    two-launch (False) form of the dp4a kernel (tests and benchmarks); None chooses by the
-    size of x. ``mma`` forces (True) or refuses (False) the tensor-core kernel
-    int8_gemv_mma (always two launches); None takes it from MMA_MIN_ROWS rows on aligned
-    weights.
+    None. The caller checks with ``gemv_ok``. ``kernel``: None chooses the launch form
+    (``_cupy.kernel_choice``: "gemv_mma" from 4 rows on aligned weights, "gemv_staged" for a
+    small x, else "gemv_dp4a"); one of those names forces it (tests, benchmarks;
+    ValueError where it cannot run).
 
     ``outliers`` (threshold > 0, K % 16 == 0): (codes int8 (M, K), absmax float32 (M,), idx
     int64 (K,), count int32 (1,)) from row_quant + outlier_cols (int8_outlier_quant_torch):
@@ -129,25 +107,17 @@ def int8_linear_gemv_torch(x, CB, SCB, bias=None, staged: bool | None = None,
     nch = -(-K // 16)
     mt = gemv_rows(M)
     aligned = K % 16 == 0 and CB.data_ptr() % 16 == 0
-    if staged and mma:
-        raise ValueError("the tensor-core form has no staged (one-launch) variant")
-    if outliers is not None:
-        if staged or K % 16:
-            raise ValueError("the outlier form reads unpadded codes: needs K % 16 == 0, not staged")
-        staged = False
-    use_mma = _use_mma(M, aligned, mma) if not staged else False
-    if use_mma:
-        staged = False
-    elif staged is None:
-        staged = _staged(M, K, es)
-    if staged and M * nch * 16 > _SMEM_DEFAULT:
-        raise ValueError(f"x is too large to stage in shared memory: {M} x {K}")
+    if outliers is not None and K % 16:
+        raise ValueError("the outlier form reads unpadded codes: needs K % 16 == 0")
     device = x.device.index
+    kernel = kernel_choice("linear" if outliers is None else "linear_outliers", device, M, N, K,
+                           dtype, aligned, kernel)
+    use_mma, staged = kernel == "gemv_mma", kernel == "gemv_staged"
     x_vec_ok = int(x.data_ptr() % 16 == 0 and (K * es) % 16 == 0)
     bdt = -1 if bias is None else _DT[str(bias.dtype).replace("torch.", "")]
     if use_mma:
-        gemv = _function(device, f"int8_gemv_mma<{_DT[dtype]}, {bdt}, {MMA_NT}>")
-        grid, block = (-(-N // (8 * MMA_NT)),), (_MMA_THREADS,)
+        gemv = _function(device, f"int8_gemv_mma<{_DT[dtype]}, {bdt}, {_MMA_NT}>")
+        grid, block = (-(-N // (8 * _MMA_NT)),), (_MMA_THREADS,)
     else:
         gemv = _function(device, f"int8_gemv<{_DT[dtype]}, {bdt}, {mt}, {'true' if staged else 'false'}, "
                                  f"{'true' if aligned else 'false'}>")
@@ -230,17 +200,17 @@ class PreparedWeight8bit:
 
     def _gemv(self, dtype: str, bdt: int, M: int, outliers: bool):
         """(launch, staged) of the GEMV for M rows, as int8_linear_gemv_torch chooses it."""
-        es = _ES[dtype]
         mt = gemv_rows(M)
-        use_mma = self.aligned and M >= MMA_MIN_ROWS
-        staged = False if (outliers or use_mma) else _staged(M, self.K, es)
+        kernel = kernel_choice("linear_outliers" if outliers else "linear", self.device, M, self.N,
+                               self.K, dtype, self.aligned)
+        use_mma, staged = kernel == "gemv_mma", kernel == "gemv_staged"
         key = ("gemv", dtype, bdt, mt, staged, use_mma)
         launch = self._launches.get(key)
         if launch is None:
             from .._cuda.launch import PreparedLaunch
             if use_mma:
-                fn = self._function(f"int8_gemv_mma<{_DT[dtype]}, {bdt}, {MMA_NT}>")
-                grid, block = (-(-self.N // (8 * MMA_NT)),), (_MMA_THREADS,)
+                fn = self._function(f"int8_gemv_mma<{_DT[dtype]}, {bdt}, {_MMA_NT}>")
+                grid, block = (-(-self.N // (8 * _MMA_NT)),), (_MMA_THREADS,)
             else:
                 fn = self._function(f"int8_gemv<{_DT[dtype]}, {bdt}, {mt}, {'true' if staged else 'false'}, "
                                     f"{'true' if self.aligned else 'false'}>")

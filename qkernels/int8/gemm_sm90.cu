@@ -54,17 +54,10 @@
 
 namespace qk_sm90 {
 
-typedef signed char i8;
 typedef unsigned long long u64;
 
 constexpr int BM = 128;
 constexpr int THREADS = 256;
-
-__device__ __forceinline__ u32 smem_u32(const void* p) {  // shared-window address, header-free
-  u32 r;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
-  return r;
-}
 
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src, u32 bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
@@ -155,15 +148,6 @@ __device__ __forceinline__ void wgmma_s8(int (&d)[128], u64 a, u64 b) {
 
 #undef QK_R32
 #undef QK_R8
-
-template <int BDT> struct Bias {
-  __device__ static __forceinline__ float add(float v, const void* b, int col) {
-    return __fadd_rn(v, to_f32<BDT>(reinterpret_cast<const typename Storage<BDT>::type*>(b)[col]));
-  }
-};
-template <> struct Bias<-1> {
-  __device__ static __forceinline__ float add(float v, const void*, int) { return v; }
-};
 
 // --- the outlier columns' float product (OUTL) ---------------------------------------------
 // d += A (16 x 16, row-major) * B (16 x 8, column-major), float32 accumulators; A and B as

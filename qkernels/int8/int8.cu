@@ -64,8 +64,6 @@
 //   accumulator registers and writes each output once; the int32 product never reaches memory.
 #include "common.cuh"
 
-typedef signed char i8;
-
 #define QK_RCP127 __int_as_float(0x3c010204)   // f32(1/127)
 #define QK_KDEQ __int_as_float(0x38820610)     // f32(1/(127*127))
 
@@ -610,15 +608,6 @@ dequant_rows(const i8* __restrict__ q, const typename Storage<SDT>::type* __rest
 }
 
 // ------------------------------------------------------------------------------------------
-template <int BDT> struct Bias {
-  __device__ static __forceinline__ float add(float v, const void* b, int col) {
-    return __fadd_rn(v, to_f32<BDT>(reinterpret_cast<const typename Storage<BDT>::type*>(b)[col]));
-  }
-};
-template <> struct Bias<-1> {
-  __device__ static __forceinline__ float add(float v, const void*, int) { return v; }
-};
-
 template <int ODT, int BDT>
 __global__ void __launch_bounds__(256)
 mm_dequant(const int* __restrict__ C, const float* __restrict__ r, const float* __restrict__ c,
@@ -642,12 +631,6 @@ mm_dequant(const int* __restrict__ C, const float* __restrict__ r, const float* 
 #define G_TILE_BYTES (G_BM * G_BK)                 // one operand's tile: 128 rows x 64 bytes
 #define G_STAGE_BYTES (2 * G_TILE_BYTES)
 #define G_SMEM (G_STAGES * G_STAGE_BYTES)           // 64 KB
-
-__device__ __forceinline__ u32 smem_u32(const void* p) {  // shared-window address, header-free
-  u32 r;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
-  return r;
-}
 
 // byte offset of 16-byte chunk `chunk` (0..3) of tile row `row`
 __device__ __forceinline__ int swz(int row, int chunk) { return row * G_BK + ((chunk ^ ((row >> 1) & 3)) << 4); }

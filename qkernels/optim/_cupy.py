@@ -17,10 +17,9 @@ import numpy as np
 
 from reference.blockwise import search_table
 from reference.optim import BLOCKSIZE, AdamScalars
-from .._cuda import get_kernel, multiprocessor_count
+from .._cuda import DTYPE_CODES as _DT, get_kernel, multiprocessor_count
 from .._interop import _external_stream
 
-_DT = {"float32": 0, "float16": 1, "bfloat16": 2}
 _CTA_8BIT = 768    # 24 warps, one 256-element block each at a time; one CTA per SM (~75 KB
                    # of tables in shared memory, <= 80 registers: __launch_bounds__(768, 1))
 _CTA_32BIT = 256
