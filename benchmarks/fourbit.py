@@ -1,10 +1,12 @@
 """Benchmark section "fourbit": quantize_4bit / dequantize_4bit (NF4, bf16, blocksize 64,
-with and without double quantization) and matmul_4bit at batch 1 / 16 / 4096, beside torch
-bf16 and bitsandbytes. Bytes: quantize reads 2 and writes 1/2 byte per element (+4 per
-block); dequantize the reverse; the fused matmul reads the packed weight, absmax, x and
-writes out. The matmul rows for batch 1-16 show the fused kernel and dequantize + cuBLAS
-side by side up to 16 rows: their crossover sets qkernels.fourbit.FUSED_MAX_ROWS. At batch 1
-the fused kernel is gemv_4bit, with matmul_4bit's one-row instance beside it."""
+with and without double quantization) and matmul_4bit at batch 1 / 16 / 64 / 4096, beside
+torch bf16 and bitsandbytes. Bytes: quantize reads 2 and writes 1/2 byte per element (+4 per
+block); dequantize the reverse; the fused matmuls read the packed weight, absmax, x and
+write out. The matmul rows for batch 1-64 show each kernel that can take the batch side by
+side (qkernels.fourbit._cupy.choose_kernel's choice, forced with kernel=): gemv_4bit (one
+row), the tensor-core kernel matmul_4bit_mma (1-64 rows), the CUDA-core matmul_4bit (up to
+16 rows) and dequantize + cuBLAS; their crossovers set the choice. Every matmul row's note
+gives its time as a fraction of the same run's bf16 cuBLAS linear (issue 26's yardstick)."""
 from __future__ import annotations
 
 import numpy as np
@@ -15,7 +17,7 @@ SECTION = "fourbit"
 ROTATE = 4
 QUANT_SIZES = {"small": [(4096, 4096)], "full": [(4096, 4096), (8192, 8192)]}
 MATMUL_SHAPES = {"small": [(4096, 4096)], "full": [(4096, 14336), (8192, 8192), (4096, 4096)]}
-BATCHES = {"small": [1, 16], "full": [1, 2, 4, 8, 16, 4096]}
+BATCHES = {"small": [1, 16, 64], "full": [1, 2, 4, 8, 16, 32, 64, 4096]}
 
 
 def _bnb():
@@ -96,18 +98,22 @@ def _matmul_rows(sizes: str) -> list[Row]:
             size = f"{batch} x {in_f} -> {out_f}"
             flops = 2 * batch * in_f * out_f
             nbytes = packed_bytes + 2 * batch * (in_f + out_f)
-            big = batch > 16  # the fused kernels' largest row count (_cupy.fused_rows)
+            big = batch > _cupy.MMA_MAX_ROWS  # the fused kernels' largest row count
             torch_calls = [lambda x=x, w=w: torch.nn.functional.linear(x, w) for x, w in zip(xs, ws)]
             t_us = cuda_graph_us(torch_calls)
             timed = {}
             if not big:
-                fused = [lambda x=x, q=q, a=a: _cupy.matmul_4bit_torch(x, q[0], a, q[1].code, 64, out_f)
-                         for x, q, a in zip(xs, quant, absmax)]
-                timed["fused"] = (cuda_graph_us(fused), None)
-                if batch == 1:  # gemv_4bit above; matmul_4bit's one-row instance beside it
-                    _cupy.USE_GEMV = False
-                    timed["fused, matmul_4bit<1>"] = (cuda_graph_us(fused), None)
-                    _cupy.USE_GEMV = True
+                # each fused kernel that takes this batch, forced; the absmax is float32 here
+                for kernel, label in (("gemv", "fused, gemv_4bit"), ("mma", "fused, tensor cores"),
+                                      ("fused", "fused, matmul_4bit")):
+                    try:
+                        _cupy.choose_kernel(batch, out_f, in_f, 0, "bfloat16", 0, 0, kernel)
+                    except ValueError:
+                        continue
+                    fused = [lambda x=x, q=q, a=a, k=kernel: _cupy.matmul_4bit_torch(x, q[0], a, q[1].code, 64,
+                                                                                       out_f, kernel=k)
+                             for x, q, a in zip(xs, quant, absmax)]
+                    timed[label] = (cuda_graph_us(fused), None)
             public = [lambda x=x, q=q: qf.matmul_4bit(x, *q) for x, q in zip(xs, quant)]
             deq = [lambda x=x, q=q: torch.nn.functional.linear(x, qf.dequantize_4bit(*q, out_dtype=dt))
                    for x, q in zip(xs, quant)]
@@ -120,13 +126,14 @@ def _matmul_rows(sizes: str) -> list[Row]:
                 b_us = eager_us(bcalls)
                 rows.append(Row(SECTION, "matmul_4bit nf4", size, "bfloat16", "bitsandbytes", b_us,
                                 bytes=0 if big else nbytes, flops=flops if big else 0.0,
-                                note="eager loop"))
+                                note=f"eager loop; {b_us / t_us:.2f} of bf16 cuBLAS time"))
             rows.append(Row(SECTION, "linear (unquantized)", size, "bfloat16", "torch", t_us,
                             bytes=0 if big else 2 * out_f * in_f + 2 * batch * (in_f + out_f),
                             flops=flops if big else 0.0))
             for name, (us, e_us) in timed.items():
                 r = Row(SECTION, "matmul_4bit nf4", size, "bfloat16", f"cupy ({name})", us, e_us,
-                        bytes=0 if big else nbytes, flops=flops if big else 0.0)
+                        bytes=0 if big else nbytes, flops=flops if big else 0.0,
+                        note=f"{us / t_us:.2f} of bf16 cuBLAS time")
                 r.ratios["torch"] = t_us / us
                 if b_us is not None:
                     r.ratios["bnb"] = b_us / us

@@ -497,12 +497,10 @@ def test_gpu_matmul_4bit(dtype, shape, fused_max_rows, monkeypatch):
     """Fused kernel (rows <= FUSED_MAX_ROWS, K % 32 == 0) and the dequantize + GEMM path
     against the float64 product of the same dequantized weight; blocks that span rows
     (K < blocksize or K not a multiple of it), nested statistics, bias. One row of x takes
-    gemv_4bit; FUSED_MAX_ROWS 16: matmul_4bit at every row count it has (one row too), as
-    the benchmark's crossover rows run it."""
+    gemv_4bit, 2-64 rows of 16-bit x the tensor-core kernel; FUSED_MAX_ROWS (8 or 16) bounds
+    the float32 rows that take the CUDA-core matmul_4bit."""
     import torch
-    from qkernels.fourbit import _cupy
     monkeypatch.setattr(qf, "FUSED_MAX_ROWS", fused_max_rows)
-    monkeypatch.setattr(_cupy, "USE_GEMV", fused_max_rows == 8)
     tdt = getattr(torch, dtype)
     n_out, k = shape
     rng = np.random.default_rng(n_out * 7 + k)

@@ -146,17 +146,7 @@ def _writes_to(module: str, names: set[str]) -> list[str]:
 
 
 def _cupy_params():
-    params = []
-    for path in _CUPY_FILES:
-        rel = str(path.relative_to(ROOT))
-        marks = []
-        if rel == "qkernels/fourbit/_cupy.py":
-            # strict: once USE_GEMV is gone this case passes (XPASS fails), and the marker goes
-            marks.append(pytest.mark.xfail(strict=True, reason=(
-                "qkernels/fourbit/_cupy.py still has the USE_GEMV switch (tests/test_fourbit.py "
-                "monkeypatches it); issue 27 removes it")))
-        params.append(pytest.param(path, id=rel, marks=marks))
-    return params
+    return [pytest.param(path, id=str(path.relative_to(ROOT))) for path in _CUPY_FILES]
 
 
 @pytest.mark.parametrize("path", _cupy_params())
