@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from qkernels.int8 import int8_vectorwise_dequant, int8_vectorwise_quant
+from qkernels.int8.ops import quantize_weight
 from torch_ops.linear8bit import Int8Params, Linear8bitLt
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -217,6 +218,127 @@ def test_bad_arguments_and_frozen_weight():
         layer.weight.requires_grad_(True)
 
 
+# --- bitsandbytes' attributes: state, has_fp16_weights, tied weights ------------------------
+
+def test_state_and_has_fp16_weights_attributes():
+    """``layer.state`` is bitsandbytes' MatmulLtState of the layer (tests/test_matmul_lt.py has
+    the rest); ``weight.has_fp16_weights`` reads on the weight."""
+    from qkernels.int8.matmul_lt import MatmulLtState
+    layer = _ours(_linear(), 6.0)
+    assert isinstance(layer.state, MatmulLtState) and layer.state.CB is layer.weight.CB
+    assert layer.weight.has_fp16_weights is False and layer.state.has_fp16_weights is False
+    fp = Linear8bitLt(IN, OUT)  # bitsandbytes' default: has_fp16_weights=True
+    assert fp.weight.has_fp16_weights is True and fp.state.has_fp16_weights is True
+    assert fp.state.CB is None  # its int8 copy exists once a forward made it
+    fp(_x(torch.float32))
+    assert fp.state.CB.dtype == torch.int8
+
+
+def _tied():
+    layer = Linear8bitLt(IN, OUT, bias=False, has_fp16_weights=False)
+    torch.manual_seed(12)
+    layer.weight = torch.nn.Parameter(torch.randn(OUT, IN) / 8)  # e.g. lm_head tied to an embedding
+    return layer
+
+
+def test_tied_weight_forward_and_state_dict():
+    """A plain float Parameter as the weight (a tied weight, bitsandbytes #1634): the layer
+    computes with its int8 copy like has_fp16_weights=True, stays tied, and saves as
+    nn.Linear (no SCB, no weight_format; bitsandbytes skips them too)."""
+    layer = _tied()
+    assert layer.has_fp16_weights and layer.state.has_fp16_weights
+    x = _x(torch.float32, outlier_col=None).requires_grad_()
+    y = layer(x)
+    CB, SCB = quantize_weight(layer.weight)
+    assert torch.equal(y, torch.ops.qkernels.int8_linear(x.detach(), CB, SCB, None, 0.0))
+    y.sum().backward()
+    assert layer.weight.grad is not None and x.grad is not None
+    assert type(layer.weight) is torch.nn.Parameter
+    sd = layer.state_dict()
+    assert set(sd) == {"weight"} and sd["weight"].dtype == torch.float32
+    assert layer.quantized_bytes() == OUT * IN * 4
+
+
+def test_tied_weight_refuses_an_int8_checkpoint():
+    """Loading a checkpoint with SCB into a tied (plain float) weight raises bitsandbytes'
+    RuntimeError, also with strict=False, and changes nothing; a float one loads."""
+    layer = _tied()
+    before = layer.weight.detach().clone()
+    sd = dict(layer.state_dict(), SCB=torch.ones(OUT))
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match="Loading a quantized checkpoint into non-quantized Linear8bitLt"):
+            layer.load_state_dict(sd, strict=strict)
+    assert torch.equal(layer.weight, before)
+    layer.load_state_dict({"weight": before * 2})
+    assert torch.equal(layer.weight, before * 2) and type(layer.weight) is torch.nn.Parameter
+
+
+def test_fresh_layer_loads_int8_checkpoint_unlike_bitsandbytes():
+    """bitsandbytes' test_linear_serialization expects a RuntimeError when an int8 state_dict
+    is loaded into a layer that was not moved yet; SPEC 9 (and bitsandbytes #1946) make that
+    load work here: the codes load as they are and the layer gives the saved layer's output.
+    Both ways: bitsandbytes refuses, ours loads."""
+    src = _ours(_linear(seed=13), 6.0)
+    x = _x(torch.float16)
+    fresh = Linear8bitLt(IN, OUT, has_fp16_weights=False, threshold=6.0)
+    fresh.load_state_dict(src.state_dict(), strict=True)
+    assert torch.equal(fresh.to("cpu")(x), src(x))
+    if bnb is not None:
+        theirs = bnb.nn.Linear8bitLt(IN, OUT, has_fp16_weights=False, threshold=6.0)
+        with pytest.raises(RuntimeError, match="non-quantized"):
+            theirs.load_state_dict(src.state_dict(), strict=True)
+
+
+def test_fp16_weights_training_follows_float_training():
+    """Linear8bitLt(has_fp16_weights=True) trains as bitsandbytes' does: the float weight gets
+    int8 gradients (SPEC 9: a few percent from G^T X in norm) and an optimizer's updates are
+    seen by the next forward. Against nn.Linear with the same optimizer, after 10 steps."""
+    torch.manual_seed(14)
+    ref = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 32))
+    ours = torch.nn.Sequential(Linear8bitLt(32, 32), Linear8bitLt(32, 32))
+    ours.load_state_dict(ref.state_dict())
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=0.1)
+    for _ in range(10):
+        x = torch.randn(64, 32)
+        for net, opt in ((ref, opt_ref), (ours, opt_ours)):
+            opt.zero_grad()
+            net(x).pow(2).mean().backward()
+        for a, b in zip(ref.parameters(), ours.parameters()):
+            assert ((b.grad - a.grad).norm() / a.grad.norm()).item() < 0.05
+        opt_ref.step()
+        opt_ours.step()
+    for a, b in zip(ref.parameters(), ours.parameters()):
+        assert ((b - a).norm() / a.norm()).item() < 0.01
+    assert isinstance(ours[0].weight, Int8Params) and ours[0].weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("has_fp16_weights", [False, True])
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_compile_with_activation_checkpointing(has_fp16_weights, threshold):
+    """torch.compile of Linear8bitLt layers under activation checkpointing (CPU): the eager
+    outputs and gradients, exactly."""
+    from torch.utils.checkpoint import checkpoint
+    torch._dynamo.reset()
+    torch.manual_seed(15)
+    net = torch.nn.Sequential(*[Linear8bitLt(64, 64, has_fp16_weights=has_fp16_weights, threshold=threshold)
+                                for _ in range(2)]).to("cpu")
+    run = lambda x: checkpoint(net, x, use_reentrant=False)  # noqa: E731
+    x = torch.randn(8, 64, dtype=torch.float16)
+    x[:, 3] *= 20
+    x.requires_grad_(True)
+    ref = run(x)
+    ref.float().sum().backward()
+    ref_grads = [t.grad.clone() for t in [x, *net.parameters()] if t.grad is not None]
+    x.grad = None
+    net.zero_grad()
+    out = torch.compile(run)(x)
+    out.float().sum().backward()
+    grads = [t.grad for t in [x, *net.parameters()] if t.grad is not None]
+    assert torch.equal(out, ref) and len(grads) == len(ref_grads) == (5 if has_fp16_weights else 3)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+
+
 # --- GPU --------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
@@ -273,22 +395,19 @@ def _reference_forward(x, CB, SCB, bias):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,in_f,out_f", [(1, 4096, 96), (3, 520, 67), (16, 203, 130),
                                              (7, 64, 1), (16, 4096, 64)])
-@pytest.mark.parametrize("staged", [None, True, False, "mma"])
+@pytest.mark.parametrize("kernel", [None, "gemv_staged", "gemv_dp4a", "gemv_mma"])
 @pytest.mark.parametrize("bias_dtype", [None, torch.float32, "x"])
-def test_gpu_small_batch_gemv_is_the_reference(dtype, rows, in_f, out_f, staged, bias_dtype):
+def test_gpu_small_batch_gemv_is_the_reference(dtype, rows, in_f, out_f, kernel, bias_dtype):
     """The fused small-batch kernels (qkernels/int8/gemv.cu: dp4a in both launch forms, and
-    the tensor-core form) give the reference path's bits: same codes, exact int32 sums, the
-    same float32 epilogue. Odd K (byte loads), odd N, a zero row (codes 0) and a row holding
-    Inf (NaN outputs) included."""
+    the tensor-core form; None: the one kernel_choice takes) give the reference path's bits:
+    same codes, exact int32 sums, the same float32 epilogue. Odd K (byte loads), odd N, a
+    zero row (codes 0) and a row holding Inf (NaN outputs) included."""
     from qkernels.int8 import _cupy_gemv
     from qkernels.int8.ops import int8_linear_small_batch
-    if staged is True and rows * -(-in_f // 16) * 16 > 46 * 1024:
+    if kernel == "gemv_staged" and rows * -(-in_f // 16) * 16 > 46 * 1024:
         pytest.skip("x too large to stage in shared memory")
-    mma = staged == "mma"
-    if mma and in_f % 16:
+    if kernel == "gemv_mma" and in_f % 16:
         pytest.skip("the tensor-core form needs K % 16 == 0 (the dispatch sends the rest to dp4a)")
-    if mma:
-        staged = None
     torch.manual_seed(rows * 1000 + in_f + out_f)
     W = torch.randn(out_f, in_f, dtype=torch.float16)
     CB, SCB, _ = int8_vectorwise_quant(W, 0.0)
@@ -303,11 +422,10 @@ def test_gpu_small_batch_gemv_is_the_reference(dtype, rows, in_f, out_f, staged,
     xg, CBg, SCBg = x.cuda(), CB.cuda(), SCB.cuda()
     bg = None if bias is None else bias.cuda()
     assert _cupy_gemv.gemv_ok(xg, CBg, SCBg, bg)
-    got = _cupy_gemv.int8_linear_gemv_torch(xg, CBg, SCBg, bg, staged=staged,
-                                            mma=True if mma else (None if staged is None else False)).cpu()
+    got = _cupy_gemv.int8_linear_gemv_torch(xg, CBg, SCBg, bg, kernel=kernel).cpu()
     assert got.dtype == dtype and got.shape == (rows, out_f)
     torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True)
-    if staged is None and not mma:  # the layer's dispatch takes this kernel
+    if kernel is None:  # the layer's dispatch takes this kernel
         via_layer = int8_linear_small_batch(xg, CBg, SCBg, bg)
         assert via_layer is not None
         torch.testing.assert_close(via_layer.cpu(), ref, rtol=0, atol=0, equal_nan=True)
@@ -394,3 +512,24 @@ def test_gpu_threshold_forward_is_graph_safe(rows):
     gpu_y.backward(torch.ones_like(gpu_y))
     assert torch.allclose(gpu_y.cpu(), cpu_y, rtol=1e-5, atol=1e-4)
     assert torch.allclose(gpu.weight.grad.cpu(), train.weight.grad, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 5, 64, 300])
+def test_gpu_state_idx_records_the_outlier_columns(rows):
+    """bitsandbytes' ``state.idx`` after a threshold forward on CUDA: the fused small-batch
+    kernels and the large-batch route keep the columns on the device (no synchronization in
+    the forward); reading ``state.idx`` gives them, ascending, for the last input."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.manual_seed(0)
+    layer = Linear8bitLt(64, 48, has_fp16_weights=False, threshold=6.0).cuda()
+    x = torch.randn(rows, 64, device="cuda", dtype=torch.float16)
+    x[rows // 2, 41] = 9.0
+    x[0, 3] = -12.0
+    with torch.no_grad():
+        layer(x)
+    assert layer.state.idx.tolist() == [3, 41]
+    with torch.no_grad():
+        layer(torch.randn(rows, 64, device="cuda", dtype=torch.float16).clamp(-5, 5))
+    assert layer.state.idx.numel() == 0

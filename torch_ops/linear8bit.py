@@ -33,57 +33,33 @@ state_dict: ``weight`` (int8 CB), ``bias``, ``SCB`` (float32), ``weight_format``
 row-major); a float weight (has_fp16_weights, or not quantized yet) is saved as nn.Linear
 saves it. Loading accepts ``weight_format`` 0, "row" or no key; anything else is a
 ValueError. Missing/mismatched keys are reported by name and a failed load changes nothing.
+
+bitsandbytes' other attributes: ``layer.state`` is its MatmulLtState, read from the layer
+when asked (``qkernels.int8.matmul_lt``; ``state.idx`` holds the outlier columns of the last
+input where the forward saw them on the host: CPU weights; the CUDA kernels keep them on the
+device), so ``bnb.matmul(x, layer.weight, state=layer.state, bias=layer.bias)`` is the
+layer's forward. A plain float Parameter as the weight (a tied weight, e.g. an lm_head tied
+to an embedding) is computed with like a has_fp16_weights weight and saved as nn.Linear saves
+it; a checkpoint with SCB raises bitsandbytes' RuntimeError there.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch import nn
 
+from qkernels.int8.matmul_lt import MatMul8bitLt, MatmulLtState, RecordingInt8LinearPlan
 from qkernels.int8.ops import dequant_weight, prepare_int8_linear, quantize_weight
+from reference.int8 import check_threshold
 from ._checks import input_problem, refuse
-from ._layers import (LoadReport, apply_to_quantized_weight, check_bias, layer_keys, plain,
-                      tensor_bytes)
+from ._layers import (LoadReport, apply_to_quantized_weight, check_bias, install_bias, install_weight,
+                      layer_keys, plain, tensor_bytes)
 
 __all__ = ["Int8Params", "Linear8bitLt", "MatMul8bitLt"]
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
-
-
-class MatMul8bitLt(torch.autograd.Function):
-    """LLM.int8() matmul with gradients (module docstring). x (..., in); weight: the float
-    parameter (for dW) or None; CB int8 (out, in); SCB float32 (out,); bias (out,) or None;
-    plan: the layer's Int8LinearPlan in eager mode, None under torch.compile (the declared
-    op ``qkernels::int8_linear`` then runs the same forward)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, CB, SCB, bias, threshold, plan):
-        x2 = x.reshape(-1, x.shape[-1])
-        b = None if bias is None else bias.detach()
-        if plan is not None:
-            out = plan(x2, b)
-        else:
-            out = torch.ops.qkernels.int8_linear(x2, CB, SCB, b, threshold)
-        ctx.x_shape = x.shape
-        ctx.threshold = threshold
-        ctx.save_for_backward(CB, SCB, x2 if ctx.needs_input_grad[1] else None)
-        ctx.weight_dtype = None if weight is None else weight.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return out.reshape(*x.shape[:-1], CB.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad):
-        CB, SCB, x2 = ctx.saved_tensors
-        g2 = grad.reshape(-1, grad.shape[-1])
-        dx = dW = dbias = None
-        if ctx.needs_input_grad[0]:
-            dx = (g2 @ dequant_weight(CB, SCB).to(g2.dtype)).reshape(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            dW = torch.ops.qkernels.int8_weight_grad(g2, x2, ctx.threshold).to(ctx.weight_dtype)
-        if ctx.needs_input_grad[4]:
-            dbias = g2.sum(0).to(ctx.bias_dtype)
-        return dx, dW, None, None, dbias, None, None
 
 
 def _rebuild_int8params(data, requires_grad, attrs):
@@ -153,6 +129,10 @@ class Int8Params(nn.Parameter):
         if isinstance(out, Int8Params) or out is self:
             return out
         if not self.quantized:
+            if self.device.type == "meta" and out.device.type != "meta" and not self.has_fp16_weights:
+                # to_empty: an uninitialized int8 weight (CB, SCB) for a checkpoint to load into
+                CB = torch.empty(self.shape, dtype=torch.int8, device=out.device)
+                return self._rewrap(CB, CB=CB, SCB=torch.empty(self.shape[0], dtype=torch.float32, device=out.device))
             return self._rewrap(out)
         return self.to(out.device)
 
@@ -203,10 +183,22 @@ class Linear8bitLt(nn.Linear):
         self.weight = Int8Params(self.weight.data, has_fp16_weights=has_fp16_weights,
                                  requires_grad=has_fp16_weights)
         self._plan = None  # the weight's Int8LinearPlan (forward), made on first use
+        # MatmulLtState fields the layer does not derive (state.force_no_igemmlt, ...)
+        self._state_extra = {"use_pool": t > 0.0 and not has_fp16_weights}
 
     @property
     def has_fp16_weights(self) -> bool:
-        return self.weight.has_fp16_weights
+        """The weight's ``has_fp16_weights``; True for a plain float Parameter (a tied weight)."""
+        return getattr(self.weight, "has_fp16_weights", True)
+
+    @property
+    def state(self) -> "MatmulLtState":
+        """bitsandbytes' ``Linear8bitLt.state``: a MatmulLtState that reads the layer as it is
+        now (CB / SCB of the int8 weight, threshold, has_fp16_weights, is_training = the
+        layer's training mode, idx = the outlier columns of the last input where the forward
+        recorded them: host weights). Setting ``state.threshold`` sets the layer's threshold;
+        the other fields bitsandbytes has are kept with the layer. Nothing is copied per forward."""
+        return _LayerState(self)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **options) -> "Linear8bitLt":
@@ -224,30 +216,41 @@ class Linear8bitLt(nn.Linear):
             layer.to(linear.weight.device)
         return layer
 
+    def __getstate__(self):
+        """Pickle and deepcopy leave the plan out (it holds device launches; it is made again on
+        the first forward) and keep the outlier columns it recorded (``state.idx``)."""
+        state = dict(self.__dict__)
+        cols = getattr(state.get("_plan"), "cols", None)
+        if cols is not None:
+            state["_state_extra"] = {**(state.get("_state_extra") or {}), "idx": cols}
+        state["_plan"] = None
+        return state
+
     def _apply(self, fn, recurse=True):
         self._plan = None  # a move makes new pointers
         return apply_to_quantized_weight(self, fn, recurse, super()._apply)
 
-    def _prepare(self):
+    def _prepare(self, fp16: bool):
         """The Int8LinearPlan of the current int8 weight (and threshold), made again whenever
-        the weight's data, its SCB, its version (has_fp16_weights) or the threshold changed."""
+        the weight's data, its SCB, its version (fp16: a float weight) or the threshold changed."""
         w = self.weight
-        if w.has_fp16_weights:
+        if fp16:
             key = (w._version, w.data_ptr(), w.device, w.dtype, self.threshold)
             plan = self._plan
             if plan is None or plan.key != key:
                 with torch.no_grad():
                     CB, SCB = quantize_weight(w)
-                plan = self._plan = prepare_int8_linear(CB, SCB, self.threshold, key=key)
+                plan = self._plan = _make_plan(CB, SCB, self.threshold, key)
             return plan
         CB, SCB = w.synced()
-        self._plan = prepare_int8_linear(CB, SCB, self.threshold, key=(w.data_ptr(), id(w.SCB), self.threshold))
+        self._plan = _make_plan(CB, SCB, self.threshold, (w.data_ptr(), id(w.SCB), self.threshold))
         return self._plan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
+        fp16 = getattr(w, "has_fp16_weights", True)  # a plain Parameter (a tied weight) is a float weight
         problem = input_problem(x, self.in_features, w, "Linear8bitLt")
-        if problem is None and not w.has_fp16_weights and not w.quantized:
+        if problem is None and not fp16 and not w.quantized:
             problem = ("RuntimeError", "Linear8bitLt: the weight is not quantized yet; it is quantized "
                        "when the layer is moved to a device (layer.to(device), .cuda(), .cpu()) or "
                        "loaded from an int8 checkpoint")
@@ -255,14 +258,14 @@ class Linear8bitLt(nn.Linear):
             return refuse(problem, x, self.out_features)
         bias = self.bias
         if torch.compiler.is_compiling():
-            if w.has_fp16_weights:  # quantized in the graph (no cache to go stale)
+            if fp16:  # quantized in the graph (no cache to go stale)
                 CB, SCB = torch.ops.qkernels.int8_quantize_weight(w.detach())
                 return MatMul8bitLt.apply(x, w, CB, SCB, bias, self.threshold, None)
             return MatMul8bitLt.apply(x, None, w, w.SCB, bias, self.threshold, None)
         plan = self._plan
-        if w.has_fp16_weights or plan is None or plan.key != (w.data_ptr(), id(w.SCB), self.threshold):
-            plan = self._prepare()
-        weight = w if w.has_fp16_weights else None
+        if fp16 or plan is None or plan.key != (w.data_ptr(), id(w.SCB), self.threshold):
+            plan = self._prepare(fp16)
+        weight = w if fp16 else None
         if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                         or (bias is not None and bias.requires_grad)):
             return MatMul8bitLt.apply(x, weight, plan.CB, plan.SCB, bias, self.threshold, plan)
@@ -272,7 +275,8 @@ class Linear8bitLt(nn.Linear):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         w = self.weight
-        if not w.has_fp16_weights and w.quantized:
+        # a plain Parameter (a tied weight) saves as nn.Linear does: no SCB, no weight_format
+        if not self.has_fp16_weights and w.quantized:
             CB, SCB = w.synced()
             destination[prefix + "weight"] = w if keep_vars else CB
             destination[prefix + "SCB"] = SCB
@@ -281,6 +285,11 @@ class Linear8bitLt(nn.Linear):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         sd = layer_keys(state_dict, prefix)
+        if "SCB" in sd and not isinstance(self.weight, Int8Params):
+            # a tied weight is the other module's float Parameter: int8 codes cannot go there
+            raise RuntimeError(f"{prefix}SCB: Loading a quantized checkpoint into non-quantized Linear8bitLt "
+                               "is not supported: this layer's weight is a plain float Parameter (a tied "
+                               "weight), not an Int8Params")
         _check_weight_format(sd.get("weight_format"), prefix)
         report = LoadReport(prefix)
         new_weight = self._checked_weight(sd, report)
@@ -289,14 +298,17 @@ class Linear8bitLt(nn.Linear):
         report.hand_over(missing_keys, unexpected_keys, error_msgs)
         if not report.ok():
             return
+        assign = local_metadata.get("assign_to_params_buffers", False)
         with torch.no_grad():
             if isinstance(new_weight, Int8Params):
-                self.weight.data = new_weight.data
-                self.weight.__dict__.update(new_weight.__dict__)
-            elif new_weight is not None:
-                self.weight.copy_(new_weight)
+                install_weight(self, new_weight, assign)
+            elif new_weight is not None:   # a float weight (has_fp16_weights)
+                if assign or self.weight.device.type == "meta":
+                    install_weight(self, self.weight._rewrap(new_weight.detach()), assign=True)
+                else:
+                    self.weight.copy_(new_weight)
             if new_bias is not None:
-                self.bias.copy_(new_bias)
+                install_bias(self, new_bias, assign)
         self._plan = None
 
     def _checked_weight(self, sd: dict, report: LoadReport):
@@ -325,7 +337,7 @@ class Linear8bitLt(nn.Linear):
                              f"{SCB.dtype} {tuple(SCB.shape)}")
                 return None
             CB, SCB = data.detach().to(device), SCB.detach().to(device, torch.float32)
-            if w.has_fp16_weights:
+            if self.has_fp16_weights:
                 return dequant_weight(CB.contiguous(), SCB).to(w.dtype)
             return w._rewrap(CB, CB=CB, SCB=SCB)
         if data.dtype not in _FLOAT:
@@ -333,18 +345,19 @@ class Linear8bitLt(nn.Linear):
             return None
         if "SCB" in sd:
             report.unexpected.append("SCB")
-        if w.has_fp16_weights:
+        if self.has_fp16_weights:
             return data.detach()
         fresh = w._rewrap(data.detach().to(device), CB=None, SCB=None)
-        return fresh.to(device) if w.quantized else fresh
+        # quantized on load into a quantized layer, or one built on meta (its weight exists now)
+        return fresh.to(device) if w.quantized or w.device.type == "meta" else fresh
 
     def quantized_bytes(self) -> int:
         """Bytes held by the weight (CB + SCB, or the float weight), excluding the bias."""
         w = self.weight
-        return tensor_bytes(w, w.SCB) if w.quantized else tensor_bytes(w)
+        return tensor_bytes(w, w.SCB) if getattr(w, "quantized", False) else tensor_bytes(w)
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", has_fp16_weights={self.weight.has_fp16_weights}, "
+        return (super().extra_repr() + f", has_fp16_weights={self.has_fp16_weights}, "
                 f"threshold={self.threshold}")
 
 
@@ -361,3 +374,105 @@ def _check_weight_format(fmt, prefix: str) -> None:
         return
     raise ValueError(f"{prefix}weight_format: only row-major weights are supported (0 or 'row'); "
                      f"got {fmt!r}")
+
+
+def _make_plan(CB: torch.Tensor, SCB: torch.Tensor, threshold: float, key):
+    """The layer's plan: an Int8LinearPlan, or for a host weight with threshold > 0 the kind
+    that keeps the outlier columns of its last input (``state.idx``; free on the CPU route)."""
+    if threshold > 0.0 and CB.device.type == "cpu":
+        return RecordingInt8LinearPlan(CB, SCB, threshold, key=key)
+    return prepare_int8_linear(CB, SCB, threshold, key=key)
+
+
+_STATE_SETTINGS = ("threshold", "has_fp16_weights", "is_training", "use_pool", "has_accumulated_gradients")
+
+
+def _state_from_values(values: dict) -> MatmulLtState:
+    """A plain MatmulLtState with these field and setting values (a layer state's snapshot)."""
+    fields = {f.name for f in dataclasses.fields(MatmulLtState)}
+    state = MatmulLtState(**{k: v for k, v in values.items() if k in fields})
+    for name in _STATE_SETTINGS:
+        setattr(state, name, values[name])
+    return state
+
+
+def _extra_field(name: str, default=None):
+    """A MatmulLtState field that Linear8bitLt.state keeps in the layer's ``_state_extra``."""
+    def get(self):
+        extra = self._layer.__dict__.get("_state_extra") or {}
+        return extra.get(name, default(self._layer) if callable(default) else default)
+
+    def set(self, value):
+        self._layer.__dict__.setdefault("_state_extra", {})[name] = value
+
+    return property(get, set, doc=f"MatmulLtState.{name}, kept with the layer")
+
+
+class _LayerState(MatmulLtState):
+    """``Linear8bitLt.state``: the layer's MatmulLtState, read from the layer when asked (no
+    copy per forward). A MatmulLtState (isinstance, fields, equality, ``matmul``'s
+    ``state=``); copying or pickling it gives a plain MatmulLtState snapshot."""
+
+    def __init__(self, layer: "Linear8bitLt"):
+        object.__setattr__(self, "_layer", layer)
+
+    def _int8(self, i: int):
+        layer = self._layer
+        w = layer.weight
+        if getattr(w, "quantized", False) and not layer.has_fp16_weights:
+            return w.synced()[i]
+        set_here = (layer.__dict__.get("_state_extra") or {}).get("SCB" if i else "CB")
+        if set_here is not None:
+            return set_here
+        plan = layer.__dict__.get("_plan")  # has_fp16_weights: the int8 copy of the last forward
+        return None if plan is None else (plan.SCB if i else plan.CB)
+
+    CB = property(lambda self: self._int8(0), _extra_field("CB").fset,
+                  doc="int8 (out, in) codes of the weight (bitsandbytes' state.CB)")
+    SCB = property(lambda self: self._int8(1), _extra_field("SCB").fset,
+                   doc="float32 (out,) row absmax of the weight (bitsandbytes' state.SCB)")
+
+    @property
+    def idx(self):
+        """int64 outlier columns of the last input, where the layer's forward recorded them."""
+        cols = getattr(self._layer.__dict__.get("_plan"), "cols", None)
+        return cols if cols is not None else (self._layer.__dict__.get("_state_extra") or {}).get("idx")
+
+    @idx.setter
+    def idx(self, value):
+        self._layer.__dict__.setdefault("_state_extra", {})["idx"] = value
+
+    @property
+    def threshold(self) -> float:
+        return self._layer.threshold
+
+    @threshold.setter
+    def threshold(self, value):
+        self._layer.threshold = check_threshold(value)
+
+    has_fp16_weights = property(lambda self: self._layer.has_fp16_weights,
+                                doc="the weight's has_fp16_weights (set it on the weight)")
+    is_training = property(lambda self: self._layer.training, doc="the layer's training mode")
+
+    force_no_igemmlt = _extra_field("force_no_igemmlt", False)
+    SB = _extra_field("SB")
+    SBt = _extra_field("SBt")
+    CBt = _extra_field("CBt")
+    subB = _extra_field("subB")
+    outlier_pool = _extra_field("outlier_pool")
+    has_accumulated_gradients = _extra_field("has_accumulated_gradients", False)
+    use_pool = _extra_field("use_pool", lambda layer: layer.threshold > 0.0 and not layer.has_fp16_weights)
+
+    def _values(self) -> dict:
+        names = [f.name for f in dataclasses.fields(MatmulLtState)] + list(_STATE_SETTINGS)
+        return {name: getattr(self, name) for name in names}
+
+    def snapshot(self) -> MatmulLtState:
+        """A plain MatmulLtState with this one's values now."""
+        return _state_from_values(self._values())
+
+    def __reduce_ex__(self, protocol):
+        return _state_from_values, (self._values(),)
+
+    def __repr__(self) -> str:
+        return repr(self.snapshot())

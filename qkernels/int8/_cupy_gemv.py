@@ -189,6 +189,7 @@ class PreparedWeight8bit:
         self.aligned = self.K % 16 == 0 and CB.data_ptr() % 16 == 0
         self._cb, self._scb = CB.data_ptr(), SCB.data_ptr()
         self._launches: dict = {}
+        self.last_ws = None  # forward_outliers' last workspace (its outlier columns: last_outlier_cols)
         self._routes: dict = {}
         self._row_quant_ctas: dict = {}
 
@@ -290,7 +291,7 @@ class PreparedWeight8bit:
         # workspace: flags u8 (cpad) | count int32 (16 bytes) | idx int64 (K,) | stats f32 (M,) | q int8 (M, K)
         cpad = -(-K // 16) * 16
         zeroed = cpad + 16 + 8 * K
-        ws = x.new_empty((zeroed + 4 * M + 16 + M * K,), dtype=torch.uint8)
+        ws = self.last_ws = x.new_empty((zeroed + 4 * M + 16 + M * K,), dtype=torch.uint8)
         flags = ws.data_ptr()
         memset_async(flags, zeroed, stream)
         count, idx = flags + cpad, flags + cpad + 16
@@ -304,6 +305,17 @@ class PreparedWeight8bit:
         gemv.launch(stream, xp, q, stats, 0 if bias is None else bias.data_ptr(), out.data_ptr(), M,
                     x_vec_ok, idx, count, smem=0)
         return out
+
+    def last_outlier_cols(self):
+        """The outlier columns (int64 (count,), ascending) of the last ``forward_outliers``
+        input, copied out of its workspace (reads the count: one host synchronization)."""
+        import torch
+        ws = self.last_ws
+        if ws is None:
+            return None
+        cpad = -(-self.K // 16) * 16
+        count = int(ws[cpad:cpad + 4].view(torch.int32).item())
+        return ws[cpad + 16:cpad + 16 + 8 * self.K].view(torch.int64)[:count].clone()
 
     def _row_quant(self, dtype: str, nv: int):
         """row_quant<dtype, float32, nv, THRESH> for rows of K values: its launch, and in

@@ -106,16 +106,23 @@ def _gemm_dequant(CA, CB, SCA, SCB, bias, out_dtype: torch.dtype) -> Tensor:
     return _cupy.int8_matmul_dequant_torch(CA.contiguous(), CB.contiguous(), SCA, SCB, b, out_dtype=out_dtype)
 
 
-def _forward(x2: Tensor, CB: Tensor, SCB: Tensor, bias: Optional[Tensor], threshold: float) -> Tensor:
-    """The forward by the general route (module docstring), any size, any device."""
+def _forward(x2: Tensor, CB: Tensor, SCB: Tensor, bias: Optional[Tensor], threshold: float,
+             kept: Optional[dict] = None) -> Tensor:
+    """The forward by the general route (module docstring), any size, any device. ``kept``:
+    a dict that receives "cols", the outlier columns (threshold > 0) as an int64 tensor or
+    as (idx, count) still on the device (idx[:count]; nothing is synchronized here)."""
     if threshold <= 0:
         out = int8_linear_small_batch(x2, CB, SCB, bias)
     else:
         fused = int8_linear_outliers(x2, CB, SCB, bias, threshold)
         out = None if fused is None else fused[0]
+        if fused is not None and kept is not None:
+            kept["cols"] = fused[1:]
     if out is not None:
         return out
     CA, SCA, cols = _quantize_rows(x2, threshold)
+    if kept is not None:
+        kept["cols"] = cols
     if cols is None or cols.numel() == 0:
         return _gemm_dequant(CA, CB, SCA, SCB, bias, x2.dtype)
     out = _gemm_dequant(CA, CB, SCA, SCB, bias, torch.float32)
@@ -138,6 +145,7 @@ class Int8LinearPlan:
         self.threshold = float(threshold)
         self.key = key
         self._cuda = None
+        self._kept: dict = {}  # "cols": the last input's outlier columns, in some form (see cols)
         if takes_cuda_path(CB):
             from ._cupy_gemv import PreparedWeight8bit
             cuda = PreparedWeight8bit(CB, SCB, hold=hold)
@@ -160,10 +168,25 @@ class Int8LinearPlan:
                 with on_torch_device(device):
                     if self.threshold <= 0:
                         return cuda.forward(x, M, bias, stream)
+                    self._kept["cols"] = cuda  # its last workspace holds the columns
                     return cuda.forward_outliers(x, M, bias, self.threshold, stream)
         x2 = x.reshape(-1, self.K)
-        out = _forward(x2, self.CB, self.SCB, bias, self.threshold)
+        out = _forward(x2, self.CB, self.SCB, bias, self.threshold, self._kept if self.threshold > 0 else None)
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.N)
+
+
+    @property
+    def cols(self) -> Optional[Tensor]:
+        """The outlier columns (int64, ascending) of the last input, threshold > 0 (bitsandbytes'
+        ``state.idx``); None before the first call. Reading them on CUDA waits for that call
+        (one host synchronization), which the forward itself never does."""
+        kept = self._kept.get("cols")
+        if kept is None or isinstance(kept, Tensor):
+            return kept
+        if isinstance(kept, tuple):
+            idx, count = kept
+            return idx[: int(count.item())]
+        return kept.last_outlier_cols()
 
 
 def prepare_int8_linear(CB: Tensor, SCB: Tensor, threshold: float, key=None) -> Int8LinearPlan:
