@@ -250,3 +250,79 @@ def test_fsdp2_two_ranks_match_single_process(tmp_path):
             assert absmax_numel * WORLD == w.absmax.numel()
             half = w.shape[0] // WORLD
             assert torch.equal(rows, w.dequantize()[rank * half:(rank + 1) * half])
+
+
+# --- FSDP1 (FullyShardedDataParallel), two processes over gloo ---------------------------------
+
+def _qlora_model(quant_type, seed=0):
+    """bitsandbytes' tests/fsdp_state_dict_save.py model: a frozen 4-bit base and an adapter."""
+    torch.manual_seed(seed)
+    model = nn.ModuleDict({"base": Linear4bit(64, 64, bias=False, quant_type=quant_type),
+                           "adapter": nn.Linear(64, 64, bias=False)}).to("cpu")
+    model.base.weight.requires_grad_(False)
+    return model
+
+
+def _flat_model(seed=0):
+    """NF4 with bfloat16 quant_storage (what FSDP1 can flatten and shard) and a bf16 Linear."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(LinearNF4(64, 64, quant_storage=torch.bfloat16, compute_dtype=torch.bfloat16),
+                          nn.Linear(64, 32)).to("cpu").to(torch.bfloat16)
+    model.requires_grad_(False)
+    return model
+
+
+def _fsdp1_worker(rank, port, path):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    try:
+        cpu = torch.device("cpu")
+        result = {}
+        # bitsandbytes' fsdp_state_dict_save: the frozen uint8 base is ignored by FSDP; the full
+        # state_dict walks "base.weight.absmax" etc. by getattr (Params4bit's accessors).
+        # cpu_offload=True (bitsandbytes' script, on CUDA) is left out: on CPU with two ranks
+        # torch itself crashes there, with or without 4-bit layers (torch 2.13)
+        for quant_type in ("nf4", "fp4"):
+            model = _qlora_model(quant_type)
+            fsdp = FSDP(model, device_id=cpu, ignored_states=list(model.base.parameters()),
+                        use_orig_params=True)
+            options = StateDictOptions(full_state_dict=True)
+            result[quant_type] = get_model_state_dict(fsdp, options=options)
+        # FSDP1 shards the flattened bf16 payload and hands the layer plain views in forward
+        x = torch.randn(3, 64, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(2))
+        for use_orig_params in (True, False):
+            fsdp = FSDP(_flat_model(), device_id=cpu, use_orig_params=use_orig_params)
+            result[f"forward_{use_orig_params}"] = [fsdp(x).detach().clone() for _ in range(2)]
+        gathered = [None] * WORLD
+        dist.all_gather_object(gathered, result)
+        if rank == 0:
+            torch.save(gathered, path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp1_state_dict_save_and_sharded_forward(tmp_path):
+    import torch.multiprocessing as mp
+    from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: F401  before the fork
+    path = os.path.join(tmp_path, "fsdp1.pt")
+    mp.start_processes(_fsdp1_worker, args=(_free_port(), path), nprocs=WORLD, join=True,
+                       start_method="fork")
+    per_rank = torch.load(path, weights_only=False)
+    x = torch.randn(3, 64, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = _flat_model()(x)
+    for res in per_rank:
+        for quant_type in ("nf4", "fp4"):
+            sd = res[quant_type]
+            ref = _qlora_model(quant_type).state_dict()
+            assert set(sd) == set(ref), (sorted(sd), sorted(ref))
+            assert {"base.weight", "base.weight.absmax", "base.weight.quant_map",
+                    f"base.weight.quant_state.bitsandbytes__{quant_type}", "adapter.weight"} <= set(sd)
+            for key, value in ref.items():
+                assert torch.equal(sd[key], value), key
+        for use_orig_params in (True, False):
+            for y in res[f"forward_{use_orig_params}"]:
+                assert torch.equal(y, expected)

@@ -49,7 +49,8 @@ from torch import nn
 
 from reference.state import QuantState
 from ._checks import check_linear_input
-from .linear4bit import Linear4bit, Params4bit, _fourbit, matmul_4bit
+from qkernels.fourbit.ops import matmul_4bit_op
+from .linear4bit import Linear4bit, Params4bit, _fourbit
 from ._layers import plain
 
 __all__ = ["Shardable4bitWeight", "prepare_for_fsdp", "linear_forward"]
@@ -417,4 +418,4 @@ def linear_forward(layer: Linear4bit, x: torch.Tensor) -> torch.Tensor:
     if bias is not None and bias.device.type == "cpu":
         bias = bias.clone()  # FSDP2 may resize the bias storage: keep NumPy off it (as_packed_state)
     packed, state = w.as_packed_state()
-    return matmul_4bit(x.to(cd), packed, state, bias).to(x.dtype)
+    return matmul_4bit_op(x.to(cd), packed, state, bias).to(x.dtype)

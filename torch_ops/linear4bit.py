@@ -19,17 +19,19 @@ keys bitsandbytes writes, so checkpoints (torch.save or safetensors) go both way
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import torch
 from torch import nn
 
-from qkernels.fourbit.ops import prepare_matmul_4bit, state_tensors
+from qkernels.fourbit import matmul_4bit  # bitsandbytes' bnb.matmul_4bit; differentiable for torch
+from qkernels.fourbit.ops import matmul_4bit_op, prepare_matmul_4bit
 from reference import fourbit as ref4
 from reference.state import QuantState
-from ._checks import input_problem, refuse
-from ._layers import (LoadReport, apply_to_quantized_weight, check_bias, layer_keys, move_state,
-                      plain, state_device, tensor_bytes)
+from ._checks import check_linear_input, input_problem, refuse
+from ._layers import (LoadReport, apply_to_quantized_weight, check_bias, install_bias, install_weight,
+                      layer_keys, move_state, plain, state_device, tensor_bytes)
 
 __all__ = ["Params4bit", "Linear4bit", "LinearNF4", "LinearFP4", "matmul_4bit"]
 
@@ -51,6 +53,10 @@ def _rebuild_params4bit(data, requires_grad, attrs):
     return Params4bit(data, requires_grad, **attrs)
 
 
+_PIECEWISE = {torch.chunk, torch.split, torch.Tensor.chunk, torch.Tensor.split}
+_PLAIN_VIEWS = torch._C.DisableTorchFunctionSubclass  # a Params4bit read as a plain tensor
+
+
 class Params4bit(nn.Parameter):
     """A 4-bit weight: a torch.nn.Parameter over the packed payload carrying its QuantState.
 
@@ -64,7 +70,9 @@ class Params4bit(nn.Parameter):
     / ``.cpu()`` quantize it there (bnb_quantized becomes True, data becomes packed uint8
     ``(ceil(n/2), 1)`` or quant_storage). On a quantized weight they move the bytes and
     the state and ignore any dtype (the payload is codes, not numbers). A quantized weight
-    is frozen: ``requires_grad_(True)`` raises.
+    is frozen: ``requires_grad_(True)`` raises. bitsandbytes' readers of the state (``absmax``,
+    ``code``, ``quant_map``, ``nested_*``, ...) are properties; ``torch.chunk`` / ``torch.split``
+    give Params4bit pieces with the same attributes (other ops give plain tensors).
     """
 
     def __new__(cls, data=None, requires_grad=False, quant_state=None, blocksize=None,
@@ -86,13 +94,38 @@ class Params4bit(nn.Parameter):
         return self
 
     # -- bitsandbytes' accessors ----------------------------------------------------------
-    @property
-    def absmax(self):
-        return None if self.quant_state is None else self.quant_state.absmax
+    # The QuantState's fields under their state_dict key names ("weight.absmax", ...):
+    # FSDP's state_dict code resolves a key by getattr along its dotted path. Properties, not
+    # __getattr__, so that torch.compile traces them. AttributeError while not quantized.
+    def _state_field(self, name: str, nested: bool = False):
+        state = self.__dict__.get("quant_state")
+        if state is None or (nested and state.state2 is None):
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}' "
+                                 f"({'not quantized yet' if state is None else 'no nested state'})")
+        return state.state2 if nested else state
 
-    @property
-    def code(self):
-        return None if self.quant_state is None else self.quant_state.code
+    absmax = property(lambda self: self._state_field("absmax").absmax)
+    code = property(lambda self: self._state_field("code").code)
+    quant_map = property(lambda self: self._state_field("quant_map").code)
+    offset = property(lambda self: self._state_field("offset").offset)
+    state2 = property(lambda self: self._state_field("state2").state2)
+    nested_absmax = property(lambda self: self._state_field("nested_absmax", True).absmax)
+    nested_quant_map = property(lambda self: self._state_field("nested_quant_map", True).code)
+    nested_blocksize = property(lambda self: self._state_field("nested_blocksize", True).blocksize)
+    nested_dtype = property(lambda self: self._state_field("nested_dtype", True).dtype)
+    nested_offset = property(lambda self: self._state_field("nested_offset").offset)
+
+    # -- views that stay 4-bit weights -----------------------------------------------------
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """torch.chunk / torch.split (and their Tensor methods) return Params4bit pieces that
+        carry this weight's attributes, quant_state included (FSDP2 shards a parameter with
+        them, as bitsandbytes); every other op gives plain tensors, as for nn.Parameter."""
+        result = super().__torch_function__(func, types, args, kwargs or {})
+        if func in _PIECEWISE and isinstance(args[0], Params4bit):
+            attrs = args[0].__dict__
+            return tuple(Params4bit(piece, piece.requires_grad, **attrs) for piece in result)
+        return result
 
     @classmethod
     def from_prequantized(cls, data: torch.Tensor, quantized_stats: dict, requires_grad=False,
@@ -104,6 +137,8 @@ class Params4bit(nn.Parameter):
                    blocksize=state.blocksize, compress_statistics=state.nested,
                    quant_type=state.quant_type, quant_storage=data.dtype, module=module,
                    bnb_quantized=True, **kwargs)
+        if isinstance(module, Linear4bit):
+            module.quant_state = self.quant_state  # the layer's record (Linear4bit._forward_other)
         return self
 
     # -- moving and quantizing ------------------------------------------------------------
@@ -151,8 +186,32 @@ class Params4bit(nn.Parameter):
         if isinstance(out, Params4bit) or out is self:
             return out
         if not self.bnb_quantized:
+            if self.device.type == "meta" and out.device.type != "meta":   # to_empty
+                return self._empty_quantized(out.device)
             return self._rewrap(out)
         return self.to(out.device)
+
+    def _empty_quantized(self, device) -> "Params4bit":
+        """What ``to_empty(device)`` makes of a meta-device weight: a quantized weight on
+        ``device`` with the layout quantization would give (packed bytes, absmax, nested
+        state; the codebooks filled in) and undefined payload and scales, ready for a
+        checkpoint to be loaded into it. Nothing is quantized: O(1) work, not O(n)."""
+        import dataclasses
+        out_f, in_f = self.shape
+        n = out_f * in_f
+        probe = self._rewrap(torch.zeros(1, self.blocksize, dtype=self.dtype, device=device))._quantize(device)
+        s = probe.quant_state
+        nblocks = -(-n // self.blocksize)
+        state2 = None
+        if s.state2 is not None:
+            s2 = s.state2
+            state2 = dataclasses.replace(s2, absmax=torch.empty(-(-nblocks // s2.blocksize), dtype=s2.absmax.dtype,
+                                                                device=device))
+        state = dataclasses.replace(s, absmax=torch.empty(nblocks, dtype=s.absmax.dtype, device=device),
+                                    shape=(out_f, in_f), state2=state2)
+        nbytes = (n + 1) // 2   # two codes a byte, padded to whole quant_storage elements
+        packed = torch.empty(-(-nbytes // probe.element_size()), 1, dtype=probe.dtype, device=device)
+        return self._rewrap(packed, quant_state=state, bnb_quantized=True)
 
     def synced_state(self) -> QuantState:
         """The QuantState on the payload's device (moved, and kept, if a bare ``.data``
@@ -190,16 +249,6 @@ _FROZEN = ("backward into a frozen quantized weight: Linear4bit.weight holds pac
            "has no gradient; keep weight.requires_grad=False and train adapters (torch_ops.LoRA)")
 
 
-def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias=None) -> torch.Tensor:
-    """``x @ dequantize_4bit(packed, state).T + bias`` through the declared op
-    ``torch.ops.qkernels.matmul_4bit`` (qkernels/fourbit/ops.py): traceable by torch.compile,
-    gradients to x and bias. x (..., in) in the compute dtype; packed: a weight stored (out,
-    in); bias (out,) in x's dtype or None."""
-    absmax, code, code2, absmax2, offset = state_tensors(state, x.device)
-    return torch.ops.qkernels.matmul_4bit(x, packed, absmax, code, code2, absmax2, offset, bias,
-                                          state.blocksize, state.quant_type, state.shape[0])
-
-
 class _PlannedMatmul4bit(torch.autograd.Function):
     """The eager forward with gradients (QLoRA): ``plan(x, bias)``; backward ``dx = grad @ W``
     (W dequantized in grad's dtype), ``dbias = sum(grad)``; the frozen weight gets none."""
@@ -227,7 +276,9 @@ class Linear4bit(nn.Linear):
     is None (following each input; bitsandbytes fixes it from the first); the fused small-
     batch kernel accumulates in float32 on CUDA, the CPU path is the NumPy reference
     (float32). Gradients reach the input (QLoRA); the bias is trainable and never cast in
-    place. Quantization happens on move to a device (module docstring).
+    place. Quantization happens on move to a device (module docstring). ``quant_state``: the
+    weight's QuantState as this layer last saw it (bitsandbytes' attribute); a weight that
+    lost its state (FSDP) is used with it.
     """
 
     def __init__(self, input_features, output_features, bias=True, compute_dtype=None,
@@ -245,6 +296,7 @@ class Linear4bit(nn.Linear):
                                  quant_storage=quant_storage)
         self.compute_dtype = compute_dtype
         self.quant_storage = quant_storage
+        self.quant_state = None  # the weight's QuantState, recorded when quantized (_forward_other)
         self._warned_f32 = False
         self._plan = None  # the weight's Matmul4bitPlan (forward), made on first use
 
@@ -263,14 +315,24 @@ class Linear4bit(nn.Linear):
 
     def _apply(self, fn, recurse=True):
         self._plan = None  # a move makes new pointers
-        return apply_to_quantized_weight(self, fn, recurse, super()._apply)
+        out = apply_to_quantized_weight(self, fn, recurse, super()._apply)
+        self._record_state()
+        return out
+
+    def _record_state(self) -> None:
+        state = getattr(self.weight, "__dict__", {}).get("quant_state")
+        if state is not None:
+            self.quant_state = state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if not isinstance(w, Params4bit):  # converted by torch_ops.fsdp4bit.prepare_for_fsdp
-            from .fsdp4bit import linear_forward
-            return linear_forward(self, x)
-        problem = input_problem(x, self.in_features, w, type(self).__name__)
+        if not isinstance(w, Params4bit):  # FSDP: see _forward_other
+            return self._forward_other(x, w)
+        compiling = torch.compiler.is_compiling()
+        with _PLAIN_VIEWS():  # w read as a plain tensor: Params4bit.__torch_function__ costs ~1 us a read
+            problem = input_problem(x, self.in_features, w, type(self).__name__)
+            key = None if compiling else (w.data_ptr(), id(w.quant_state))
+            frozen_grad = w.requires_grad
         if problem is None and not w.bnb_quantized:
             problem = ("RuntimeError", f"{type(self).__name__}: the weight is not quantized yet; it "
                        "is quantized when the layer is moved to a device (layer.to(device), .cuda(), "
@@ -279,20 +341,20 @@ class Linear4bit(nn.Linear):
             return refuse(problem, x, self.out_features)
         cd = self.compute_dtype or x.dtype
         if cd == torch.float32 and x.dtype != torch.float32 and not self._warned_f32:
-            self._warn_f32(x.dtype)
+            self._warn_f32(x)
         bias = self.bias
         if bias is not None and bias.dtype != cd:
             bias = bias.to(cd)
         xc = x if x.dtype == cd else x.to(cd)
-        if torch.compiler.is_compiling():
-            out = matmul_4bit(xc, w, w.quant_state, bias)
+        if compiling:
+            out = matmul_4bit_op(xc, w, w.quant_state, bias)
         else:
             plan = self._plan
-            if plan is None or plan.key != (w.data_ptr(), id(w.quant_state)):
+            if plan is None or plan.key != key:
                 plan = self._prepare()
             if torch.is_grad_enabled() and (xc.requires_grad or (bias is not None and bias.requires_grad)
-                                            or w.requires_grad):
-                if w.requires_grad:
+                                            or frozen_grad):
+                if frozen_grad:
                     raise RuntimeError(_FROZEN)
                 out = _PlannedMatmul4bit.apply(xc, bias, plan)
             else:
@@ -303,15 +365,47 @@ class Linear4bit(nn.Linear):
         """The weight's Matmul4bitPlan (launch arguments for its current device and bytes),
         made once and again whenever the weight's data or state object changed."""
         w = self.weight
+        if w.quant_state is None and self.quant_state is not None:
+            # the parameter lost its state (FSDP's parameter handling; bitsandbytes restores
+            # it from the layer the same way): the bytes are the ones quantized with it
+            w.quant_state = self.quant_state
         state = w.synced_state()
+        if state is None:
+            raise RuntimeError(f"{type(self).__name__}: the weight is marked quantized but has no "
+                               "quant_state; load a quantized checkpoint or quantize it again")
         self._plan = prepare_matmul_4bit(plain(w), state, key=(w.data_ptr(), id(w.quant_state)))
+        self.quant_state = state
         return self._plan
 
+    def _forward_other(self, x: torch.Tensor, w) -> torch.Tensor:
+        """The forward when ``weight`` is not a Params4bit: a Shardable4bitWeight from
+        torch_ops.fsdp4bit.prepare_for_fsdp (FSDP2), or the packed bytes as a plain tensor or
+        parameter, as FSDP1 hands them to the layer after flattening them (quant_storage
+        float16 / bfloat16 / float32 lets it shard them): those are used with the state this
+        layer recorded when it was quantized (bitsandbytes rewraps them the same way; here
+        the module's parameter is left as FSDP set it). Through the declared op."""
+        from .fsdp4bit import Shardable4bitWeight, linear_forward
+        if isinstance(w, Shardable4bitWeight):
+            return linear_forward(self, x)
+        state, name = self.quant_state, type(self).__name__
+        if not isinstance(w, torch.Tensor) or state is None or tuple(w.shape[1:]) != (1,):
+            raise TypeError(f"{name}.weight is a {type(w).__name__}; expected a Params4bit (or "
+                            "the packed bytes of the layer's quantized weight)")
+        check_linear_input(x, self.in_features, w, name)
+        cd = self.compute_dtype or x.dtype
+        bias = None if self.bias is None else self.bias.to(cd)
+        return matmul_4bit_op(x.to(cd), w.detach(), state, bias).to(x.dtype)
+
     @torch.compiler.disable
-    def _warn_f32(self, dtype):
-        warnings.warn(f"{type(self).__name__}: compute_dtype=torch.float32 with {dtype} input "
-                      "runs a slow float32 matmul; leave compute_dtype=None to follow the "
-                      "input", stacklevel=3)
+    def _warn_f32(self, x: torch.Tensor):
+        """bitsandbytes' warning for float32 compute on 16-bit input, once per process for each
+        message (as bitsandbytes: a warnings filter ignores repeats of that message)."""
+        use = "inference." if x.numel() == x.shape[-1] else "inference or training speed."
+        message = (f"Input type into {type(self).__name__} is {x.dtype}, but compute_dtype="
+                   f"torch.float32: the 4-bit matmul runs in float32. This will lead to slow {use} "
+                   "Leave compute_dtype=None to follow the input's dtype.")
+        warnings.warn(message, UserWarning, stacklevel=3)
+        warnings.filterwarnings("ignore", message=re.escape(message))
         self._warned_f32 = True
 
     # -- state_dict -------------------------------------------------------------------------
@@ -342,13 +436,14 @@ class Linear4bit(nn.Linear):
         report.hand_over(missing_keys, unexpected_keys, error_msgs)
         if not report.ok():
             return
+        assign = local_metadata.get("assign_to_params_buffers", False)
         with torch.no_grad():
             if new_weight is not None:
-                self.weight.data = new_weight.data
-                self.weight.__dict__.update(new_weight.__dict__)
+                install_weight(self, new_weight, assign)
                 self._plan = None
+                self._record_state()
             if new_bias is not None:
-                self.bias.copy_(new_bias)
+                install_bias(self, new_bias, assign)
 
     def _checked_weight(self, sd: dict, report: LoadReport):
         """The Params4bit the checkpoint describes, on this layer's device, or None (with
@@ -375,8 +470,11 @@ class Linear4bit(nn.Linear):
             if data.dtype not in _FLOAT:
                 report.error("weight", f"must be float16, bfloat16 or float32; got {data.dtype}")
                 return None
+            materialize = device.type == "meta"   # built on meta: quantized where the data is
+            if materialize:
+                device = data.device
             fresh = self.weight._rewrap(data.detach().to(device), quant_state=None, bnb_quantized=False)
-            return fresh.to(device) if self.weight.bnb_quantized else fresh
+            return fresh.to(device) if self.weight.bnb_quantized or materialize else fresh
         try:
             state = QuantState.from_dict(qitems)
             ref4.check_4bit_state(state, tuple(data.shape), str(data.dtype).replace("torch.", ""))

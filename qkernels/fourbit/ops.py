@@ -32,9 +32,11 @@ from reference.state import QuantState
 from .._backend import takes_cuda_path
 from .._cuda.launch import PlanCache
 from .._interop import on_torch_device, torch_stream
-from . import FUSED_MAX_ROWS, _check_state, dequantize_4bit as _dequantize_4bit, matmul_4bit as _matmul_4bit
+from . import FUSED_MAX_ROWS, _check_state, dequantize_4bit as _dequantize_4bit
+from . import _matmul_4bit_arrays as _matmul_4bit  # not the public one: that routes back here
 
-__all__ = ["Matmul4bitPlan", "prepare_matmul_4bit", "state_tensors", "matmul_4bit", "dequantize_4bit"]
+__all__ = ["Matmul4bitPlan", "prepare_matmul_4bit", "state_tensors", "matmul_4bit", "dequantize_4bit",
+           "matmul_4bit_op"]
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -69,8 +71,10 @@ class Matmul4bitPlan:
 
     Build it with ``prepare_matmul_4bit``. ``plan(x, bias)``: x (..., K) float16 / bfloat16 /
     float32 on W's device, bias (N,) of x's dtype or None -> (..., N) of x's dtype. The CUDA
-    path runs the fused kernel (float32 accumulation, each packed byte read once) for up to
-    FUSED_MAX_ROWS rows and dequantize + cuBLAS above; the CPU path is the NumPy reference.
+    path runs a fused kernel (float32 accumulation, each packed byte read once: gemv_4bit for
+    one row, the tensor-core kernel for 2-64 rows of float16 / bfloat16, matmul_4bit for up
+    to FUSED_MAX_ROWS rows of float32; qkernels.fourbit._cupy.choose_kernel, its answer
+    cached per row count) and dequantize + cuBLAS above; the CPU path is the NumPy reference.
     ``key`` identifies the tensors the plan was made from (the layer compares it per call).
     """
 
@@ -92,23 +96,32 @@ class Matmul4bitPlan:
                                             f32(state.code), nest, int(state.blocksize), self.N, self.K,
                                             hold=hold)
 
-    def __call__(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    def __call__(self, x: Tensor, bias: Optional[Tensor] = None, kernel: Optional[str] = None) -> Tensor:
+        """``kernel``: None (the plan's choice for x's row count and dtype, cached), or one of
+        "gemv", "fused", "mma", "dequantize" to force it on CUDA (ValueError when it cannot
+        take x; tests and benchmarks); host data ignores it."""
         cuda = self._cuda
         if cuda is not None and takes_cuda_path(x):
             if x.device != self.device:  # the prepared launch holds this device's pointers
                 raise ValueError(f"matmul_4bit: x is on {x.device} but the weight is on {self.device}")
+            if x.dim() == 0 or x.shape[-1] != self.K:
+                raise ValueError(f"matmul_4bit: x's last dimension must be in_features {self.K}; "
+                                 f"got x of shape {tuple(x.shape)}")
             M = x.numel() // self.K if self.K else 0
-            if cuda.fused and 0 < M <= FUSED_MAX_ROWS:
-                if not x.is_contiguous() or x.data_ptr() % 16:
-                    x = x.contiguous()
-                    if x.data_ptr() % 16:  # a contiguous view at an odd offset
-                        x = x.clone()
+            if M == 0:  # no rows: nothing to launch
+                return x.new_empty((*x.shape[:-1], self.N))
+            if not x.is_contiguous():
+                x = x.contiguous()
+            route = cuda.route(x.dtype, M) if kernel is None else cuda.check_kernel(kernel, x, M)
+            if route != "dequantize":
+                if route != "mma" and x.data_ptr() % 16:  # a contiguous view at an odd offset
+                    x = x.clone()  # (the tensor-core kernel stages any x itself)
                 if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
                     bias = bias.to(x.dtype).contiguous()  # the kernel reads it in x's dtype
                 out = x.new_empty((*x.shape[:-1], self.N))
                 device, stream = torch_stream(x)
                 with on_torch_device(device):
-                    cuda.matmul(x, M, bias, out, stream)
+                    cuda.matmul(x, M, bias, out, stream, route)
                 return out
             return torch.nn.functional.linear(x, self.dequantize(x.dtype), bias)
         return _matmul_4bit(x, self.packed, self.state, bias)
@@ -206,3 +219,20 @@ def _matmul_backward(ctx, grad):
 
 
 matmul_4bit.register_autograd(_matmul_backward, setup_context=_matmul_setup)
+
+
+def matmul_4bit_op(x: Tensor, packed: Tensor, state: QuantState, bias: Optional[Tensor] = None,
+                   transposed: bool = False) -> Tensor:
+    """``x @ W^T + bias`` through the declared ops, for a 4-bit weight W given as ``packed``
+    and its QuantState (``state.shape`` = (N, K)): differentiable in x and bias, traceable by
+    torch.compile. ``transposed``: the weight was quantized as (in, out) = (K', N'), and the
+    product is ``x @ W + bias`` (bitsandbytes' deprecated orientation). bias is cast to x's
+    dtype, as the op takes it."""
+    tensors = state_tensors(state, x.device)
+    N, K = (int(d) for d in state.shape)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    if transposed:
+        w = dequantize_4bit(packed, *tensors, state.blocksize, state.quant_type, N, K, x.dtype)
+        return torch.nn.functional.linear(x, w.t(), bias)
+    return matmul_4bit(x, packed, *tensors, bias, state.blocksize, state.quant_type, N)
