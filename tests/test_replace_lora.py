@@ -9,7 +9,7 @@ from torch import nn
 
 from torch_ops.linear4bit import Linear4bit
 from torch_ops.linear8bit import Linear8bitLt
-from torch_ops.lora import LoRA, add_lora
+from torch_ops.lora import LoRA, add_lora, load_lora_state_dict, lora_state_dict, merge_lora
 from torch_ops.replace import model_bytes, replace_linear
 
 
@@ -201,3 +201,143 @@ def test_conv_linear_model_outputs_stay_close(kind, bound):
     assert bnb_cos > bound
     if kind == "nf4":
         assert abs(ours - bnb_cos) < 1e-6
+
+
+# --- add_lora by name, merge, adapter-only state_dict ------------------------------------------
+
+def _lora_model(kind="nf4", seed=0, **kw):
+    torch.manual_seed(seed)
+    model = TinyLM(d=64, hidden=128, vocab=32)
+    replace_linear(model, kind, verbose=False)
+    names = add_lora(model, rank=4, alpha=8, **kw)
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():   # trained-looking adapters (a fresh B is zero)
+        for m in model.modules():
+            if isinstance(m, LoRA):
+                m.lora_B.weight.normal_(0, 0.05)
+    return model, names
+
+
+@pytest.mark.parametrize("targets,want", [
+    (["2"], ["blocks.0.2", "blocks.1.2"]),                    # a name suffix, as PEFT's target_modules
+    (["blocks.0.0", "lm_head"], ["blocks.0.0", "lm_head"]),   # full names; a float nn.Linear too
+    (r"blocks\.\d\.0", ["blocks.0.0", "blocks.1.0"]),         # a regex over the whole name
+    (None, ["blocks.0.0", "blocks.0.2", "blocks.1.0", "blocks.1.2"]),
+    ((Linear4bit,), ["blocks.0.0", "blocks.0.2", "blocks.1.0", "blocks.1.2"]),
+])
+def test_add_lora_targets(targets, want):
+    model, names = _lora_model(targets=targets)
+    assert names == want
+    assert all(isinstance(model.get_submodule(n), LoRA) for n in names)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {f"{n}.lora_{ab}.weight" for n in names for ab in "AB"}
+
+
+def test_add_lora_bad_targets_change_nothing():
+    torch.manual_seed(0)
+    model = TinyLM(d=64, hidden=128, vocab=32)
+    replace_linear(model, "nf4", verbose=False)
+    before = [type(m) for m in model.modules()]
+    grads = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(ValueError, match="match no module"):
+        add_lora(model, targets=["query", "value"])
+    with pytest.raises(TypeError, match="'emb' is a Embedding, which has no in_features"):
+        add_lora(model, targets=["emb", "2"])
+    with pytest.raises(TypeError, match="targets must be"):
+        add_lora(model, targets=[3])
+    with pytest.raises(ValueError, match="rank must be"):
+        add_lora(model, rank=0, targets=["2"])
+    assert [type(m) for m in model.modules()] == before and [p.requires_grad for p in model.parameters()] == grads
+    add_lora(model, targets=["2"])
+    with pytest.raises(ValueError, match="already has a LoRA"):
+        add_lora(model, targets=["blocks.0.2"])
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_lora_merge_requantizes_and_unmerge_restores(kind):
+    model, names = _lora_model(kind)
+    tokens = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(tokens)
+    lora = model.get_submodule(names[0])
+    base = lora.base_layer
+    from torch_ops.lora import dequantized_weight
+    W0 = dequantized_weight(base)
+    exact = W0 + lora.lora_B.weight @ lora.lora_A.weight * lora.scaling
+    with pytest.warns(UserWarning, match="re-quantizes its weight"):
+        lora.merge()
+    assert lora.merged
+    fresh = type(base).from_linear(_plain_linear(exact), **(
+        dict(quant_type="nf4") if kind == "nf4" else dict(threshold=base.threshold)))
+    assert torch.equal(dequantized_weight(base), dequantized_weight(fresh))   # one re-quantization of the sum
+    with pytest.warns(UserWarning):
+        lora.unmerge()
+    assert not lora.merged
+    # back within two requantization errors, not bit-exactly: one NF4 rounding moves a value by
+    # at most half the widest gap of the NF4 codes (0.1385) times its block's absmax, which is
+    # at most the tensor's max (+1% for the double-quantized absmax); int8's is far smaller
+    W2 = dequantized_weight(base)
+    step = (W2 - W0).abs().max()
+    assert 0 < step <= 0.1385 * 1.01 * (exact.abs().max() + W2.abs().max())
+    with pytest.warns(UserWarning):
+        merged = merge_lora(model)
+    assert merged == names and not any(isinstance(m, LoRA) for m in model.modules())
+    with torch.no_grad():
+        out = model(tokens)
+    assert _cos(out, ref) > 0.99
+
+
+def _plain_linear(W):
+    lin = nn.Linear(W.shape[1], W.shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(W)
+    return lin
+
+
+def test_merge_into_a_float_layer_is_exact_up_to_rounding():
+    model, names = _lora_model(targets=["lm_head"])
+    tokens = torch.randint(0, 32, (2, 6))
+    with torch.no_grad():
+        ref = model(tokens)
+    merge_lora(model)
+    assert type(model.lm_head) is nn.Linear
+    with torch.no_grad():
+        assert torch.allclose(model(tokens), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_lora_refuses_an_unmergeable_adapter_and_changes_nothing():
+    model, names = _lora_model()
+    bad = model.get_submodule(names[2])
+    bad.lora_A.weight.data = bad.lora_A.weight.data.to(torch.float8_e4m3fn)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"(?s)nothing was changed.*{names[2]}.*float8_e4m3fn"):
+        merge_lora(model)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        bad.merge()
+    assert all(isinstance(model.get_submodule(n), LoRA) and not model.get_submodule(n).merged for n in names)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+
+
+def test_adapter_only_state_dict_round_trip(tmp_path):
+    from safetensors.torch import load_file, save_file
+    model, names = _lora_model("nf4", seed=0)
+    sd = lora_state_dict(model)
+    assert sorted(sd) == sorted(f"{n}.lora_{ab}.weight" for n in names for ab in "AB")
+    save_file(sd, tmp_path / "adapters.safetensors")
+    torch.manual_seed(0)   # the same base model, fresh (zero-effect) adapters
+    fresh = TinyLM(d=64, hidden=128, vocab=32)
+    replace_linear(fresh, "nf4", verbose=False)
+    add_lora(fresh, rank=4, alpha=8)
+    assert load_lora_state_dict(fresh, load_file(tmp_path / "adapters.safetensors")) == ([], [])
+    tokens = torch.randint(0, 32, (2, 6))
+    with torch.no_grad():
+        assert torch.equal(fresh(tokens), model(tokens))
+    before = {k: v.clone() for k, v in lora_state_dict(fresh).items()}
+    with pytest.raises(ValueError, match="missing.*blocks.0.0.lora_A.weight"):
+        load_lora_state_dict(fresh, {k: v for k, v in sd.items() if "blocks.0.0" not in k})
+    with pytest.raises(ValueError, match=r"blocks.0.2.lora_A.weight: checkpoint \(4, 64\), model \(4, 128\)"):
+        load_lora_state_dict(fresh, {**sd, "blocks.0.2.lora_A.weight": torch.zeros(4, 64)})
+    assert all(torch.equal(lora_state_dict(fresh)[k], v) for k, v in before.items())   # nothing loaded
+    missing, unexpected = load_lora_state_dict(fresh, {**sd, "extra.weight": torch.zeros(1)}, strict=False)
+    assert missing == [] and unexpected == ["extra.weight"]

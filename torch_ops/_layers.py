@@ -18,7 +18,8 @@ import torch
 
 from reference.state import QuantState
 
-__all__ = ["move_state", "apply_to_quantized_weight", "LoadReport", "plain", "tensor_bytes"]
+__all__ = ["move_state", "apply_to_quantized_weight", "install_weight", "install_bias", "LoadReport", "plain",
+           "tensor_bytes"]
 
 
 def plain(t: torch.Tensor) -> torch.Tensor:
@@ -63,9 +64,32 @@ def apply_to_quantized_weight(module: torch.nn.Module, fn, recurse: bool, super_
     with torch.no_grad():
         new = weight._applied(fn)
     if new is not weight:
-        weight.data = new.data
-        weight.__dict__.update(new.__dict__)
+        install_weight(module, new)
     return module
+
+
+def install_weight(module: torch.nn.Module, new: torch.nn.Parameter, assign: bool = False) -> None:
+    """Make the quantized Parameter ``new`` the module's weight. In place (the Parameter
+    object, which optimizers and peft hold, is kept) unless ``assign`` (load_state_dict's
+    assign=True) or either is on the meta device (to_empty, loading into a model built on
+    meta: torch cannot swap a meta tensor's data for a real one, and nothing can hold a meta
+    weight usefully); then ``new`` itself is installed."""
+    old = module._parameters.get("weight")
+    if old is None or assign or old.device.type == "meta" or new.device.type == "meta":
+        module._parameters["weight"] = new
+        return
+    old.data = new.data
+    old.__dict__.update(new.__dict__)
+
+
+def install_bias(module: torch.nn.Module, value: torch.Tensor, assign: bool = False) -> None:
+    """Load a checked bias (out,): copied into the existing Parameter, or, for assign=True or
+    a meta-device bias, installed as a new Parameter (requires_grad kept)."""
+    old = module.bias
+    if assign or old.device.type == "meta":
+        module.bias = torch.nn.Parameter(value.detach(), requires_grad=old.requires_grad)
+    else:
+        old.copy_(value)
 
 
 @dataclasses.dataclass
