@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["QuantState"]
+__all__ = ["QuantState", "as_quant_state", "is_quant_state_like"]
 
 _PACKED_PREFIX = "quant_state.bitsandbytes__"
 _QUANT_TYPES = ("nf4", "fp4")
@@ -48,50 +48,108 @@ def _host(array) -> np.ndarray:
 
 @dataclasses.dataclass(eq=False)
 class QuantState:
-    """State of a blockwise (8-bit) or 4-bit quantization.
+    """State of a blockwise (8-bit) or 4-bit quantization; bitsandbytes' QuantState.
 
     absmax:     float32 (nblocks,) block scales; uint8 codes when nested (then see state2)
     shape:      shape of the original tensor (tuple), or None for 8-bit states
     code:       float32 codebook (256 or 16 values)
-    dtype:      name of the original dtype: "float16", "bfloat16" or "float32"
     blocksize:  elements per block
     quant_type: "nf4", "fp4", or None for 8-bit blockwise
-    offset:     mean of the absmax vector when nested (float), else None
+    dtype:      the original dtype. Stored as its name ("float16", "bfloat16", "float32"; a
+                NumPy or torch dtype given here is reduced to its name); read back as a
+                ``torch.dtype`` when absmax is a torch tensor (as bitsandbytes' QuantState,
+                whose users pass it to torch), else as the name.
+    offset:     mean of the absmax vector when nested (float, or a one-element array), else None
     state2:     the nested QuantState of the absmax vector, or None
+
+    The constructor's positional order is bitsandbytes' (absmax, shape, code, blocksize,
+    quant_type, dtype, offset, state2). ``==`` compares contents as bitsandbytes does
+    (arrays within atol 1e-6); a state still hashes by identity, so it can key a cache.
+    ``state[i]`` / iteration give bitsandbytes' legacy list layout.
     """
 
     absmax: Any
     shape: tuple | None = None
     code: Any = None
-    dtype: str = "float32"
     blocksize: int = 4096
     quant_type: str | None = None
-    offset: float | None = None
+    dtype: Any = "float32"
+    offset: Any = None
     state2: "QuantState | None" = None
+
+    valid_quant_types = _QUANT_TYPES
+    valid_qs_type_keys = [f"bitsandbytes__{t}" for t in _QUANT_TYPES]
+    valid_qs_keys = sorted(_VALID_KEYS)
 
     @property
     def nested(self) -> bool:
         return self.state2 is not None
 
+    __hash__ = object.__hash__
+
+    def __eq__(self, other):
+        """Contents equal (bitsandbytes' rule): absmax and code within atol 1e-6, the same
+        shape (where both have one), dtype, blocksize, quant_type and offset, nested states
+        equal. ``other`` may be bitsandbytes' QuantState."""
+        if not is_quant_state_like(other):
+            return NotImplemented
+        other = as_quant_state(other, "other")
+        return (_arrays_close(self.absmax, other.absmax) and _arrays_close(self.code, other.code)
+                and _shapes_equal(self.shape, other.shape)
+                and _dtype_name(self.dtype) == _dtype_name(other.dtype)
+                and self.blocksize == other.blocksize and self.quant_type == other.quant_type
+                and _offsets_equal(self.offset, other.offset)
+                and (self.state2 == other.state2 if self.nested and other.nested
+                     else self.state2 is None and other.state2 is None))
+
+    def __getitem__(self, idx):
+        """bitsandbytes' legacy list layout: [absmax, shape, dtype, blocksize,
+        [offset, state2] or None, quant_type]."""
+        nested = [self.offset, self.state2] if self.nested else None
+        return [self.absmax, self.shape, self.dtype, self.blocksize, nested, self.quant_type][idx]
+
+    def __getattr__(self, name):
+        # FSDP's state_dict traversal resolves the packed key "quant_state.bitsandbytes__nf4"
+        # as getattr(state, "bitsandbytes__nf4")
+        if name.startswith("bitsandbytes__"):
+            packed = self.as_dict(packed=True)
+            if "quant_state." + name in packed:
+                return packed["quant_state." + name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def to(self, device) -> "QuantState":
+        """Move the arrays (absmax, code, an array offset, the nested state's) to ``device``, in
+        place, as bitsandbytes does; returns the state. torch tensors move with ``.to``; NumPy
+        arrays stay on the host for a CPU device and become torch tensors otherwise."""
+        self.absmax = _move(self.absmax, device, "absmax")
+        self.code = _move(self.code, device, "code")
+        if _is_array(self.offset):
+            self.offset = _move(self.offset, device, "offset")
+        if self.state2 is not None:
+            self.state2.to(device)
+        return self
+
     def as_dict(self, packed: bool = False) -> dict:
         """bitsandbytes' dict. ``packed=True`` keeps the arrays and packs everything else into
         one uint8 array under ``quant_state.bitsandbytes__<quant_type>`` (4-bit states only;
-        an 8-bit state returns the unpacked dict)."""
+        an 8-bit state returns the unpacked dict). The codebooks are copies: many states
+        share one codebook array, and safetensors refuses (or drops) tensors that share
+        memory in one state_dict."""
         d = {
             "quant_type": self.quant_type,
             "absmax": self.absmax,
             "blocksize": int(self.blocksize),
-            "quant_map": self.code,
-            "dtype": self.dtype,
-            "shape": tuple(self.shape) if self.shape is not None else None,
+            "quant_map": _copy(self.code),
+            "dtype": _dtype_name(self.dtype),
+            "shape": tuple(int(s) for s in self.shape) if self.shape is not None else None,
         }
         if self.nested:
             d.update({
                 "nested_absmax": self.state2.absmax,
                 "nested_blocksize": int(self.state2.blocksize),
-                "nested_quant_map": self.state2.code,
-                "nested_dtype": self.state2.dtype,
-                "nested_offset": float(self.offset),
+                "nested_quant_map": _copy(self.state2.code),
+                "nested_dtype": _dtype_name(self.state2.dtype),
+                "nested_offset": _as_float(self.offset, "offset"),
             })
         if not packed or self.quant_type is None:
             return d
@@ -106,9 +164,11 @@ class QuantState:
         return arrays
 
     @classmethod
-    def from_dict(cls, qs_dict: dict) -> "QuantState":
+    def from_dict(cls, qs_dict: dict, device=None) -> "QuantState":
         """Rebuild a state from ``as_dict`` output, packed or not, keys with or without a
-        prefix (``weight.absmax``), values from NumPy, torch or CuPy.
+        prefix (``weight.absmax``), values from NumPy, torch or CuPy; then, if ``device`` is
+        given (bitsandbytes' second argument), move it there as ``to`` does. ``qs_dict`` is
+        not modified.
 
         Arrays (``absmax``, ``quant_map``, ``nested_absmax``, ``nested_quant_map``, the packed
         uint8 record) must be arrays; ``blocksize``/``nested_blocksize`` integers (or integer
@@ -156,11 +216,117 @@ class QuantState:
                          blocksize=_as_int(d["nested_blocksize"], full["nested_blocksize"]),
                          dtype=_as_dtype_name(d["nested_dtype"], full["nested_dtype"]))
             offset = _as_float(d["nested_offset"], full["nested_offset"])
-        return cls(absmax=d["absmax"], shape=_as_shape(d.get("shape"), full.get("shape")),
-                   code=d["quant_map"], dtype=_as_dtype_name(d["dtype"], full["dtype"]),
-                   blocksize=_as_int(d["blocksize"], full["blocksize"]),
-                   quant_type=_as_quant_type(d.get("quant_type"), full.get("quant_type")),
-                   offset=offset, state2=state2)
+        state = cls(absmax=d["absmax"], shape=_as_shape(d.get("shape"), full.get("shape")),
+                    code=d["quant_map"], dtype=_as_dtype_name(d["dtype"], full["dtype"]),
+                    blocksize=_as_int(d["blocksize"], full["blocksize"]),
+                    quant_type=_as_quant_type(d.get("quant_type"), full.get("quant_type")),
+                    offset=offset, state2=state2)
+        return state if device is None else state.to(device)
+
+
+def _get_dtype(self):
+    name = self.__dict__.get("dtype")
+    torch = _torch_of(self.__dict__.get("absmax"))
+    if torch is not None and isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    return name
+
+
+def _set_dtype(self, value) -> None:
+    self.__dict__["dtype"] = None if value is None else _dtype_name(value)
+
+
+# The field keeps its default and its place in __init__; reads and writes go through these
+# (the name lives in the instance __dict__, so vars(state) and dataclasses.replace still work).
+QuantState.dtype = property(_get_dtype, _set_dtype, doc="the original dtype (see the class doc)")
+
+
+# --- bitsandbytes' QuantState and ours, duck-typed (no import of bitsandbytes or torch) ------
+
+_STATE_ATTRS = ("absmax", "code", "blocksize", "dtype", "quant_type", "offset", "state2", "shape")
+
+
+def is_quant_state_like(obj) -> bool:
+    """Our QuantState, or an object with QuantState's attributes and ``as_dict`` (bitsandbytes')."""
+    return isinstance(obj, QuantState) or (
+        callable(getattr(type(obj), "as_dict", None)) and all(hasattr(obj, a) for a in _STATE_ATTRS))
+
+
+def as_quant_state(obj, argname: str = "state") -> QuantState:
+    """``obj`` itself if it is our QuantState; a QuantState over the same arrays if it is
+    bitsandbytes' (or any object with its attributes: absmax, shape, code, blocksize,
+    quant_type, dtype, offset, state2); a TypeError naming ``argname`` otherwise."""
+    if isinstance(obj, QuantState):
+        return obj
+    if not is_quant_state_like(obj):
+        raise TypeError(f"{argname} must be a QuantState; got {type(obj).__name__}")
+    s2 = obj.state2
+    return QuantState(absmax=obj.absmax, shape=None if obj.shape is None else tuple(obj.shape),
+                      code=obj.code, blocksize=obj.blocksize, quant_type=obj.quant_type,
+                      dtype=obj.dtype, offset=obj.offset,
+                      state2=None if s2 is None else as_quant_state(s2, f"{argname}.state2"))
+
+
+def _torch_of(x):
+    """The torch module if ``x`` is a torch tensor (torch already imported), else None."""
+    torch = sys.modules.get("torch")
+    return torch if torch is not None and isinstance(x, torch.Tensor) else None
+
+
+def _dtype_name(dtype) -> str | None:
+    """"float16", "bfloat16", ... for a name, a NumPy dtype/type or a torch dtype."""
+    if dtype is None or isinstance(dtype, str):
+        return None if dtype is None else dtype.replace("torch.", "")
+    if isinstance(dtype, np.dtype) or isinstance(dtype, type):
+        try:
+            return np.dtype(dtype).name
+        except TypeError:
+            pass
+    return str(dtype).replace("torch.", "")
+
+
+def _shapes_equal(a, b) -> bool:
+    """Equal shapes; an 8-bit state may carry none (bitsandbytes' never does: the codes have it)."""
+    if a is None or b is None:
+        return True
+    return tuple(int(s) for s in a) == tuple(int(s) for s in b)
+
+
+def _arrays_close(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    a, b = _host(a), _host(b)
+    if a.shape != b.shape:
+        return False
+    return bool(np.allclose(a.astype(np.float64), b.astype(np.float64), rtol=1e-5, atol=1e-6))
+
+
+def _offsets_equal(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return _as_float(a, "offset") == _as_float(b, "offset")
+
+
+def _copy(array):
+    """A copy of an array of any kind (torch ``clone``, NumPy/CuPy ``copy``); None stays None."""
+    if array is None:
+        return None
+    return array.clone() if hasattr(array, "clone") else array.copy()
+
+
+def _move(array, device, what: str):
+    if array is None:
+        return None
+    if hasattr(array, "to") and not isinstance(array, np.ndarray):
+        return array.to(device)
+    if isinstance(array, np.ndarray):
+        if str(device).split(":")[0] == "cpu":
+            return array
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+    raise TypeError(f"cannot move the state's {what} ({type(array).__name__}) to {device!r}; "
+                    "to() moves torch tensors, and NumPy arrays to a torch device")
 
 
 # --- from_dict's value checks: each names the key as the caller wrote it ---------------------

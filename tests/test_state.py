@@ -114,6 +114,68 @@ def test_from_dict_accepts_torch_values_and_tensor_scalars():
     d["blocksize"], d["nested_offset"] = torch.tensor(64), torch.tensor(s.offset)
     d["shape"], d["dtype"] = torch.Size([40, 480]), torch.bfloat16
     r = QuantState.from_dict(d)
-    assert (r.blocksize, r.shape, r.dtype) == (64, (40, 480), "bfloat16")
+    # a state over torch tensors reads its dtype back as a torch.dtype (as bitsandbytes'
+    # QuantState, whose users pass it to torch); the stored field is the name
+    assert (r.blocksize, r.shape, r.dtype) == (64, (40, 480), torch.bfloat16)
+    assert vars(r)["dtype"] == "bfloat16"
     assert r.offset == pytest.approx(s.offset, rel=1e-7)
     assert isinstance(r.absmax, torch.Tensor)
+
+
+# --- bitsandbytes' QuantState surface (NumPy; torch and bitsandbytes: test_bnb_functional.py) --
+
+def test_positional_order_is_bitsandbytes():
+    s = QuantState(np.ones(2, np.float32), (2, 64), nf4_map(), 64, "nf4", "float16")
+    assert (s.shape, s.blocksize, s.quant_type, s.dtype) == ((2, 64), 64, "nf4", "float16")
+
+
+def test_equality_legacy_indexing_and_packed_attribute():
+    s = _nested_4bit_state()
+    same = QuantState.from_dict(s.as_dict(packed=True))
+    assert s == same and not (s != same)
+    assert s != QuantState(**{**vars(s), "offset": s.offset + 1})
+    assert s != QuantState(**{**vars(s), "state2": None, "offset": None})
+    assert s.__eq__(3) is NotImplemented
+    assert [s[i] for i in range(4)] == [s.absmax, (40, 480), "bfloat16", 64]
+    assert s[4] == [s.offset, s.state2] and s[5] == "nf4" and len(list(s)) == 6
+    np.testing.assert_array_equal(s.bitsandbytes__nf4, s.as_dict(packed=True)["quant_state.bitsandbytes__nf4"])
+    with pytest.raises(AttributeError):
+        s.bitsandbytes__fp4
+
+
+def test_as_dict_copies_codebooks():
+    s = _nested_4bit_state()
+    d = s.as_dict(packed=True)
+    assert not np.shares_memory(d["quant_map"], s.code)
+    assert not np.shares_memory(d["nested_quant_map"], s.state2.code)
+    assert np.shares_memory(d["absmax"], s.absmax)
+
+
+def test_from_dict_device_and_to_with_numpy():
+    s = _nested_4bit_state()
+    d = s.as_dict(packed=False)
+    r = QuantState.from_dict(d, "cpu")
+    assert r == s and isinstance(r.absmax, np.ndarray)
+    assert r.to("cpu") is r
+    assert set(d) == set(s.as_dict(packed=False))       # the caller's dict is not consumed
+
+
+def test_duck_typed_states_are_read_through_their_attributes():
+    """bitsandbytes' QuantState (here a stand-in with its attributes and as_dict) converts."""
+    from reference.state import as_quant_state
+
+    class Theirs:
+        def __init__(self, s):
+            self.__dict__.update({k: getattr(s, k) for k in ("absmax", "shape", "code", "blocksize",
+                                                             "quant_type", "dtype", "offset")})
+            self.state2 = None if s.state2 is None else Theirs(s.state2)
+
+        def as_dict(self, packed=False):
+            raise AssertionError("read through the attributes")
+
+    s = _nested_4bit_state()
+    ours = as_quant_state(Theirs(s))
+    assert isinstance(ours, QuantState) and ours == s and ours.absmax is s.absmax
+    assert s == Theirs(s)
+    with pytest.raises(TypeError, match="state must be a QuantState; got dict"):
+        as_quant_state({"absmax": s.absmax})

@@ -1,7 +1,12 @@
 """Blockwise 8-bit quantization, public API: validate, choose a backend, call.
 
-    quantize_blockwise(A, code=None, blocksize=4096, nested=False) -> (codes, QuantState)
-    dequantize_blockwise(codes, state, out_dtype=None) -> array
+    quantize_blockwise(A, code=None, absmax=None, out=None, blocksize=4096, nested=False)
+        -> (codes, QuantState)
+    dequantize_blockwise(A, quant_state=None, absmax=None, code=None, out=None, blocksize=4096,
+                         nested=False, *, state=None, out_dtype=None) -> array
+
+bitsandbytes' signatures (``bitsandbytes.functional``), with our ``state=`` / ``out_dtype=``
+keywords besides.
 
 Implementations: reference/blockwise.py (numpy, the oracle), blockwise.cu + _cupy.py
 (cupy), _numba.py (numba). All three give bit-identical codes, absmax and values.
@@ -17,6 +22,7 @@ from reference.dtypes import (bf16_bits_to_float32, check_float_dtype, dtype_nam
 from reference.state import QuantState
 from .._backend import choose, lazy
 from .._interop import Call, device_of, dtype_of, kind_of, contiguous as _contiguous, run as _run
+from .._compat import ArgTypeError, bnb_arg_errors, is_array, resolve_state, write_out
 
 __all__ = ["quantize_blockwise", "dequantize_blockwise"]
 
@@ -55,18 +61,29 @@ def _check_array(x, argname: str, what: str = "") -> str:
         raise TypeError(f"{argname} must be {_ARRAY_KINDS}{what}; got {type(x).__name__}") from None
 
 
-def quantize_blockwise(A, code=None, blocksize: int = 4096, nested: bool = False):
+def quantize_blockwise(A, code=None, absmax=None, out=None, blocksize: int = 4096,
+                       nested: bool = False):
     """Blockwise 8-bit quantization of A (NumPy, CuPy, Numba or torch; float16, bfloat16 or
     float32; any shape). code: sorted (256,) codebook array of any of those kinds (default the
     signed dynamic map). Returns (codes uint8 of A's shape, QuantState with float32
     (ceil(n/blocksize),) absmax) in A's kind and on A's device; see reference.blockwise for
     the exact rule. ``nested=True`` quantizes absmax again (same blocksize, offset = the
-    mean of its finite values): ``state.absmax`` uint8 codes, ``state.offset`` a float."""
-    _check_array(A, "A")
-    name = ref.check_blockwise_args(dtype_of(A), blocksize)
-    ref.check_nested_flag(nested)
-    if code is not None:
-        _check_array(code, "code", " of 256 sorted float32 values")
+    mean of its finite values): ``state.absmax`` uint8 codes, ``state.offset`` a float.
+
+    bitsandbytes' ``out`` (uint8, A's shape) receives the codes and is returned in their
+    place; ``absmax`` receives ``state.absmax`` (as many elements, its dtype) and becomes it.
+    An int in absmax's place is a blocksize: the earlier order (A, code, blocksize, nested)."""
+    if absmax is not None and not is_array(absmax) and isinstance(absmax, (int, np.integer)):
+        absmax, out, blocksize, nested = None, None, absmax, out if out is not None else nested
+    with bnb_arg_errors():
+        _check_array(A, "A")
+        name = ref.check_blockwise_args(dtype_of(A), blocksize)
+        ref.check_nested_flag(nested)
+        if code is not None:
+            _check_array(code, "code", " of 256 sorted float32 values")
+        for arg, argname in ((absmax, "absmax"), (out, "out")):
+            if arg is not None:
+                _check_array(arg, argname)
     code = dynamic_map(True) if code is None else ref.check_code(_host(code))
     backend, impl = choose(_QUANTIZE, on_gpu=device_of(A) is not None)
     call = Call(A, backend)
@@ -74,14 +91,35 @@ def quantize_blockwise(A, code=None, blocksize: int = 4096, nested: bool = False
     n = int(np.prod(shape, dtype=np.int64))
     nblocks = -(-n // blocksize)
     x = call.arg(_contiguous(A)).reshape(-1)
-    codes, absmax = call.empty((n,), "uint8"), call.empty((nblocks,), "float32")
-    _run(call, impl, x, name, code, int(blocksize), codes, absmax)
+    codes, absmax_out = call.empty((n,), "uint8"), call.empty((nblocks,), "float32")
+    _run(call, impl, x, name, code, int(blocksize), codes, absmax_out)
     codes = call.result(codes, "uint8").reshape(shape)
-    state = QuantState(absmax=call.result(absmax, "float32"), shape=shape,
+    state = QuantState(absmax=call.result(absmax_out, "float32"), shape=shape,
                        code=call.from_host(code), dtype=name, blocksize=int(blocksize))
     if nested:
         _nest_absmax(state, int(blocksize))
+    if out is not None:
+        codes = write_out(out, codes)
+    if absmax is not None:
+        state.absmax = _store_into(absmax, state.absmax, "absmax")
     return codes, state
+
+
+def _store_into(dest, values, argname: str):
+    """``values`` written into the caller's array ``dest`` (same kind and element count; cast
+    to dest's dtype, as bitsandbytes' ``copy_``); returns dest."""
+    if kind_of(dest) != kind_of(values) or device_of(dest) != device_of(values):
+        raise TypeError(f"{argname} must be a {kind_of(values)} array on the data's device")
+    if int(np.prod(dest.shape)) != int(np.prod(values.shape)):
+        raise ValueError(f"{argname} must hold {int(np.prod(values.shape))} values; "
+                         f"got shape {tuple(dest.shape)}")
+    if kind_of(dest) == "torch":
+        dest.copy_(values.reshape(dest.shape))
+    elif kind_of(dest) == "numba":
+        dest.copy_to_device(values.copy_to_host().reshape(dest.shape).astype(dest.dtype))
+    else:
+        dest[...] = values.reshape(dest.shape)
+    return dest
 
 
 def _nest_absmax(state: QuantState, blocksize: int) -> None:
@@ -115,7 +153,7 @@ def _check_state(codes_size: int, state: QuantState, argname: str = "state") -> 
     """Validate a blockwise state against codes of ``codes_size`` elements, nested part and
     offset included, before any work: TypeError/ValueError naming the field."""
     if not isinstance(state, QuantState):
-        raise TypeError(f"{argname} must be a QuantState; got {type(state).__name__}")
+        raise ArgTypeError(f"{argname} must be a QuantState; got {type(state).__name__}")
     _check_array(state.absmax, f"{argname}.absmax", " of block scales")
     _check_array(state.code, f"{argname}.code", " of 256 float32 values")
     check_float_dtype(dtype_name(state.dtype), f"{argname}.dtype")
@@ -150,24 +188,56 @@ def _absmax_f32(call: Call, state: QuantState, argname: str = "state"):
     return call.add_scalar(out, ref.nested_offset(state, argname))
 
 
-def dequantize_blockwise(codes, state: QuantState, out_dtype=None):
-    """Inverse of quantize_blockwise: ``code[codes] * absmax[block]`` in float32, rounded
-    once to ``out_dtype`` (default ``state.dtype``); codes' shape, kind and device.
-    codes: uint8 array of any kind; state: the QuantState quantize_blockwise returned (its
-    absmax and code arrays, nested part and float offset included)."""
-    _check_array(codes, "codes")
-    if dtype_of(codes) != "uint8":
-        raise TypeError(f"codes must be uint8; got {dtype_of(codes)}")
-    shape = tuple(codes.shape)
-    n = int(np.prod(shape, dtype=np.int64))
-    _check_state(n, state)
-    name = dtype_name(out_dtype) if out_dtype is not None else dtype_name(state.dtype)
-    check_float_dtype(name, "out_dtype")
-    backend, impl = choose(_DEQUANTIZE, on_gpu=device_of(codes) is not None)
-    call = Call(codes, backend)
+def dequantize_blockwise(A, quant_state: QuantState | None = None, absmax=None, code=None,
+                         out=None, blocksize: int = 4096, nested: bool = False, *,
+                         state: QuantState | None = None, out_dtype=None):
+    """Inverse of quantize_blockwise: ``code[A] * absmax[block]`` in float32, rounded once to
+    ``out_dtype`` (default the state's dtype); A's shape, kind and device. A: uint8 codes of
+    any kind; the state (``quant_state``, or our name ``state``): what quantize_blockwise
+    returned (ours or bitsandbytes'), nested part and offset included.
+
+    Without a state, bitsandbytes' form: ``absmax`` (float32 block scales) with ``code``
+    (default the signed dynamic map) and ``blocksize``; dtype float32 (or out's). ``out``
+    (the result's shape and dtype) receives the values and is returned. ``nested`` is
+    ignored, as in bitsandbytes (a nested state says so itself)."""
+    with bnb_arg_errors():
+        _check_array(A, "codes", " (argument A)")
+        if dtype_of(A) != "uint8":
+            raise TypeError(f"codes must be uint8 (argument A); got {dtype_of(A)}")
+        state = resolve_state(quant_state, state)
+        if out is not None:
+            _check_array(out, "out")
+            if out_dtype is None:
+                out_dtype = dtype_of(out)
+        if state is None:
+            state = _state_from_parts(A, absmax, code, blocksize, out_dtype)
+        shape = tuple(A.shape)
+        n = int(np.prod(shape, dtype=np.int64))
+        _check_state(n, state)
+        name = dtype_name(out_dtype) if out_dtype is not None else dtype_name(state.dtype)
+        check_float_dtype(name, "out_dtype")
+    backend, impl = choose(_DEQUANTIZE, on_gpu=device_of(A) is not None)
+    call = Call(A, backend)
     absmax = _absmax_f32(call, state)
     code = call.arg(state.code)
-    out = call.empty((n,), name)
-    _run(call, impl, call.arg(_contiguous(codes)).reshape(-1), code, absmax,
-         int(state.blocksize), name, out)
-    return call.result(out, name).reshape(shape)
+    result = call.empty((n,), name)
+    _run(call, impl, call.arg(_contiguous(A)).reshape(-1), code, absmax,
+         int(state.blocksize), name, result)
+    result = call.result(result, name).reshape(shape)
+    return result if out is None else write_out(out, result)
+
+
+def _state_from_parts(A, absmax, code, blocksize, out_dtype) -> QuantState:
+    """bitsandbytes' stateless call: a QuantState of absmax, code (default the signed dynamic
+    map, on A's device) and blocksize."""
+    if absmax is None:
+        raise ValueError("dequantize_blockwise needs quant_state (or state), or absmax (with "
+                         "code and blocksize)")
+    _check_array(absmax, "absmax")
+    ref.check_blockwise_args("float32", blocksize)
+    if code is None:
+        code = Call(A, "numpy").from_host(dynamic_map(True))
+    else:
+        _check_array(code, "code", " of 256 sorted float32 values")
+    return QuantState(absmax=absmax, code=code, blocksize=int(blocksize),
+                      dtype=dtype_name(out_dtype) if out_dtype is not None else "float32")

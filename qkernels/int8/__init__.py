@@ -11,9 +11,13 @@ SwitchBack (2-D row-major input; states in the input's dtype):
 LLM.int8() (leading dimensions are rows):
     int8_vectorwise_quant(A, threshold=0.0) -> (q int8, row_stats float32, outlier_cols int64 | None)
     int8_vectorwise_dequant(A, stats) -> float32
-    int8_linear_matmul(A int8 (..., K), B int8 (N, K)) -> int32 (..., N)
-    int8_mm_dequant(A int32, row_stats, col_stats, bias=None, out_dtype="float16")
-    int8_double_quant(A, threshold=0.0) -> (CA, CAt, row_stats, col_stats, outlier_cols)
+    int8_linear_matmul(A int8 (..., K), B int8 (N, K), out=None, dtype="int32") -> int32 (..., N)
+    int8_mm_dequant(A int32, row_stats, col_stats, out=None, bias=None, *, out_dtype="float16")
+    int8_double_quant(A, col_stats=None, row_stats=None, out_col=None, out_row=None,
+                      threshold=0.0) -> (CA, CAt, row_stats, col_stats, outlier_cols)
+The LLM.int8() functions have bitsandbytes' signatures (``bitsandbytes.functional``); the
+earlier positional forms ``int8_mm_dequant(A, row_stats, col_stats, bias)`` and
+``int8_double_quant(A, threshold)`` still work (see each function).
 
 Implementations: reference/int8.py (numpy, the oracle), int8.cu + _cupy.py (cupy; the
 GEMMs run there as one kernel with the dequantization fused into the epilogue), _numba.py
@@ -30,6 +34,7 @@ from reference.dtypes import bf16_bits_to_float32, check_float_dtype, dtype_name
 from .._backend import choose, lazy
 from .._interop import (Call, device_of, dtype_of, kind_of, shape_of, contiguous as _contiguous,
                        run as _run)
+from .._compat import bnb_arg_errors, is_array, write_out
 
 __all__ = [
     "quantize_rowwise", "quantize_global", "quantize_global_transpose",
@@ -324,8 +329,9 @@ def int8_vectorwise_quant(A, threshold: float = 0.0):
     the elements with |a| >= threshold are left out of the statistics, outlier_cols (int64,
     ascending, possibly empty) lists their columns and those columns of q are zero; with
     threshold 0, outlier_cols is None. A is not modified."""
-    t = ref.check_threshold(threshold)
-    name, shape = _float_input(A, "A", two_d=False)
+    with bnb_arg_errors():
+        t = ref.check_threshold(threshold)
+        name, shape = _float_input(A, "A", two_d=False)
     rows, cols = _rows_cols(shape)
     backend, impl = _choose(_QUANTIZE_ROWS, A)
     if t > 0 and backend == "cupy" and kind_of(A) == "torch" and device_of(A) is not None:
@@ -344,67 +350,99 @@ def int8_vectorwise_quant(A, threshold: float = 0.0):
 
 def int8_vectorwise_dequant(A, stats):
     """``f32(A) * stats[row] * f32(1/127)`` as float32; A int8 (..., cols), stats float32 (rows,)."""
-    kind_of(A)
-    ref.check_int8(dtype_of(A), "A")
-    shape = shape_of(A)
-    if len(shape) < 1:
-        raise ValueError(f"A must have at least 1 dimension; got shape {shape}")
-    rows, cols = _rows_cols(shape)
-    backend, impl = _choose(_DEQUANT_ROWS, A)
-    call = Call(A, backend)
-    s = _vector(call, stats, rows, "stats", ("float32",))
+    with bnb_arg_errors():
+        kind_of(A)
+        ref.check_int8(dtype_of(A), "A")
+        shape = shape_of(A)
+        if len(shape) < 1:
+            raise ValueError(f"A must have at least 1 dimension; got shape {shape}")
+        rows, cols = _rows_cols(shape)
+        backend, impl = _choose(_DEQUANT_ROWS, A)
+        call = Call(A, backend)
+        s = _vector(call, stats, rows, "stats", ("float32",))
     out = call.empty(shape, "float32")
     _run(call, impl, _arg2d(call, A, rows, cols), s, "float32", out.reshape(rows, cols), "float32")
     return call.result(out, "float32")
 
 
-def int8_linear_matmul(A, B):
+def int8_linear_matmul(A, B, out=None, dtype="int32"):
     """``A @ B^T`` exactly in int32: A int8 (..., K), B int8 (N, K); returns int32 (..., N).
-    On the GPU this is the int8 GEMM with an int32 epilogue."""
-    kind_of(A)
-    kind_of(B)
-    ref.check_int8(dtype_of(A), "A")
-    ref.check_int8(dtype_of(B), "B")
-    M, N, K = ref.check_matmul_shapes(shape_of(A), shape_of(B), "A", "B", b_is_nk=True)
+    On the GPU this is the int8 GEMM with an int32 epilogue. ``out`` (int32 (..., N))
+    receives the product and is returned; ``dtype`` (bitsandbytes' argument) must be int32."""
+    with bnb_arg_errors():
+        kind_of(A)
+        kind_of(B)
+        ref.check_int8(dtype_of(A), "A")
+        ref.check_int8(dtype_of(B), "B")
+        if dtype is not None and dtype_name(dtype) != "int32":
+            raise ValueError(f"dtype must be int32 (the exact product); got {dtype_name(dtype)}")
+        M, N, K = ref.check_matmul_shapes(shape_of(A), shape_of(B), "A", "B", b_is_nk=True)
     backend, impl = _choose(_GEMM, A)
     call = Call(A, backend)
-    out = call.empty(tuple(shape_of(A)[:-1]) + (N,), "int32")
+    result = call.empty(tuple(shape_of(A)[:-1]) + (N,), "int32")
     _run(call, impl, _arg2d(call, A, M, K), call.arg(_contiguous(B)), None, "float32", None,
-         "float32", False, None, None, out.reshape(M, N), "int32")
-    return call.result(out, "int32")
+         "float32", False, None, None, result.reshape(M, N), "int32")
+    result = call.result(result, "int32")
+    return result if out is None else write_out(out, result)
 
 
-def int8_mm_dequant(A, row_stats, col_stats, bias=None, out_dtype="float16"):
+def int8_mm_dequant(A, row_stats, col_stats, out=None, bias=None, *, out_dtype=None):
     """``f32(A) * row_stats[:, None] * col_stats[None, :] * f32(1/127^2) + bias`` in float32,
-    rounded once to out_dtype (default float16). A int32 (..., N), row_stats float32 (rows,),
-    col_stats float32 (N,), bias (N,) float16/bfloat16/float32 or None."""
-    kind_of(A)
-    if dtype_of(A) != "int32":
-        raise TypeError(f"A must be int32; got dtype {dtype_of(A)}")
-    shape = shape_of(A)
-    if len(shape) < 1:
-        raise ValueError(f"A must have at least 1 dimension; got shape {shape}")
-    name = dtype_name(out_dtype)
-    check_float_dtype(name, "out_dtype")
-    rows, cols = _rows_cols(shape)
-    backend, impl = _choose(_MM_DEQUANT, A)
-    call = Call(A, backend)
-    r = _vector(call, row_stats, rows, "row_stats", ("float32",))
-    c = _vector(call, col_stats, cols, "col_stats", ("float32",))
-    bv = None if bias is None else _vector(call, bias, cols, "bias")
-    out = call.empty(shape, name)
+    rounded once to out_dtype (default out's dtype, else float16). A int32 (..., N),
+    row_stats float32 (rows values, any shape), col_stats float32 (N values), bias (N,)
+    float16/bfloat16/float32 or None. ``out`` (A's shape) receives the result and is returned.
+
+    The earlier order ``int8_mm_dequant(A, row_stats, col_stats, bias)`` still works: a 1-D
+    array of N values in out's place, for 2-D or higher A (where out would have A's shape),
+    is the bias."""
+    if (out is not None and bias is None and is_array(out) and is_array(A)
+            and len(shape_of(out)) == 1 and len(shape_of(A)) >= 2):
+        out, bias = None, out
+    with bnb_arg_errors():
+        kind_of(A)
+        if dtype_of(A) != "int32":
+            raise TypeError(f"A must be int32; got dtype {dtype_of(A)}")
+        shape = shape_of(A)
+        if len(shape) < 1:
+            raise ValueError(f"A must have at least 1 dimension; got shape {shape}")
+        if out is not None:
+            kind_of(out)
+            if out_dtype is None:
+                out_dtype = dtype_of(out)
+        name = dtype_name(out_dtype) if out_dtype is not None else "float16"
+        check_float_dtype(name, "out_dtype")
+        rows, cols = _rows_cols(shape)
+        backend, impl = _choose(_MM_DEQUANT, A)
+        call = Call(A, backend)
+        r = _vector(call, row_stats, rows, "row_stats", ("float32",))
+        c = _vector(call, col_stats, cols, "col_stats", ("float32",))
+        bv = None if bias is None else _vector(call, bias, cols, "bias")
+    result = call.empty(shape, name)
     _run(call, impl, _arg2d(call, A, rows, cols), r, c, bv, None if bias is None else dtype_of(bias),
-         out.reshape(rows, cols), name)
-    return call.result(out, name)
+         result.reshape(rows, cols), name)
+    result = call.result(result, name)
+    return result if out is None else write_out(out, result)
 
 
-def int8_double_quant(A, threshold: float = 0.0):
+def int8_double_quant(A, col_stats=None, row_stats=None, out_col=None, out_row=None,
+                      threshold: float = 0.0):
     """Row- and column-wise int8 quantization of A (..., cols): (CA int8, CAt int8 (A's shape,
     NOT transposed), row_stats float32 (rows,), col_stats float32 (cols,), outlier_cols as in
     int8_vectorwise_quant). With threshold > 0 outliers are left out of both statistics; CA
-    zeroes whole outlier columns, CAt only the outlier elements."""
-    t = ref.check_threshold(threshold)
-    name, shape = _float_input(A, "A", two_d=False)
+    zeroes whole outlier columns, CAt only the outlier elements.
+
+    bitsandbytes' preallocated col_stats / row_stats / out_col / out_row are not supported
+    (ValueError, as there). A number in col_stats' place is the threshold: the earlier
+    order ``int8_double_quant(A, threshold)``."""
+    if col_stats is not None and not is_array(col_stats) and isinstance(col_stats, (int, float, np.number)):
+        col_stats, threshold = None, col_stats
+    for arg, argname in ((col_stats, "col_stats"), (row_stats, "row_stats"), (out_col, "out_col"),
+                         (out_row, "out_row")):
+        if arg is not None:
+            raise ValueError(f"{argname} must be None: int8_double_quant allocates its outputs")
+    with bnb_arg_errors():
+        t = ref.check_threshold(threshold)
+        name, shape = _float_input(A, "A", two_d=False)
     rows, cols = _rows_cols(shape)
     backend, impl = _choose(_QUANTIZE_ROWS, A)
     call = Call(A, backend)
