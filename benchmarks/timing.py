@@ -1,4 +1,4 @@
-"""Timing and ceilings shared by every benchmark section (DESIGN.md "Benchmarks").
+"""Timing and ceilings shared by every benchmark section.
 
 Kernel time: a CUDA graph of many calls cycling over >= 4 input sets (so inputs larger than
 L2 come from HBM), replayed several times; the median per-call time of CUDA events over the

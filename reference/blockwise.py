@@ -1,4 +1,4 @@
-"""Blockwise 8-bit dynamic quantization, the NumPy oracle (SPEC.md section 2).
+"""Blockwise 8-bit dynamic quantization, the NumPy oracle (docs/FORMATS.md §2).
 
 GPU versions: qkernels/blockwise/blockwise.cu (CuPy) and qkernels/blockwise/_numba.py.
 
@@ -10,7 +10,7 @@ may be partial): ``absmax = max |x|`` in float32, ``y = f32(x * f32(1 / absmax))
 code is ``#{i : mid_i < y}`` over the float32 midpoints of the sorted codebook (the nearest
 value; a tie goes to the lower index). Dequantization is ``f32(code[c] * absmax)``.
 
-Special values (SPEC.md section 12): ``absmax`` propagates NaN (NaN if the block holds a
+Special values (docs/FORMATS.md §12): ``absmax`` propagates NaN (NaN if the block holds a
 NaN, else +Inf if it holds an infinity). A NaN ``y`` (0/0 in an all-zero block, Inf*0,
 anything in a NaN block) is searched as 0.0, so an all-zero block stores the code of 0.0
 and dequantizes to zeros, and a block with NaN or Inf dequantizes to NaN (for codebooks

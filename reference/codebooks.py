@@ -1,4 +1,4 @@
-"""The codebooks (quantization maps) of SPEC.md section 1, built in code, float32.
+"""The codebooks (quantization maps) of docs/FORMATS.md §1, built in code, float32.
 
 Every map is reproduced bit for bit as bitsandbytes builds it with torch float32
 arithmetic; ``tests/test_codebooks.py`` checks each against ``tests/data/codebooks.json``.
@@ -139,7 +139,7 @@ CODEBOOK_NAMES = ("dynamic_signed", "dynamic_unsigned", "fp8_e4m3", "fp8_e5m2",
 
 
 def get_code(name: str) -> np.ndarray:
-    """A codebook by its name in ``CODEBOOK_NAMES`` (the keys of spec/codebooks.json)."""
+    """A codebook by its name in ``CODEBOOK_NAMES`` (the keys of tests/data/codebooks.json)."""
     makers = {
         "dynamic_signed": lambda: dynamic_map(True),
         "dynamic_unsigned": lambda: dynamic_map(False),

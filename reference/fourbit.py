@@ -1,5 +1,5 @@
 """4-bit quantization (NF4 / FP4), double quantization and matmul_4bit: the NumPy oracle
-(SPEC.md sections 3, 4 and 12).
+(docs/FORMATS.md §3, §4 and §12).
 
 GPU versions: qkernels/fourbit/fourbit.cu (CuPy) and qkernels/fourbit/_numba.py.
 
@@ -12,7 +12,7 @@ Per block of ``blocksize`` consecutive elements of the flattened input (the last
 be partial): ``absmax = max |x|`` in float32, ``y = f32(x * f32(1 / absmax))``.
 - NF4: the code is ``#{i : t_i < y}`` over the 15 float32 midpoints of the NF4 values
   (nearest value; a tie goes to the lower code).
-- FP4: bitsandbytes' CUDA rule (SPEC.md section 4): sign bit 8 when ``y < 0``, three
+- FP4: bitsandbytes' CUDA rule (docs/FORMATS.md §4.3): sign bit 8 when ``y < 0``, three
   magnitude bits from comparisons of ``|y|`` with seven float32 literals.
 Both are computed here as a *rank* ``#{s_i < y}`` over 15 sorted signed thresholds followed
 by a rank -> code permutation (the identity for NF4). For FP4 the thresholds are the
@@ -25,7 +25,7 @@ pads the last low nibble with the code of 0.0 (NF4 7, FP4 0). ``packed`` has sha
 ``(ceil(n/2), 1)`` uint8, or with a ``quant_storage`` of itemsize s the same bytes (zero
 padded) viewed as ``(ceil(ceil(n/2)/s), 1)`` of that dtype.
 
-Special values (SPEC.md section 12), as in reference/blockwise.py: ``absmax`` propagates
+Special values (docs/FORMATS.md §12), as in reference/blockwise.py: ``absmax`` propagates
 NaN (NaN if the block holds a NaN, else +Inf if it holds an infinity); a NaN ``y`` (0/0 in
 an all-zero block, Inf*0, anything in a NaN block) is coded as 0.0. So an all-zero block
 stores the code of 0.0 and dequantizes to zeros, and a block holding NaN or Inf

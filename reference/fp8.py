@@ -1,4 +1,4 @@
-"""Simulated FP8 (bitsandbytes' research layers), the NumPy oracle (SPEC.md section 8).
+"""Simulated FP8 (bitsandbytes' research layers), the NumPy oracle (docs/FORMATS.md §8).
 
 GPU and torch versions: torch_ops/fp8.py (``qdq_global`` in torch ops on CUDA, blockwise
 through qkernels.quantize_blockwise).
@@ -9,7 +9,7 @@ through qkernels.quantize_blockwise).
     matmul_fp8_mixed(A (..., K), B (K, N), fw_code, bw_code, bsz, bsz2) -> A's dtype
     matmul_fp8_global(A (..., K), B (K, N), fw_code, bw_code) -> A's dtype
 
-"qdq" is quantize-then-dequantize with a codebook (SPEC.md section 2's rule: ``y = f32(x *
+"qdq" is quantize-then-dequantize with a codebook (docs/FORMATS.md §2's rule: ``y = f32(x *
 f32(1 / absmax))``, the nearest code by float32 midpoints, ties to the lower index, then
 ``f32(code[c] * absmax)`` rounded once to A's dtype). "Global" is one block spanning the
 whole tensor; its special values follow section 12: a NaN or Inf anywhere makes every
@@ -77,7 +77,7 @@ def _matmul(a: np.ndarray, b: np.ndarray, name: str) -> np.ndarray:
 
 
 def matmul_fp8_mixed(A, B, fw_code, bw_code=None, bsz: int = 1024, bsz2: int = 1024):
-    """Forward of SPEC.md 8 "Mixed": ``qdq(A, fw, bsz) @ qdq_global(B, fw)`` in float64 on the
+    """Forward of docs/FORMATS.md §8.1 "Mixed": ``qdq(A, fw, bsz) @ qdq_global(B, fw)`` in float64 on the
     dtype-rounded qdq values, rounded once to A's dtype. A (..., K), B (K, N)."""
     A, B = np.asarray(A), np.asarray(B)
     name = dtype_name(A.dtype)
@@ -88,7 +88,7 @@ def matmul_fp8_mixed(A, B, fw_code, bw_code=None, bsz: int = 1024, bsz2: int = 1
 
 
 def matmul_fp8_global(A, B, fw_code, bw_code=None):
-    """Forward of SPEC.md 8 "Global": ``qdq_global(A, fw) @ qdq_global(B, fw)``, as above."""
+    """Forward of docs/FORMATS.md §8.1 "Global": ``qdq_global(A, fw) @ qdq_global(B, fw)``, as above."""
     A, B = np.asarray(A), np.asarray(B)
     name = dtype_name(A.dtype)
     check_float_dtype(name, "A")

@@ -1,4 +1,4 @@
-"""INT8 quantization and int8 GEMMs, the NumPy oracle (SPEC.md sections 5, 6 and 12).
+"""INT8 quantization and int8 GEMMs, the NumPy oracle (docs/FORMATS.md §5, §6 and §12).
 
 GPU versions: qkernels/int8/int8.cu (CuPy, including the fused-epilogue GEMM) and
 qkernels/int8/_numba.py (every op but the GEMMs).
@@ -21,7 +21,7 @@ SwitchBack family (2-D row-major input):
 The quantizer (one rule for every op): with ``m`` the float32 absmax of the row, column or
 tensor, ``scale = f32(127 / m)`` (one IEEE division) and
 ``q = clip(rint(f32(x) * scale), -127, 127)`` with ties to even; a NaN product gives code 0.
-Consequences, which the kernels reproduce (SPEC.md section 12): an all-zero row has m = 0,
+Consequences, which the kernels reproduce (docs/FORMATS.md §12): an all-zero row has m = 0,
 scale = +Inf, 0 * Inf = NaN -> codes 0, and dequantizes to zeros. A row holding NaN has
 m = NaN and all codes 0; it dequantizes to NaN. A row holding +-Inf has m = Inf,
 scale = 0, codes 0 (Inf * 0 is NaN), and dequantizes to NaN (0 * Inf). Other rows are
@@ -217,7 +217,7 @@ def _rows2d(A) -> tuple[np.ndarray, str, tuple]:
 # --- LLM.int8() ----------------------------------------------------------------------------
 
 def int8_vectorwise_quant(A, threshold: float = 0.0):
-    """Row-wise int8 quantization with optional outlier columns (SPEC.md section 5).
+    """Row-wise int8 quantization with optional outlier columns (docs/FORMATS.md §5.2).
 
     A: float16 (bnb's type; bfloat16 and float32 also accepted), shape (..., cols); leading
     dims are rows. Returns (q int8 of A's shape, row_stats float32 (rows,), outlier_cols):
@@ -323,7 +323,7 @@ def int8_mm_dequant(C, row_stats, col_stats, bias=None, out_dtype="float16"):
 
 
 def int8_double_quant(A, threshold: float = 0.0):
-    """Row- and column-wise int8 quantization (SPEC.md section 5).
+    """Row- and column-wise int8 quantization (docs/FORMATS.md §5.6).
 
     Returns (CA int8 A's shape, CAt int8 A's shape (NOT transposed), row_stats float32
     (rows,), col_stats float32 (cols,), outlier_cols (as int8_vectorwise_quant)). With

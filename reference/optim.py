@@ -1,5 +1,5 @@
-"""Adam / AdamW updates with 8-bit blockwise or 32-bit state, the NumPy oracle (SPEC.md
-section 11; the quantization of the state is section 2's, blocks of 256).
+"""Adam / AdamW updates with 8-bit blockwise or 32-bit state, the NumPy oracle (docs/FORMATS.md
+§11; the quantization of the state is §2's, blocks of 256).
 
 GPU versions: qkernels/optim/optim.cu (CuPy) and qkernels/optim/_numba.py.
 

@@ -1,4 +1,4 @@
-"""QuantState: everything needed to dequantize, and its dict format (SPEC.md section 3).
+"""QuantState: everything needed to dequantize, and its dict format (docs/FORMATS.md §3).
 
 A QuantState holds arrays of whatever kind produced it (NumPy here; CuPy or torch when
 qkernels or torch_ops made it): the reference never converts them. ``as_dict`` /

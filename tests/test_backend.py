@@ -1,5 +1,5 @@
 """Backend selection (qkernels/_backend.py): ``use_backend`` is context-local, so asyncio
-tasks and threads each keep their own choice and leave in any order (DESIGN.md, Dispatch)."""
+tasks and threads each keep their own choice and leave in any order."""
 from __future__ import annotations
 
 import asyncio

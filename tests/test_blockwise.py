@@ -1,5 +1,5 @@
 """Blockwise 8-bit quantization: the reference against the definition, every backend against
-the reference, and bitsandbytes where it is importable (SPEC.md section 2)."""
+the reference, and bitsandbytes where it is importable (docs/FORMATS.md §2)."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,7 +18,7 @@ blocksizes = st.sampled_from(ref.BLOCKSIZES)
 
 
 def definition(x32: np.ndarray, code: np.ndarray, blocksize: int):
-    """SPEC.md section 2 spelled out with np.searchsorted: the slow, obvious oracle."""
+    """docs/FORMATS.md §2 spelled out with np.searchsorted: the slow, obvious oracle."""
     x = x32.reshape(-1)
     n = x.size
     pad = (-n) % blocksize
@@ -55,7 +55,7 @@ def test_codes_are_nearest_and_dequantize_is_exact(xd, blocksize):
     y = np.where(np.isfinite(y), y, 0).astype(np.float64)
     err = np.abs(code[flat] - y)
     # the rule decides by float32 midpoints, which may sit half an ulp off the exact middle:
-    # a value on one goes to the lower code, at most one float32 ulp of y farther (SPEC 2)
+    # a value on one goes to the lower code, at most one float32 ulp of y farther (docs/FORMATS.md §2.3)
     ulp = np.spacing(np.abs(y).astype(np.float32)).astype(np.float64)
     for step in (-1, 1):
         other = np.clip(flat.astype(int) + step, 0, 255)
@@ -84,11 +84,11 @@ def test_special_values_stay_in_their_block():
     assert np.isfinite(out[:64]).all() and np.isfinite(out[320:]).all()
 
 
-# --- special values with nested statistics (SPEC.md sections 2 and 12) ------------------
+# --- special values with nested statistics (docs/FORMATS.md §2.5 and §12) ------------------
 #
 # Nesting quantizes the absmax vector itself, in blocks of ``blocksize`` absmax values that
 # share one float32 scale. A NaN/Inf absmax has to stay non-finite (else its block would
-# dequantize to finite garbage, the silent corruption SPEC 12 forbids), and no finite scale
+# dequantize to finite garbage, the silent corruption docs/FORMATS.md §12 forbids), and no finite scale
 # and offset can make one uint8 code of bitsandbytes' nested format NaN: the special value
 # therefore reaches the other absmax values of its *nested* block (blocksize blocks, as the
 # 4-bit path's 256), and nothing beyond it. The offset is the mean of the finite absmax
@@ -406,7 +406,7 @@ def test_against_bitsandbytes(dtype, blocksize):
     ours, state = qkernels.quantize_blockwise(t, blocksize=blocksize)
     ok = np.repeat(_finite_nonzero_blocks(t.float().numpy(), blocksize), blocksize)[:x32.size]
     a, b = ours.numpy()[ok], q_bnb.numpy()[ok]
-    # bnb's CPU quantizer is a lookup-table approximation: SPEC.md section 2 says up to 4 codes
+    # bnb's CPU quantizer is a lookup-table approximation: docs/FORMATS.md §13 says up to 4 codes
     # off on ~0.2% of elements. Measured with bnb 0.50.2 on these inputs over 8 seeds: float16
     # and float32 differ on 0.13-0.21% (at most 3 codes), bfloat16 on 0.20-0.44% (its coarser
     # values put more of them near a midpoint): hence 0.25% and 0.5%, not a blanket 0.5%.
@@ -415,7 +415,7 @@ def test_against_bitsandbytes(dtype, blocksize):
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 4
     code = get_code("dynamic_signed")
     absmax = state.absmax.numpy()
-    # y as SPEC.md section 2 defines it (times the float32 reciprocal, not divided)
+    # y as docs/FORMATS.md §2.2 defines it (times the float32 reciprocal, not divided)
     rcp = (np.float32(1) / np.repeat(absmax, blocksize)[:x32.size][ok]).astype(np.float32)
     y = (t.float().numpy()[ok] * rcp).astype(np.float32)
     ulp = np.spacing(np.abs(y).astype(np.float32))

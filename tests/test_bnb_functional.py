@@ -296,7 +296,7 @@ def test_int8_out_and_bitsandbytes_agreement(F):
     theirs = F.int8_mm_dequant(C, SA, SB, bias=bias)
     ours = qkernels.int8_mm_dequant(C, SA, SB, bias=bias)
     assert ours.dtype == theirs.dtype == torch.float16
-    # bitsandbytes' CPU constant is 1.8e-5 relative off (SPEC.md section 5): within 1 fp16 ulp
+    # bitsandbytes' CPU constant is 1.8e-5 relative off (docs/FORMATS.md §5.5): within 1 fp16 ulp
     ulp = torch.finfo(torch.float16).eps * theirs.float().abs().clamp(min=2**-14)
     assert ((ours.float() - theirs.float()).abs() <= ulp).all()
     res = torch.empty(16, 32)

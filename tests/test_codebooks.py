@@ -1,4 +1,4 @@
-"""Every codebook built in code equals spec/codebooks.json bit for bit."""
+"""Every codebook built in code equals tests/data/codebooks.json bit for bit (docs/FORMATS.md §1)."""
 import json
 import pathlib
 
@@ -7,14 +7,14 @@ import pytest
 
 from reference import codebooks
 
-SPEC = json.loads((pathlib.Path(__file__).parent / "data" / "codebooks.json").read_text())
+CODEBOOKS = json.loads((pathlib.Path(__file__).parent / "data" / "codebooks.json").read_text())
 
 
 @pytest.mark.parametrize("name", codebooks.CODEBOOK_NAMES)
 def test_codebook_bits_match_spec(name):
     ours = codebooks.get_code(name)
-    want = np.array([int(h, 16) for h in SPEC[name]["float32_bits_hex"]], dtype=np.uint32)
-    assert ours.dtype == np.float32 and ours.shape == (SPEC[name]["n"],)
+    want = np.array([int(h, 16) for h in CODEBOOKS[name]["float32_bits_hex"]], dtype=np.uint32)
+    assert ours.dtype == np.float32 and ours.shape == (CODEBOOKS[name]["n"],)
     np.testing.assert_array_equal(ours.view(np.uint32), want)
 
 

@@ -1,5 +1,5 @@
 """4-bit NF4/FP4: the reference against the definition, every backend against the
-reference, matmul_4bit, and bitsandbytes where it is importable (SPEC.md sections 3, 4, 12)."""
+reference, matmul_4bit, and bitsandbytes where it is importable (docs/FORMATS.md §3, §4, §12)."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,7 +19,7 @@ ZERO = {"nf4": 7, "fp4": 0}
 
 
 def definition(x32: np.ndarray, quant_type: str, blocksize: int):
-    """SPEC.md section 4 spelled out: searchsorted over the NF4 midpoints, the literal FP4
+    """docs/FORMATS.md §4 spelled out: searchsorted over the NF4 midpoints, the literal FP4
     decision tree; packed bytes (ceil(n/2),) and absmax. The slow, obvious oracle."""
     x = x32.reshape(-1)
     n = x.size
@@ -181,7 +181,7 @@ def test_empty_noncontiguous_bf16_and_shorthands():
 
 @pytest.mark.parametrize("quant_type", ref.QUANT_TYPES)
 def test_error_bounds_from_bitsandbytes_tests(quant_type):
-    """SPEC.md section 11: randn 1024^2, blocksize 64: mean abs error NF4 <= 0.0728, FP4 <= 0.0965."""
+    """docs/FORMATS.md §14: randn 1024^2, blocksize 64: mean abs error NF4 <= 0.0728, FP4 <= 0.0965."""
     x = np.random.default_rng(5).standard_normal((1024, 1024)).astype(np.float32)
     out = ref.dequantize_4bit(*ref.quantize_4bit(x, 64, quant_type))
     assert np.abs(out - x).mean() <= {"nf4": 0.0728, "fp4": 0.0965}[quant_type]
@@ -578,7 +578,7 @@ def F():
 
 
 def _good_full_blocks(x32, blocksize):
-    """Per element: in a full block that is finite and not all zero (SPEC.md section 12: byte
+    """Per element: in a full block that is finite and not all zero (docs/FORMATS.md §12-§13: byte
     comparisons with bitsandbytes mask the blocks where it is undefined; its CPU path divides
     instead of multiplying by the reciprocal in a partial last block)."""
     n = x32.size

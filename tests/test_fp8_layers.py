@@ -1,4 +1,4 @@
-"""FP8 linear layers (SPEC.md section 8): the qdq ops against the NumPy oracle (exact), the
+"""FP8 linear layers (docs/FORMATS.md §8): the qdq ops against the NumPy oracle (exact), the
 layers' forward and backward against a float64 evaluation of the same quantized math, block
 sizes, custom ops, torch.compile, state_dict, bad input, and the native FP8 path (its math
 on CPU through torch._scaled_mm's CPU kernel; the layer itself on a GPU with FP8 tensor cores).
@@ -33,7 +33,7 @@ def _np(x: torch.Tensor) -> np.ndarray:
 
 
 def definition_global(x: torch.Tensor, code: np.ndarray) -> torch.Tensor:
-    """SPEC 2 with one block, spelled out with np.searchsorted."""
+    """docs/FORMATS.md §2 with one block, spelled out with np.searchsorted."""
     x32 = _np(x).reshape(-1)
     absmax = np.float32(np.max(np.abs(x32)))
     with np.errstate(all="ignore"):
@@ -92,7 +92,7 @@ def test_block_sizes():
 
 
 def reference(kind: str, X, W, b, G, bsz, bsz2, device="cpu"):
-    """(Y, dX, dW, dbias): float64 products of the dtype-rounded qdq operands SPEC 8 names,
+    """(Y, dX, dW, dbias): float64 products of the dtype-rounded qdq operands docs/FORMATS.md §8.1 names,
     and the same four as plain torch computes them in X's dtype on ``device``."""
     dt = X.dtype
     B = W.t()

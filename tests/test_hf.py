@@ -259,7 +259,7 @@ def test_bitsandbytes_checkpoint_loads_through_qkernels_config(tmp_path, llama_d
     every tensor as bitsandbytes saved it, every layer's dequantized weight equal to what
     bitsandbytes dequantizes, the same outputs (within the accuracy bitsandbytes' own
     kernels reach on the same weights: against a float64 forward of those weights, our error
-    is at most 2x bitsandbytes' own, the FlashAttention rule of DESIGN.md), the runtime options
+    is at most 2x bitsandbytes' own, the FlashAttention rule), the runtime options
     of the checkpoint kept, and a kind mismatch refused naming both."""
     bnb = pytest.importorskip("bitsandbytes")
     from safetensors.torch import load_file

@@ -1,4 +1,4 @@
-"""INT8 family (SPEC.md sections 5, 6, 12): the reference against a scalar-by-scalar
+"""INT8 family (docs/FORMATS.md §5, §6, §12): the reference against a scalar-by-scalar
 definition, the public API on host data, bad input, bitsandbytes where importable, and (GPU)
 every backend and the fused-epilogue GEMM against the reference, bit for bit."""
 from __future__ import annotations
@@ -31,7 +31,7 @@ def f32_of(a) -> np.ndarray:
 # --- the definition, one scalar at a time ------------------------------------------------
 
 def scalar_code(x: np.float32, m: np.float32) -> int:
-    """SPEC's quantizer for one element: clip(rint(f32(x) * f32(127 / m))), NaN -> 0."""
+    """docs/FORMATS.md §5.1's quantizer for one element: clip(rint(f32(x) * f32(127 / m))), NaN -> 0."""
     with np.errstate(all="ignore"):
         scale = np.float32(127) / np.float32(m)
         y = np.float32(np.float32(x) * scale)

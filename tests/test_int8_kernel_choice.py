@@ -1,24 +1,24 @@
-"""qkernels.int8._cupy.kernel_choice: the int8 family's one kernel-choice function (CPU: the
+"""qkernels.int8._choice.kernel_choice: the int8 family's one kernel-choice function (CPU: the
 device's compute capability is stubbed; the kernels themselves run in the gpu tests of
 test_int8.py and test_linear8bit.py)."""
 from __future__ import annotations
 
 import pytest
 
-from qkernels.int8 import _cupy
+from qkernels.int8 import _choice
 
 
 @pytest.fixture(params=[True, False], ids=["sm90", "other"])
 def sm90(request, monkeypatch):
     """kernel_choice on a device of compute capability 9.0 (True) or another (False)."""
-    monkeypatch.setattr(_cupy, "_is_sm90", lambda device: request.param)
-    _cupy.kernel_choice.cache_clear()
+    monkeypatch.setattr(_choice, "_is_sm90", lambda device: request.param)
+    _choice.kernel_choice.cache_clear()
     yield request.param
-    _cupy.kernel_choice.cache_clear()
+    _choice.kernel_choice.cache_clear()
 
 
 def test_gemm_takes_the_hopper_kernel_only_where_it_runs(sm90):
-    choice = _cupy.kernel_choice
+    choice = _choice.kernel_choice
     assert choice("gemm", 0, 2051, 2312, 272, "int8", True) == ("sm90" if sm90 else "mma_sync")
     assert choice("gemm", 0, 2051, 2312, 270, "int8", False) == "mma_sync"
     assert choice("gemm", 0, 3, 9, 16, "int8", True, "mma_sync") == "mma_sync"
@@ -45,12 +45,12 @@ def test_gemm_takes_the_hopper_kernel_only_where_it_runs(sm90):
     ("bfloat16", 1, 23000, True, "gemv_dp4a"),      # x fits 32 KB, its codes not shared memory
 ])
 def test_linear_gemv_form(sm90, dtype, M, K, aligned, want):
-    assert _cupy.kernel_choice("linear", 0, M, 64, K, dtype, aligned) == want
+    assert _choice.kernel_choice("linear", 0, M, 64, K, dtype, aligned) == want
 
 
 def test_linear_forced_forms_and_their_limits(sm90):
-    choice = _cupy.kernel_choice
-    for name in _cupy.GEMV_KERNELS:
+    choice = _choice.kernel_choice
+    for name in _choice.GEMV_KERNELS:
         assert choice("linear", 0, 3, 64, 512, "float16", True, name) == name
     with pytest.raises(ValueError, match="tensor-core"):
         choice("linear", 0, 3, 64, 520, "float16", False, "gemv_mma")
@@ -65,7 +65,7 @@ def test_linear_forced_forms_and_their_limits(sm90):
 def test_linear_outliers(sm90):
     """Never staged (the GEMV reads the codes row_quant made); above 16 rows the Hopper GEMM's
     OUTL epilogue, or None (the synchronizing form) elsewhere."""
-    choice = _cupy.kernel_choice
+    choice = _choice.kernel_choice
     assert choice("linear_outliers", 0, 1, 64, 512, "float16", True) == "gemv_dp4a"
     assert choice("linear_outliers", 0, 4, 64, 512, "float16", True) == "gemv_mma"
     assert choice("linear_outliers", 0, 17, 64, 512, "float16", True) == ("sm90" if sm90 else None)
@@ -79,4 +79,4 @@ def test_linear_outliers(sm90):
 
 def test_unknown_op():
     with pytest.raises(ValueError, match="op must be"):
-        _cupy.kernel_choice("conv", 0, 1, 1, 16, "float16", True)
+        _choice.kernel_choice("conv", 0, 1, 1, 16, "float16", True)

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # --- kernel choice: no module-level switches in the CuPy launchers ---------------------------
 # A launcher picks its kernel in one function of (device, shapes, dtype) with a keyword that
-# forces a variant (qkernels.int8._cupy.kernel_choice). A module global that a test or a
+# forces a variant (qkernels.int8._choice.kernel_choice). A module global that a test or a
 # benchmark rewrites to steer a launch (``_cupy.USE_SM90 = False``) is shared, process-wide
 # state: it leaks between tests, races between threads and is invisible at the call site.
 
@@ -179,3 +179,115 @@ def test_switch_rule_sees_the_forms_it_forbids(tmp_path, monkeypatch):
     writes = _writes_to(_module_name(path), _globals_of(path))
     assert len(inside) == 3 and "USE_FAST = True" in inside[0] and "global TILE" in inside[2]
     assert sorted(int(w.split(":")[1]) for w in writes) == [4, 5, 6, 7], writes
+
+
+# --- layering: reference <- qkernels <- torch_ops, no import cycles ----------------------------
+# Every import counts, also one inside a function (a lazy import is still a dependency). A
+# submodule importing its own package (``from . import X`` in ``qkernels/fourbit/ops.py``)
+# is not a cycle: the package is the submodule's namespace.
+
+_PACKAGES = ("reference", "qkernels", "torch_ops")
+_ALLOWED_BELOW = {"reference": (), "qkernels": ("reference",), "torch_ops": ("reference", "qkernels")}
+_OURS = (*_PACKAGES, "benchmarks")
+
+
+def _modules() -> dict:
+    """{dotted module name: path} of the three shipped packages."""
+    mods = {}
+    for pkg in _PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return mods
+
+
+def _imports_of(name: str, path: Path, mods: dict) -> set:
+    """The modules of this tree (and benchmarks) that module ``name`` imports anywhere."""
+    _, tree = _parse(path)
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = (".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+                    if node.level else node.module)
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in mods)
+    return {m for m in found if m and m.split(".")[0] in _OURS}
+
+
+def test_no_upward_imports():
+    """reference imports neither qkernels nor torch_ops; qkernels never imports torch_ops or
+    benchmarks; nothing shipped imports benchmarks."""
+    mods = _modules()
+    bad = [f"{name} imports {dep}" for name, path in mods.items() for dep in sorted(_imports_of(name, path, mods))
+           if dep.split(".")[0] != name.split(".")[0]
+           and dep.split(".")[0] not in _ALLOWED_BELOW[name.split(".")[0]]]
+    assert not bad, "imports against the layering:\n" + "\n".join(bad)
+
+
+def _cycles(graph: dict) -> list:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _import_graph() -> dict:
+    mods = _modules()
+    return {name: {dep for dep in _imports_of(name, path, mods)
+                   if dep in mods and dep != name and not name.startswith(dep + ".")}
+            for name, path in mods.items()}
+
+
+def test_no_import_cycles():
+    cycles = _cycles(_import_graph())
+    assert not cycles, "import cycles (lazy imports included):\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_cycle_rule_sees_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+# --- no citations of files outside the repository -------------------------------------------
+
+def test_no_citations_of_files_outside_the_repository():
+    """Comments cite docs/FORMATS.md, which the repository has; not SPEC.md or DESIGN.md,
+    which it does not."""
+    found = []
+    for top in ("reference", "qkernels", "torch_ops", "tests", "benchmarks", "scripts", "docs"):
+        for path in sorted((ROOT / top).rglob("*")):
+            if path.suffix not in (".py", ".cu", ".cuh", ".md", ".sh", ".cpp") or not path.is_file():
+                continue
+            for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                if "SPEC.md" in line or "DESIGN.md" in line or "../shared" in line:
+                    if path.name == "test_layering_rules.py":  # the rule itself names them
+                        continue
+                    found.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()[:100]}")
+    assert not found, "citations of files outside the repository:\n" + "\n".join(found)

@@ -1,4 +1,4 @@
-"""Linear4bit / LinearNF4 / LinearFP4 and Params4bit (SPEC.md sections 3, 4, 10): checkpoints
+"""Linear4bit / LinearNF4 / LinearFP4 and Params4bit (docs/FORMATS.md §3, §4, §10): checkpoints
 both ways with bitsandbytes, safetensors, moves, memory, errors, accuracy, gradients."""
 from __future__ import annotations
 
@@ -369,7 +369,7 @@ def test_fp32_bias_with_16bit_compute():
     """bitsandbytes' test_linear_kbit_fp32_bias, our way: a float32 bias with float16 input
     gives a float16 output whose bias was added in float16. bitsandbytes casts the bias
     parameter itself to float16 in place (its test asserts bias.dtype == float16 after the
-    forward); SPEC.md section 10 says the bias parameter is never modified, so ours stays
+    forward); docs/FORMATS.md §10 says the bias parameter is never modified, so ours stays
     float32 (and keeps getting float32 gradients)."""
     layer = LinearNF4(32, 64).to("cpu")
     assert layer.weight.dtype == torch.uint8 and layer.bias.dtype == torch.float32

@@ -1,4 +1,4 @@
-"""Linear8bitLt and Int8Params (SPEC.md sections 5 and 9): the LLM.int8() forward against its
+"""Linear8bitLt and Int8Params (docs/FORMATS.md §5 and §9): the LLM.int8() forward against its
 definition, bitsandbytes checkpoints both ways, memory, training, errors."""
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _x(dtype, rows=6, seed=1, outlier_col=5):
 
 
 def _definition(x, CB, SCB, bias, threshold):
-    """SPEC 9's forward in float64, from the int8 codes our quantizer produced."""
+    """docs/FORMATS.md §9's forward in float64, from the int8 codes our quantizer produced."""
     CA, SCA, cols = int8_vectorwise_quant(x, threshold)
     out = (CA.double() @ CB.double().T) * SCA.double()[:, None] * SCB.double()[None, :] / (127 * 127)
     out = out + bias.double()
@@ -55,7 +55,7 @@ def _definition(x, CB, SCB, bias, threshold):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
 def test_forward_is_the_definition(dtype, threshold):
-    """The output is SPEC 9's computation on the int8 codes, rounded once to x's dtype (the
+    """The output is docs/FORMATS.md §9's computation on the int8 codes, rounded once to x's dtype (the
     error against the float64 evaluation is at most one rounding: 2^-8 relative for bf16)."""
     layer = _ours(_linear(), threshold)
     x = _x(dtype)
@@ -144,7 +144,7 @@ def _bnb_layer(linear, threshold):
 def test_bnb_checkpoint_loads_here(threshold):
     """bnb's int8 checkpoint loads strictly into a fresh layer (bnb itself refuses that),
     keeps its exact CB/SCB, and reproduces bnb's eval-mode output within 1 fp16 ulp (bnb-CPU's
-    dequantization constant differs by 1.8e-5 relative, SPEC 5)."""
+    dequantization constant differs by 1.8e-5 relative, docs/FORMATS.md §13.11)."""
     lin = _linear(seed=3)
     b = _bnb_layer(lin, threshold).eval()
     sd = b.state_dict()
@@ -275,7 +275,7 @@ def test_tied_weight_refuses_an_int8_checkpoint():
 
 def test_fresh_layer_loads_int8_checkpoint_unlike_bitsandbytes():
     """bitsandbytes' test_linear_serialization expects a RuntimeError when an int8 state_dict
-    is loaded into a layer that was not moved yet; SPEC 9 (and bitsandbytes #1946) make that
+    is loaded into a layer that was not moved yet; docs/FORMATS.md §9 (and bitsandbytes #1946) make that
     load work here: the codes load as they are and the layer gives the saved layer's output.
     Both ways: bitsandbytes refuses, ours loads."""
     src = _ours(_linear(seed=13), 6.0)
@@ -291,7 +291,7 @@ def test_fresh_layer_loads_int8_checkpoint_unlike_bitsandbytes():
 
 def test_fp16_weights_training_follows_float_training():
     """Linear8bitLt(has_fp16_weights=True) trains as bitsandbytes' does: the float weight gets
-    int8 gradients (SPEC 9: a few percent from G^T X in norm) and an optimizer's updates are
+    int8 gradients (docs/FORMATS.md §9: a few percent from G^T X in norm) and an optimizer's updates are
     seen by the next forward. Against nn.Linear with the same optimizer, after 10 steps."""
     torch.manual_seed(14)
     ref = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 32))
@@ -384,7 +384,7 @@ def test_gpu_bnb_interchange():
 
 
 def _reference_forward(x, CB, SCB, bias):
-    """The threshold-0 forward on CPU through the NumPy oracle (SPEC 5)."""
+    """The threshold-0 forward on CPU through the NumPy oracle (docs/FORMATS.md §5)."""
     from qkernels.int8 import int8_linear_matmul, int8_mm_dequant
     CA, SCA, _ = int8_vectorwise_quant(x, 0.0)
     out_dtype = str(x.dtype).replace("torch.", "")
@@ -452,19 +452,19 @@ def _outlier_x(rows, in_f, n_outliers, dtype, seed):
 @pytest.mark.parametrize("bias", [True, False])
 def test_gpu_fused_outliers_are_the_definition(dtype, rows, in_f, out_f, n_outliers, bias):
     """threshold 6, CUDA, K % 16 == 0: the fused sync-free forward (outlier product in the
-    GEMV's or the Hopper GEMM's epilogue) is SPEC 9's computation on the same int8 codes,
+    GEMV's or the Hopper GEMM's epilogue) is docs/FORMATS.md §9's computation on the same int8 codes,
     rounded once: |y - ref| <= eps |ref| + 2^-20 * (the same sum over absolute values), the
     second term bounding the float32 sums. Covers the small-batch kernels (<= 16 rows, dp4a and
     tensor-core), one and several 16-column chunks of outliers (up to 300), none, rows and
     columns that do not fill a tile, with and without bias."""
     from qkernels.int8.ops import int8_linear_outliers
-    from qkernels.int8 import _cupy
+    from qkernels.int8 import _choice
     torch.manual_seed(rows + in_f + out_f)
     lin = torch.nn.Linear(in_f, out_f, bias=bias).to(dtype)
     x = _outlier_x(rows, in_f, n_outliers, dtype, seed=rows)
     CB, SCB, _ = int8_vectorwise_quant(lin.weight.detach().half(), 0.0)
     b = None if lin.bias is None else lin.bias.detach()
-    if rows > 16 and not _cupy._is_sm90(0):
+    if rows > 16 and not _choice._is_sm90(0):
         pytest.skip("the fused form above 16 rows is the Hopper GEMM's")
     got = int8_linear_outliers(x.cuda(), CB.cuda(), SCB.cuda(), None if b is None else b.cuda(), 6.0)
     assert got is not None, "the fused form must take K % 16 == 0"
@@ -486,8 +486,8 @@ def test_gpu_threshold_forward_is_graph_safe(rows):
     """The threshold path has no host synchronization: it captures in a CUDA graph, and the
     replay with new inputs (new outlier columns) gives the eager result; training through the
     fused forward reads the outlier columns only in backward."""
-    from qkernels.int8 import _cupy
-    if rows > 16 and not _cupy._is_sm90(0):
+    from qkernels.int8 import _choice
+    if rows > 16 and not _choice._is_sm90(0):
         pytest.skip("the fused form above 16 rows is the Hopper GEMM's")
     layer = _ours(_linear(torch.float16, seed=12, in_f=512, out_f=256), 6.0, device="cuda")
     static_x = _outlier_x(rows, 512, 5, torch.float16, seed=1).cuda()

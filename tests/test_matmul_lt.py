@@ -2,7 +2,7 @@
 ``matmul(A, B, out=None, state=None, threshold=0.0, bias=None)``, and ``Linear8bitLt.state``.
 
 The forward is checked bit for bit against the declared op ``qkernels::int8_linear`` (the
-layer's forward, itself checked against SPEC 9 in test_linear8bit.py); gradients against a
+layer's forward, itself checked against docs/FORMATS.md §9 in test_linear8bit.py); gradients against a
 float64 evaluation with the project's rule (at most 2x the error of plain torch in the same
 precision), the weight gradient exactly against its definition (``int8_weight_grad``)."""
 from __future__ import annotations
@@ -189,7 +189,7 @@ def test_gradients(dtype, threshold):
     assert A.grad.dtype == W.grad.dtype == bias.grad.dtype == dtype
     dW = torch.ops.qkernels.int8_weight_grad(G, A.detach(), threshold).to(dtype)
     assert torch.equal(W.grad, dW)
-    # and dW is G^T A up to the two 8-bit factors' quantization (a few percent in norm, SPEC 9)
+    # and dW is G^T A up to the two 8-bit factors' quantization (a few percent in norm, docs/FORMATS.md §9)
     ref_w = G.double().T @ A.detach().double()
     assert ((W.grad.double() - ref_w).norm() / ref_w.norm()).item() < 0.03
 

@@ -1,4 +1,4 @@
-"""8-bit and 32-bit Adam/AdamW (SPEC.md section 11): the reference against a plain scalar
+"""8-bit and 32-bit Adam/AdamW (docs/FORMATS.md §11): the reference against a plain scalar
 definition, the optimizers against torch's Adam and bitsandbytes' CPU optimizer, the
 state_dict format and resume, GlobalOptimManager, bad input, non-finite gradients,
 distributed (DDP, gloo, 2 processes), and every GPU backend bit for bit against the
@@ -37,7 +37,7 @@ def _fresh_manager():
 
 # --- the reference against a plain definition ------------------------------------------------
 def definition_quantize(x: np.ndarray, code: np.ndarray, sign_fix: bool):
-    """SPEC section 2 with np.searchsorted, blocks of 256, plus section 11's sign fix."""
+    """docs/FORMATS.md §2.3 with np.searchsorted, blocks of 256, plus §11.2's sign fix."""
     n = x.size
     xb = np.concatenate([x, np.zeros((-n) % 256, np.float32)]).reshape(-1, 256)
     absmax = np.abs(xb).max(axis=1).astype(np.float32)
@@ -53,7 +53,7 @@ def definition_quantize(x: np.ndarray, code: np.ndarray, sign_fix: bool):
 
 
 def definition_step(p, g, m0, v0, s: ref.AdamScalars):
-    """SPEC section 11's update, one element at a time in float32 scalars."""
+    """docs/FORMATS.md §11.2's update, one element at a time in float32 scalars."""
     f = np.float32
     p, m, v = p.copy(), np.zeros_like(m0), np.zeros_like(v0)
     bad = 0
@@ -172,7 +172,7 @@ def _bnb():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_adam8bit_tracks_torch_adam_spec_acceptance(dtype):
-    """SPEC section 11's acceptance, bitsandbytes' own protocol: 50 steps, p = 0.1 randn,
+    """docs/FORMATS.md §14's acceptance, bitsandbytes' own protocol: 50 steps, p = 0.1 randn,
     g = 0.01 randn; each step < 20 state elements outside isclose(atol=3e-3, rtol=1e-3) of
     torch's 32-bit Adam and mean |dp| < 6e-5 (fp32/fp16) or 1.7e-4 (bf16); then torch's
     parameter and moments are reset to ours, so every step measures one step's error."""

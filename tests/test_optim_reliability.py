@@ -1,4 +1,4 @@
-"""Regression tests for the 8-bit/32-bit optimizers' failure behaviour (SPEC.md section 11):
+"""Regression tests for the 8-bit/32-bit optimizers' failure behaviour (docs/FORMATS.md §11):
 every step bumps the parameters' version counters (a Linear8bitLt with fp16 weights
 refreshes its int8 copy), a failed load_state_dict or a refused step changes nothing, and
 the public array API refuses bad scales. The CPU tests take about a second; the `gpu`

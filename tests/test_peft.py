@@ -111,7 +111,7 @@ def _nf4_bound(layer) -> torch.Tensor:
 
 
 def _int8_bound(layer, W) -> torch.Tensor:
-    """One int8 row quantization (via float16, SPEC 9): half a step SCB / 127 of that row, plus
+    """One int8 row quantization (via float16, docs/FORMATS.md §9): half a step SCB / 127 of that row, plus
     the float16 rounding of the value."""
     scb = layer.weight.SCB.float()
     return 0.5 * scb[:, None] / 127 * (1 + 1e-3) + W.abs() * 2.0 ** -10 + 1e-7

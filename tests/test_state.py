@@ -1,4 +1,4 @@
-"""QuantState dict formats (SPEC.md section 3), including bitsandbytes' packed record."""
+"""QuantState dict formats (docs/FORMATS.md §3), including bitsandbytes' packed record."""
 import json
 
 import numpy as np

@@ -1,8 +1,8 @@
-"""SwitchBack INT8 training layers (SPEC.md sections 6 and 7): forward and backward against a
+"""SwitchBack INT8 training layers (docs/FORMATS.md §6 and §7): forward and backward against a
 float64 evaluation of the same quantized math, the custom ops, torch.compile, state_dict,
 prepare_for_eval, the memory-efficient variant's saved bytes, bad input, and a training run.
 
-Accuracy rule (DESIGN.md, FlashAttention's): where the layer is not exact, its max error
+Accuracy rule (FlashAttention's): where the layer is not exact, its max error
 against the float64 reference is at most 2x the error of plain torch computing the same
 dequantized math in the same precision on the same inputs."""
 from __future__ import annotations
@@ -30,10 +30,10 @@ def _one_cpu_thread():
     yield
     torch.set_num_threads(n)
 
-# --- an independent float64 statement of SPEC.md section 7 ----------------------------------
+# --- an independent float64 statement of docs/FORMATS.md §7 ----------------------------------
 
 def q_rows(x: torch.Tensor):
-    """SPEC 6 row-wise quantizer in plain torch: (codes float64, absmax float64 (M,)); the
+    """docs/FORMATS.md §6 row-wise quantizer in plain torch: (codes float64, absmax float64 (M,)); the
     scale is one IEEE float32 division 127 / m."""
     x32 = x.float()
     m = x32.abs().amax(1)
@@ -55,7 +55,7 @@ def q_cols(w: torch.Tensor):
 
 
 def reference(variant: str, X, W, b, G):
-    """(Y, dX, dW, dbias) in float64 from the int8 codes SPEC 7 prescribes, and the same four
+    """(Y, dX, dW, dbias) in float64 from the int8 codes docs/FORMATS.md §7 prescribes, and the same four
     as plain torch computes them in X's dtype from the dequantized operands."""
     dt = X.dtype
     qX, sX = q_rows(X)
@@ -112,7 +112,7 @@ def test_forward_backward_against_float64_reference(variant, dtype):
 
 
 def test_layer_matches_the_int8_ops_exactly():
-    """The layer composes qkernels.int8 as SPEC 7 says (bit-exact, 3-D input, no bias)."""
+    """The layer composes qkernels.int8 as docs/FORMATS.md §7 says (bit-exact, 3-D input, no bias)."""
     import qkernels.int8 as Q
     torch.manual_seed(2)
     layer = SwitchBackLinearVectorwise(40, 24, bias=False, dtype=torch.bfloat16)
@@ -296,7 +296,7 @@ def test_load_with_strict_false_loads_what_is_present(variant):
 @pytest.mark.parametrize("variant", ["global", "vectorwise"])
 def test_prepared_layer_and_nn_linear_checkpoints(variant):
     """A prepared layer's state_dict is bitsandbytes' eval format {W_int8, state_W, bias}
-    (SPEC 7): it loads into any SwitchBackLinear of the variant, not into nn.Linear (whose
+    (docs/FORMATS.md §7): it loads into any SwitchBackLinear of the variant, not into nn.Linear (whose
     keys it does not have). The other way works: an nn.Linear checkpoint loads into a
     prepared layer, quantized on load exactly as prepare_for_eval would quantize it."""
     torch.manual_seed(18)

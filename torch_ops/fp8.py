@@ -3,7 +3,7 @@
     layer = LinearFP8Mixed(1024, 4096)                 # instead of nn.Linear(1024, 4096)
     y = matmul_fp8_mixed(x, layer.weight.t())          # the bare function (bias not added)
 
-Simulated (SPEC.md section 8): the operands of each matmul are quantized and dequantized
+Simulated (docs/FORMATS.md §8): the operands of each matmul are quantized and dequantized
 ("qdq") through 8-bit codebooks, E4M3 forward and E5M2 for gradients, then multiplied in
 the activation dtype. qdq_blockwise runs through qkernels.quantize_blockwise (NumPy on
 CPU, CuPy on CUDA); qdq_global (one block spanning the tensor) is the NumPy reference
@@ -126,7 +126,7 @@ def matmul_fp8_mixed(A: Tensor, B: Tensor, fw_code=None, bw_code=None, out=None,
                      bsz: int = -1, bsz2: int = -1, *, bias: Tensor | None = None) -> Tensor:
     """Simulated-FP8 ``A @ B`` with blockwise scaling of A: A (..., K), B (K, N) (usually
     ``weight.t()``), same float dtype; codes default to E4M3 (forward) / E5M2 (backward);
-    bsz / bsz2 = -1 choose SPEC's block sizes from K and N. Returns (..., N) in A's dtype.
+    bsz / bsz2 = -1 choose the block sizes of docs/FORMATS.md §8.1 from K and N. Returns (..., N) in A's dtype.
     ``bias`` (N,), keyword only (not in bitsandbytes): added inside the GEMM, one rounding."""
     fw, bw, bsz, bsz2 = _matmul_args(A, B, fw_code, bw_code, out, bsz, bsz2)
     if A.numel() == 0 or B.numel() == 0:  # empty: right shape, zero gradients

@@ -159,6 +159,11 @@ class Shardable4bitWeight(torch.Tensor):
                                    shape=shape, dtype=dtype or self.dtype)
 
     # -- use -------------------------------------------------------------------------------------
+    def layer_forward(self, layer: Linear4bit, x: torch.Tensor) -> torch.Tensor:
+        """Linear4bit's forward with this weight (the layer asks its weight's type, so
+        linear4bit does not import this module): ``linear_forward(layer, x)``."""
+        return linear_forward(layer, x)
+
     def as_packed_state(self) -> tuple[torch.Tensor, QuantState]:
         """(packed uint8 (rows*in/2, 1), a plain QuantState with float32 absmax
         (rows*in/blocksize,)): Params4bit's layout, for qkernels.fourbit's functions. On the

@@ -1,5 +1,5 @@
 """4-bit linear layers: ``Params4bit``, ``Linear4bit``, ``LinearNF4``, ``LinearFP4``
-(SPEC.md sections 3, 4 and 10; bitsandbytes' names, arguments and state_dict keys).
+(docs/FORMATS.md §3, §4 and §10; bitsandbytes' names, arguments and state_dict keys).
 
 When quantization happens: **when the weight is moved to a device** (``layer.to(device)``,
 ``.cuda()``, ``.cpu()``, ``model.to(...)``), as in bitsandbytes, or when a float
@@ -383,10 +383,12 @@ class Linear4bit(nn.Linear):
         parameter, as FSDP1 hands them to the layer after flattening them (quant_storage
         float16 / bfloat16 / float32 lets it shard them): those are used with the state this
         layer recorded when it was quantized (bitsandbytes rewraps them the same way; here
-        the module's parameter is left as FSDP set it). Through the declared op."""
-        from .fsdp4bit import Shardable4bitWeight, linear_forward
-        if isinstance(w, Shardable4bitWeight):
-            return linear_forward(self, x)
+        the module's parameter is left as FSDP set it). Through the declared op. A weight
+        type that brings its own forward (``layer_forward(layer, x)``, as the FSDP2 weight
+        does) runs it: this module need not know that type."""
+        own = getattr(type(w), "layer_forward", None)
+        if own is not None:
+            return own(w, self, x)
         state, name = self.quant_state, type(self).__name__
         if not isinstance(w, torch.Tensor) or state is None or tuple(w.shape[1:]) != (1,):
             raise TypeError(f"{name}.weight is a {type(w).__name__}; expected a Params4bit (or "

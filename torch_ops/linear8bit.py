@@ -1,4 +1,4 @@
-"""LLM.int8() linear layer: ``Int8Params`` and ``Linear8bitLt`` (SPEC.md sections 5 and 9;
+"""LLM.int8() linear layer: ``Int8Params`` and ``Linear8bitLt`` (docs/FORMATS.md §5 and §9;
 bitsandbytes' names, arguments and state_dict keys).
 
 When quantization happens (``has_fp16_weights=False``): **when the weight is moved to a
@@ -363,7 +363,7 @@ class Linear8bitLt(nn.Linear):
 
 def _check_weight_format(fmt, prefix: str) -> None:
     """bitsandbytes' weight_format: 0 / "row" / absent mean row-major; nothing else is
-    supported (SPEC.md section 9)."""
+    supported (docs/FORMATS.md §9)."""
     if fmt is None:
         return
     if isinstance(fmt, torch.Tensor):

@@ -1,5 +1,5 @@
 """8-bit and 32-bit Adam/AdamW optimizers with bitsandbytes' names, signatures and state
-format (SPEC.md section 11).
+format (docs/FORMATS.md §11).
 
     opt = torch_ops.optim.AdamW8bit(model.parameters(), lr=1e-3)   # instead of torch.optim.AdamW
 
@@ -16,7 +16,7 @@ of 256) has its blocks split with its rows, so the update equals the single-proc
 (torch_ops.distributed); other sharded 8-bit parameters warn once and cannot be saved
 sharded. percentile_clipping and max_unorm need global norms: refused for sharded tensors.
 
-Non-finite gradients (``nonfinite=``): "skip" (default) applies SPEC's rule, in the kernel,
+Non-finite gradients (``nonfinite=``): "skip" (default) applies docs/FORMATS.md §11.3, in the kernel,
 without a host synchronization: an element whose gradient is NaN or +-Inf keeps its
 parameter value and its moments are reset to 0, so no block's state is poisoned; the
 elements are counted on the device and a RuntimeWarning is issued once (on the GPU at the

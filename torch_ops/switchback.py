@@ -1,4 +1,4 @@
-"""SwitchBack INT8 linear layers for training (SPEC.md sections 6 and 7).
+"""SwitchBack INT8 linear layers for training (docs/FORMATS.md §6 and §7).
 
     layer = SwitchBackLinear(4096, 16384)              # instead of nn.Linear(4096, 16384)
     layer.eval(); layer.prepare_for_eval()             # int8 weight quantized once for inference
@@ -225,7 +225,7 @@ class SwitchBackLinear(nn.Linear):
         W_int8 / state_W and delete ``weight``. Needs eval mode; int8 layers only.
 
         The state_dict becomes bitsandbytes' eval checkpoint ``{W_int8, state_W, bias}``
-        (SPEC 7). It loads into a SwitchBackLinear of the same variant, fresh or prepared,
+        (docs/FORMATS.md §7). It loads into a SwitchBackLinear of the same variant, fresh or prepared,
         but not into nn.Linear (no ``weight`` key): keep ``state_dict()`` from before this
         call for a float checkpoint. The other way works: an nn.Linear checkpoint loads into
         a prepared layer, quantized on load exactly as this method quantizes."""

@@ -14,7 +14,7 @@ unusable directory nothing is written anywhere and the kernel loads from memory 
 We call NVRTC ourselves instead of through ``cupy.RawModule(code=...)`` because CuPy adds
 ``-ftz=true`` to every compile, flushing float32 subnormals to zero in every arithmetic and
 comparison instruction; the kernels must reproduce the NumPy oracle bit for bit, subnormal
-inputs included (SPEC.md: no fast math). Here the compile options are NVRTC's defaults plus
+inputs included (docs/FORMATS.md §0: no fast math). Here the compile options are NVRTC's defaults plus
 the ones named below, nothing else.
 """
 from __future__ import annotations

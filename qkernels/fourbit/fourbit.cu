@@ -101,7 +101,7 @@ __device__ __forceinline__ u32 nf4_code(const float* thr, float y) {
   return c >> 2;
 }
 
-// bitsandbytes' FP4 rule with its float32 literals (SPEC.md section 4).
+// bitsandbytes' FP4 rule with its float32 literals (docs/FORMATS.md §4.3).
 __device__ __forceinline__ u32 fp4_code(float y) {
   const float a = fabsf(y);
   const u32 sign = (y < 0.0f) ? 8u : 0u;

@@ -1,7 +1,7 @@
 """The FP8 family's torch op layer: what the FP8 layers (torch_ops/fp8.py) and SwitchBackLinear
 with ``quant_dtype="fp8"`` (torch_ops/switchback.py) call.
 
-Simulated FP8 (SPEC.md section 8), quantize-dequantize ("qdq") through a named 8-bit codebook
+Simulated FP8 (docs/FORMATS.md §8.1), quantize-dequantize ("qdq") through a named 8-bit codebook
 (``code_name``: "e4m3", "e5m2", or a registered custom (256,) table):
 
     torch.ops.qkernels.qdq_global(x, code)               one absmax over the whole tensor
@@ -111,7 +111,7 @@ def _from_f32(values: np.ndarray, like: Tensor) -> Tensor:
 
 
 def qdq_global_in_torch(x: Tensor, code: Tensor, mid: Tensor) -> Tensor:
-    """SPEC.md 2 with one block, in torch float32 ops (IEEE on CPU and CUDA alike): qdq_global's
+    """docs/FORMATS.md §2 with one block, in torch float32 ops (IEEE on CPU and CUDA alike): qdq_global's
     body on CUDA where CuPy cannot run; code, mid: ``code_tables(name, x.device)``."""
     xf = x.reshape(-1).float()
     absmax = torch.maximum(xf.max(), -xf.min()) + 0.0       # NaN propagates

@@ -1,5 +1,5 @@
 // Quantize-dequantize with a 256-entry codebook: the simulated-FP8 layers' qdq_global and
-// qdq_blockwise (torch_ops/fp8.py; SPEC.md section 2, with the whole tensor as one block or with
+// qdq_blockwise (torch_ops/fp8.py; docs/FORMATS.md §2, with the whole tensor as one block or with
 // blocks of 64 .. 4096 consecutive elements).
 // Reference: reference/fp8.py qdq_global_f32, qdq_blockwise_f32. Launchers: _cupy.py
 // (qdq_global_torch, qdq_blockwise_torch).

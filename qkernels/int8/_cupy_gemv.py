@@ -23,9 +23,8 @@ import numpy as np
 
 from .._cuda import DTYPE_CODES as _DT, get_kernel, multiprocessor_count
 from .._interop import _external_stream, torch_stream
-from ._cupy import GEMV_MAX_ROWS as MAX_ROWS, kernel_choice
+from ._choice import _ES, GEMV_MAX_ROWS as MAX_ROWS, kernel_choice
 
-_ES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _THREADS = 512            # GV_THREADS in gemv.cu
 _WARPS = _THREADS // 32
 _MT = (1, 2, 4, 8, MAX_ROWS)  # the template row bounds

@@ -3,7 +3,7 @@
 ``bnb.matmul``), and the autograd function ``MatMul8bitLt`` that ``Linear8bitLt``
 (torch_ops/linear8bit.py) runs too: one implementation behind both.
 
-``matmul`` computes ``A @ B^T + bias`` (SPEC.md section 9) with B the weight, (N, K):
+``matmul`` computes ``A @ B^T + bias`` (docs/FORMATS.md §9) with B the weight, (N, K):
 
 - A (..., K) float16 / bfloat16 / float32 is quantized row-wise in its own dtype
   (``int8_vectorwise_quant``; bitsandbytes casts it to float16 first, which overflows past
@@ -12,7 +12,7 @@
   ``state.idx`` gets those columns (int64, ascending), as in bitsandbytes.
 - B's int8 form: ``state.CB`` int8 (N, K) and ``state.SCB`` float32 (N,). With
   ``state.has_fp16_weights`` (the default) B is the float weight and is quantized (via
-  float16, SPEC 9) whenever it changed since ``state.CB`` was made from it (keyed on B's
+  float16, docs/FORMATS.md §9) whenever it changed since ``state.CB`` was made from it (keyed on B's
   version counter, storage, shape and dtype); bitsandbytes re-quantizes on every training call
   and serves a stale copy otherwise. With ``has_fp16_weights=False`` a given
   ``state.CB``/``state.SCB`` is used as it is (B is then usually ``state.CB`` or its
@@ -24,7 +24,7 @@
 Backward: ``grad_A = G @ (CB * SCB / 127)`` in A's dtype; ``grad_B`` (when B is a float
 tensor that requires grad) the int8 product of column-quantized G^T and A with A's outlier
 columns in float32 (``torch.ops.qkernels.int8_weight_grad``; bitsandbytes' own is less exact,
-SPEC 9); ``grad_bias = sum(G)`` in the bias dtype. An empty A gives an empty output and zero
+docs/FORMATS.md §13.14); ``grad_bias = sum(G)`` in the bias dtype. An empty A gives an empty output and zero
 gradients.
 
 Kernels: the int8 ops of ``qkernels.int8.ops`` (the NumPy reference on the CPU, the CUDA

@@ -13,7 +13,7 @@ Each op is declared once with ``torch.library`` (schema and fake implementation,
 torch.compile traces it) and has one implementation for every device. The eager layer keeps
 an ``Int8LinearPlan`` and calls it directly (no dispatcher, nothing re-derived per call).
 
-The forward (SPEC.md section 9): x2 (tokens, K) float16 / bfloat16 / float32, CB int8 (N, K),
+The forward (docs/FORMATS.md §9): x2 (tokens, K) float16 / bfloat16 / float32, CB int8 (N, K),
 SCB float32 (N,), bias (N,) float or None:
 ``CA, SCA, cols = int8_vectorwise_quant(x2, threshold)``;
 ``out = int8_mm_dequant(int8_linear_matmul(CA, CB), SCA, SCB, bias)`` plus, for threshold > 0,
@@ -52,7 +52,7 @@ def dequant_weight(CB: Tensor, SCB: Tensor) -> Tensor:
 
 
 def quantize_weight(W: Tensor) -> tuple[Tensor, Tensor]:
-    """(CB int8 (N, K), SCB float32 (N,)) of a float weight, quantized via float16 (SPEC 9)."""
+    """(CB int8 (N, K), SCB float32 (N,)) of a float weight, quantized via float16 (docs/FORMATS.md §9)."""
     CB, SCB, _ = int8_vectorwise_quant(W.detach().to(torch.float16).contiguous(), 0.0)
     return CB, SCB
 
@@ -275,7 +275,7 @@ def _int8_quantize_weight_fake(W):
 #     torch.ops.qkernels.int8_matmul_rowwise_dequantize(a, b, state_a, state_b, bias)
 #     torch.ops.qkernels.int8_matmul_mixed_dequantize(a, b, state_a, state_b, bias)
 #
-# The ops of SPEC.md section 6 (shapes there), declared with ``torch.library`` (schema and fake
+# The ops of docs/FORMATS.md §6 (shapes there), declared with ``torch.library`` (schema and fake
 # implementation, so a compiled SwitchBack layer has no graph break). On CUDA (``takes_cuda_path``)
 # well-formed calls go straight to the raw-pointer launchers (qkernels.int8._cupy: torch
 # allocations, torch's stream, the same kernels and bits); the public qkernels.int8 API (array

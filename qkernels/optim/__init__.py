@@ -13,7 +13,7 @@ numpy unless a GPU backend is asked for (``use_backend``, QKERNELS_BACKEND); the
 copied to the GPU and every array the update writes is copied back into the caller's
 memory. ``nonfinite``: an int32 (1,) array on the data's device that receives the number
 of non-finite gradient elements (their p is left unchanged and their moments reset to 0:
-SPEC.md section 11). ``gnorm_scale`` (on the gradient) and ``update_scale`` (on the step
+docs/FORMATS.md §11.3). ``gnorm_scale`` (on the gradient) and ``update_scale`` (on the step
 size) are finite numbers >= 0: percentile clipping and max_unorm give factors in [0, 1],
 and 0 is reachable (a clip of 0 after all-zero gradients, a parameter of norm 0).
 The optimizers in torch_ops.optim call the CuPy launchers directly with raw pointers.

@@ -127,7 +127,7 @@ def optimizer_update_8bit_blockwise_kernel(p, g, state1, state2, absmax1, absmax
                         u = div_rn(mk, add_rn(sqrt_rn(vk), eps_c2))
                         _store(p, i, mul_rn(add_rn(mul_rn(u, step_size), load_f32(p, i, is_bf16)),
                                             decay), is_bf16)
-                    else:  # p unchanged, m = v = 0 (SPEC.md section 11)
+                    else:  # p unchanged, m = v = 0 (docs/FORMATS.md §11.3)
                         mk = _ZERO
                         vk = _ZERO
                         bad += 1

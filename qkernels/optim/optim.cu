@@ -224,7 +224,7 @@ __device__ __forceinline__ u32 byte_of(uint2 c, int j) { return ((j < 4 ? c.x : 
 
 // Pass 1 over one lane's 8 elements: dequantized moments, new m, v and p (adam_element's
 // arithmetic). CHECKED: some gradient of the warp's block is NaN or +-Inf, so each element
-// takes SPEC's rule for them (m = v = 0, p kept) and they are counted; otherwise (almost
+// takes the rule of docs/FORMATS.md §11.3 for them (m = v = 0, p kept) and they are counted; otherwise (almost
 // always) the selects and the count are skipped. Returns the count among the first
 // `valid` elements (the others lie past the end of the arrays).
 template <int DT, bool CHECKED>
