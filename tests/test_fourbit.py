@@ -497,8 +497,7 @@ def test_gpu_matmul_4bit(dtype, shape, fused_max_rows, monkeypatch):
     """Fused kernel (rows <= FUSED_MAX_ROWS, K % 32 == 0) and the dequantize + GEMM path
     against the float64 product of the same dequantized weight; blocks that span rows
     (K < blocksize or K not a multiple of it), nested statistics, bias. One row of x takes
-    gemv_4bit, 2-64 rows of 16-bit x the tensor-core kernel; FUSED_MAX_ROWS (8 or 16) bounds
-    the float32 rows that take the CUDA-core matmul_4bit."""
+    gemv_4bit; up to FUSED_MAX_ROWS (8 or 16) rows the CUDA-core matmul_4bit."""
     import torch
     monkeypatch.setattr(qf, "FUSED_MAX_ROWS", fused_max_rows)
     tdt = getattr(torch, dtype)

@@ -200,12 +200,14 @@ def choose_kernel(rows: int, N: int, K: int, device: int, dtype: str, x_ptr: int
     """The kernel for x (rows, K) of ``dtype`` (address ``x_ptr``) @ W^T, W (N, K) packed at
     ``packed_ptr`` on CUDA ``device``: one of KERNELS.
 
-    One row: gemv_4bit (the decode case). 2 to MMA_MAX_ROWS rows
-    of float16 / bfloat16 x: the tensor-core kernel. float32 x up to FUSED_MAX_ROWS rows:
-    matmul_4bit (float32 FMA: a bfloat16 split of x and W could not keep the float64-referenced
-    error of a float32 product). Otherwise, or where a kernel's requirement fails
-    (``kernel_unfit``: K % 32, alignment, compute capability), dequantize + cuBLAS. N does not
-    change the choice today (the split-K grid of the tensor-core kernel adapts to it).
+    One row: gemv_4bit (the decode case). Up to FUSED_MAX_ROWS rows: matmul_4bit (the
+    CUDA-core kernel; for float32 x float32 FMA, as a bfloat16 split of x and W could not keep
+    the float64-referenced error of a float32 product). Otherwise, or where a kernel's
+    requirement fails (``kernel_unfit``: K % 32, alignment), dequantize + cuBLAS.
+    The tensor-core kernel ("mma", 1 to MMA_MAX_ROWS rows of float16 / bfloat16 x) runs only
+    when forced: it has passed the host emulation (tests/test_fourbit_mma_emulated.py) but not
+    yet run on a GPU, so it does not take users' calls until tests/test_fourbit_mma.py has
+    passed on one; then 2 to MMA_MAX_ROWS rows of 16-bit x go to it here.
     ``kernel``: force one; ValueError when it cannot take the call."""
     if kernel is not None:
         why = kernel_unfit(kernel, rows, K, device, dtype, x_ptr, packed_ptr)
@@ -214,9 +216,7 @@ def choose_kernel(rows: int, N: int, K: int, device: int, dtype: str, x_ptr: int
         return kernel
     from . import FUSED_MAX_ROWS
     if rows <= 1:
-        order = ("gemv", "fused", "mma")
-    elif rows <= MMA_MAX_ROWS and dtype != "float32":
-        order = ("mma",)
+        order = ("gemv", "fused")
     elif rows <= FUSED_MAX_ROWS:
         order = ("fused",)
     else:
