@@ -43,12 +43,6 @@ def _fourbit():
     return fourbit
 
 
-def _check_quant_type(quant_type) -> str:
-    if quant_type not in ref4.QUANT_TYPES:
-        raise ValueError(f"quant_type must be 'nf4' or 'fp4'; got {quant_type!r}")
-    return quant_type
-
-
 def _rebuild_params4bit(data, requires_grad, attrs):
     return Params4bit(data, requires_grad, **attrs)
 
@@ -151,7 +145,7 @@ class Params4bit(nn.Parameter):
         if w.dtype not in _FLOAT:
             raise TypeError(f"Params4bit: cannot quantize a {w.dtype} weight; it must be "
                             "float16, bfloat16 or float32 (a packed weight needs its quant_state)")
-        _check_quant_type(self.quant_type)
+        ref4.check_quant_type(self.quant_type)
         packed, state = _fourbit().quantize_4bit(
             w, blocksize=self.blocksize, quant_type=self.quant_type,
             compress_statistics=self.compress_statistics, quant_storage=self.quant_storage)
@@ -284,7 +278,7 @@ class Linear4bit(nn.Linear):
     def __init__(self, input_features, output_features, bias=True, compute_dtype=None,
                  compress_statistics=True, quant_type="fp4", quant_storage=torch.uint8,
                  device=None, *, blocksize=64):
-        _check_quant_type(quant_type)
+        ref4.check_quant_type(quant_type)
         ref4.check_blocksize(blocksize)
         ref4.check_storage(quant_storage)
         if compute_dtype is not None and compute_dtype not in _FLOAT:
