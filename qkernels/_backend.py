@@ -1,9 +1,17 @@
 """Backend selection: which implementation of an op runs for a given input.
 
 An op's table is a literal dict next to its public function, ``{"numpy": f, "cupy": g,
-"numba": h}``. ``choose(table, on_gpu)`` picks the backend the user asked for
+"numba": h, "cpu": c}``. ``choose(table, on_gpu)`` picks the backend the user asked for
 (``use_backend`` or ``QKERNELS_BACKEND``), else the fastest one for the data's device,
 and falls back, with one warning per cause, when the asked one cannot load.
+
+Backends: "cupy" and "numba" are GPU kernels (CuPy / Numba CUDA); "cpu" is Numba CPU kernels
+(``@njit(parallel=True)``, cached on disk) for host data; "numpy" is the NumPy reference, the
+oracle, always there. Host data tries the asked backend, then "cpu", then "numpy"; a table
+without a "cpu" entry runs "numpy". A "cpu" entry takes the "numpy" entry's arguments and
+writes the same outputs; when Numba fails to compile it (or its module fails to import), the
+call runs the "numpy" entry instead, with one warning, and so do later calls of that op.
+The "cpu" kernels run on ``torch.get_num_threads()`` threads when torch is imported.
 """
 from __future__ import annotations
 
@@ -12,9 +20,11 @@ import contextvars
 import functools
 import importlib
 import os
+import sys
 import warnings
 
-BACKENDS = ("cupy", "numba", "numpy")  # fastest first
+BACKENDS = ("cupy", "numba", "cpu", "numpy")  # fastest first
+HOST_BACKENDS = ("cpu", "numpy")  # the ones that run on host arrays
 # The use_backend blocks in force, innermost last. A ContextVar, not a threading.local: each
 # thread and each asyncio task has its own value (a task starts with a copy of its creator's),
 # so one task's block never leaks into another task interleaved on the same thread.
@@ -35,6 +45,9 @@ def backend_status(name: str) -> tuple[bool, str]:
             if count < 1:
                 return False, "no CUDA device"
             return True, f"cupy {cupy.__version__}, {count} device(s)"
+        if name == "cpu":
+            import numba
+            return True, f"numba {numba.__version__} CPU, {numba.config.NUMBA_NUM_THREADS} thread(s)"
         if name == "numba":
             from numba import cuda
             if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
@@ -77,7 +90,7 @@ def requested_backend() -> str | None:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run the ops inside the ``with`` block on ``name`` ("numpy", "cupy" or "numba").
+    """Run the ops inside the ``with`` block on ``name`` ("numpy", "cpu", "cupy" or "numba").
 
     Context-local (``contextvars``) and nestable: the choice holds in this thread or asyncio
     task only (a task created inside the block inherits it), and leaving the block restores
@@ -101,16 +114,85 @@ def choose(table: dict, on_gpu: bool) -> tuple[str, object]:
     """(backend name, implementation) for data on the GPU (``on_gpu``) or the host."""
     asked = requested_backend()
     order = [asked] if asked else []
-    order += [b for b in BACKENDS if on_gpu or b == "numpy"]
+    order += [b for b in BACKENDS if b != "cpu"] if on_gpu else list(HOST_BACKENDS)
     for name in order:
         if name not in table:
             continue
+        if name == "cpu":
+            impl = table["cpu"]
+            if impl in _cpu_failed or "numpy" not in table:
+                continue
         ok, why = backend_status(name)
         if ok:
-            return name, table[name]
+            return name, (_cpu_guard(table) if name == "cpu" else table[name])
         if name == asked:
             _warn_once(f"qkernels: backend {name!r} cannot load ({why}); falling back")
     raise RuntimeError(f"no backend can run this op; tried {order}")
+
+
+def entry(table: dict, backend: str):
+    """The implementation in ``table`` for a ``backend`` that ``choose`` already picked for a
+    companion table (an op of several steps): "cpu" is guarded as ``choose`` guards it and
+    becomes "numpy" where the table has no (working) "cpu" entry."""
+    if backend == "cpu":
+        impl = table.get("cpu")
+        if impl is None or impl in _cpu_failed or "numpy" not in table:
+            return table["numpy"]
+        return _cpu_guard(table)
+    return table[backend]
+
+
+# "cpu" entries whose Numba kernels failed to compile (or import): their ops run "numpy"
+_cpu_failed: set = set()
+_cpu_guards: dict = {}
+_threads = [0]  # the thread count last given to Numba
+
+
+def _sync_threads() -> None:
+    """Numba's CPU thread count follows torch.get_num_threads() when torch is imported
+    (torch.set_num_threads then governs both); otherwise Numba's default stays."""
+    torch = sys.modules.get("torch")
+    get = getattr(torch, "get_num_threads", None)
+    if get is None:
+        return
+    n = get()
+    if n != _threads[0]:
+        import numba
+        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+        _threads[0] = n
+
+
+def _compile_errors() -> tuple:
+    from numba.core.errors import NumbaError
+    return (NumbaError, ImportError)
+
+
+def _cpu_guard(table: dict):
+    """table["cpu"] wrapped: the thread count synced, and a Numba compile failure turned into
+    one warning and the table's "numpy" entry (same arguments, same outputs), for good."""
+    impl, reference = table["cpu"], table["numpy"]
+    key = (id(impl), id(reference))
+    guard = _cpu_guards.get(key)
+    if guard is not None:
+        return guard
+
+    def guard(*args, **kwargs):
+        if impl in _cpu_failed:
+            return reference(*args, **kwargs)
+        _sync_threads()
+        try:
+            return impl(*args, **kwargs)
+        except _compile_errors() as exc:
+            _cpu_failed.add(impl)
+            name = getattr(impl, "__qualname__", repr(impl))
+            _warn_once(f"qkernels: the Numba CPU kernel {name} failed to compile "
+                       f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                       "running the NumPy reference for it instead")
+            return reference(*args, **kwargs)
+
+    guard.__qualname__ = f"cpu_guard({getattr(impl, '__qualname__', impl)})"
+    _cpu_guards[key] = guard
+    return guard
 
 
 def takes_cuda_path(t) -> bool:

@@ -77,13 +77,14 @@ def _torch_raw(t):
 
 
 class Call:
-    """Conversions for one op call on ``backend`` ("numpy", "cupy" or "numba")."""
+    """Conversions for one op call on ``backend`` ("numpy", "cpu", "cupy" or "numba"); the
+    host backends ("numpy", "cpu") take and give host NumPy arrays."""
 
     def __init__(self, ref, backend: str):
         self.kind = kind_of(ref)
         self.device = device_of(ref)
         self.backend = backend
-        self.on_gpu = backend != "numpy"
+        self.on_gpu = backend not in ("numpy", "cpu")
         self._outs: dict[int, object] = {}
         self.stream = 0
         if self.kind == "torch" and self.device is not None:
@@ -118,7 +119,7 @@ class Call:
         if device_of(x) != self.device and not (self.device is None and device_of(x) is None):
             raise ValueError(f"all arrays must be on the same device; got one on "
                              f"{_where(device_of(x))} and one on {_where(self.device)}")
-        if self.backend == "numpy":
+        if not self.on_gpu:
             return _to_numpy(x)
         if self.backend == "cupy":
             import cupy
@@ -152,7 +153,7 @@ class Call:
             self._outs[id(view)] = owner
             return view
         raw = _raw_numpy_dtype_name(dtype)
-        if self.backend == "numpy":
+        if not self.on_gpu:
             return np.empty(shape, raw)
         if self.backend == "cupy":
             import cupy

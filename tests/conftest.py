@@ -86,4 +86,4 @@ def gpu_backends() -> list[str]:
     if not HAS_CUDA:
         return []
     from qkernels import available_backends
-    return [b for b in available_backends() if b != "numpy"]
+    return [b for b in available_backends() if b not in ("numpy", "cpu")]  # "cpu": host only

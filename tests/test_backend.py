@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from qkernels._backend import requested_backend, use_backend
+from qkernels._backend import BACKENDS, backend_status, choose, requested_backend, use_backend
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +33,7 @@ def test_use_backend_restores_after_an_exception():
 
 
 def test_use_backend_rejects_unknown_names():
-    with pytest.raises(ValueError, match=r"backend must be one of cupy, numba, numpy; got 'cuda'"):
+    with pytest.raises(ValueError, match=r"backend must be one of cupy, numba, cpu, numpy; got 'cuda'"):
         with use_backend("cuda"):
             pass
 
@@ -110,3 +110,39 @@ def test_threads_keep_their_own_backend():
             t.join(timeout=20)
         assert requested_backend() == "numpy"
     assert seen == {"t1": [None, "numba", None], "t2": [None, "cupy", None]}
+
+
+def test_backend_list_and_cpu_status():
+    """"cpu" (Numba CPU kernels) sits between the GPU backends and the reference; it loads
+    wherever numba imports, GPU or not."""
+    assert BACKENDS == ("cupy", "numba", "cpu", "numpy")
+    ok, why = backend_status("cpu")
+    assert ok, why
+    assert "numba" in why
+
+
+def _table(*names):
+    return {name: (lambda name=name: name) for name in names}
+
+
+def test_host_data_tries_asked_then_cpu_then_numpy():
+    name, impl = choose(_table("numpy", "cpu"), on_gpu=False)
+    assert name == "cpu" and impl() == "cpu"   # the guard calls the table's entry
+    assert choose(_table("numpy"), on_gpu=False)[0] == "numpy"   # no "cpu" entry: silently numpy
+    with use_backend("numpy"):
+        assert choose(_table("numpy", "cpu"), on_gpu=False)[0] == "numpy"
+    with use_backend("cpu"):
+        assert choose(_table("numpy", "cpu"), on_gpu=False)[0] == "cpu"
+        assert choose(_table("numpy"), on_gpu=False)[0] == "numpy"
+
+
+def test_gpu_data_never_falls_to_cpu_unasked():
+    order = [choose(_table(*names), on_gpu=True)[0] for names in (("numpy", "cpu"), ("cpu", "numpy"))]
+    assert order == ["numpy", "numpy"]
+
+
+def test_entry_of_a_companion_table():
+    from qkernels._backend import entry
+    assert entry(_table("numpy", "cpu"), "cpu")() == "cpu"
+    assert entry(_table("numpy"), "cpu")() == "numpy"        # no "cpu" entry: the reference
+    assert entry(_table("numpy", "cupy"), "cupy")() == "cupy"

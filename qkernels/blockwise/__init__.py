@@ -9,7 +9,8 @@ bitsandbytes' signatures (``bitsandbytes.functional``), with our ``state=`` / ``
 keywords besides.
 
 Implementations: reference/blockwise.py (numpy, the oracle), blockwise.cu + _cupy.py
-(cupy), _numba.py (numba). All three give bit-identical codes, absmax and values.
+(cupy), _numba.py (numba), _cpu.py (cpu: Numba CPU kernels for host data). All give
+bit-identical codes, absmax and values.
 """
 from __future__ import annotations
 
@@ -41,11 +42,13 @@ _QUANTIZE = {
     "numpy": _numpy_quantize,
     "cupy": lazy(".blockwise._cupy", "quantize_blockwise"),
     "numba": lazy(".blockwise._numba", "quantize_blockwise"),
+    "cpu": lazy(".blockwise._cpu", "quantize_blockwise"),
 }
 _DEQUANTIZE = {
     "numpy": _numpy_dequantize,
     "cupy": lazy(".blockwise._cupy", "dequantize_blockwise"),
     "numba": lazy(".blockwise._numba", "dequantize_blockwise"),
+    "cpu": lazy(".blockwise._cpu", "dequantize_blockwise"),
 }
 
 
@@ -182,7 +185,7 @@ def _absmax_f32(call: Call, state: QuantState, argname: str = "state"):
                         f"{dtype_of(state.absmax)}")
     s2 = state.state2
     out = call.empty((int(np.prod(state.absmax.shape)),), "float32")
-    _, impl = choose(_DEQUANTIZE, on_gpu=call.backend != "numpy")
+    _, impl = choose(_DEQUANTIZE, on_gpu=call.on_gpu)
     _run(call, impl, call.arg(state.absmax).reshape(-1), call.arg(s2.code),
          _absmax_f32(call, s2, f"{argname}.state2"), int(s2.blocksize), "float32", out)
     return call.add_scalar(out, ref.nested_offset(state, argname))

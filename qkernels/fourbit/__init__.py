@@ -15,12 +15,14 @@ quant_type, compress_statistics, quant_storage)``, still work: an int where bits
 ``absmax`` marks them.
 
 Implementations: reference/fourbit.py (numpy, the oracle), fourbit.cu + _cupy.py (cupy),
-_numba.py (numba). Quantization and dequantization are bit-identical on every backend.
+_numba.py (numba), _cpu.py (cpu: Numba CPU kernels for host data, matmul_4bit included).
+Quantization and dequantization are bit-identical on every backend.
 matmul_4bit on CUDA data runs a fused kernel (each packed byte read once), as
 ``_cupy.choose_kernel`` picks by rows, dtype and alignment: gemv_4bit for one row of x, the
-tensor-core matmul_4bit_mma (fourbit_mma.cu) for 2-64 rows of float16 / bfloat16, the
-CUDA-core matmul_4bit for float32 x up to ``FUSED_MAX_ROWS`` rows; else it dequantizes and
-calls the GEMM of x's library (torch.matmul / cupy.matmul, i.e. cuBLAS).
+CUDA-core matmul_4bit up to ``FUSED_MAX_ROWS`` rows; else it dequantizes and calls the GEMM
+of x's library (torch.matmul / cupy.matmul, i.e. cuBLAS). The tensor-core matmul_4bit_mma
+(fourbit_mma.cu, 1-64 rows of float16 / bfloat16) runs when forced (``kernel="mma"``) until
+it has passed its tests on a GPU (see choose_kernel).
 """
 from __future__ import annotations
 
@@ -39,9 +41,8 @@ from .._compat import ArgTypeError, as_quant_state, bnb_arg_errors, is_array, re
 __all__ = ["quantize_4bit", "dequantize_4bit", "quantize_nf4", "quantize_fp4",
            "dequantize_nf4", "dequantize_fp4", "matmul_4bit", "gemv_4bit", "FUSED_MAX_ROWS"]
 
-# Largest number of rows of float32 x (after flattening leading dims) that the CUDA-core fused
-# kernel matmul_4bit takes; above it, dequantize + cuBLAS. float16 / bfloat16 x with 2-64 rows
-# takes the tensor-core kernel instead (_cupy.choose_kernel). The crossover measured on an
+# Largest number of rows of x (after flattening leading dims) that the CUDA-core fused
+# kernel matmul_4bit takes; above it, dequantize + cuBLAS (_cupy.choose_kernel). The crossover measured on an
 # H200 (benchmarks/fourbit.py, 2026-12-02, 4096x4096, 8192x8192 and 4096x14336 bf16 weights):
 # fused faster at 8 rows on every shape, dequantize + cuBLAS faster at 16.
 FUSED_MAX_ROWS = 8
@@ -68,11 +69,27 @@ _QUANTIZE = {
     "numpy": _numpy_quantize,
     "cupy": lazy(".fourbit._cupy", "quantize_4bit"),
     "numba": lazy(".fourbit._numba", "quantize_4bit"),
+    "cpu": lazy(".fourbit._cpu", "quantize_4bit"),
 }
 _DEQUANTIZE = {
     "numpy": _numpy_dequantize,
     "cupy": lazy(".fourbit._cupy", "dequantize_4bit"),
     "numba": lazy(".fourbit._numba", "dequantize_4bit"),
+    "cpu": lazy(".fourbit._cpu", "dequantize_4bit"),
+}
+
+
+def _numpy_matmul(x, packed, state, bias, normal):
+    """matmul_4bit of host data by the reference (float32), in x's kind and dtype."""
+    host = lambda a: None if a is None else _host_float(a)  # noqa: E731
+    out = ref.matmul_4bit(host(x), _to_numpy(packed), _host_state(state), host(bias))
+    return _like_input(out, x, dtype_of(x))
+
+
+# host data only: matmul_4bit on the GPU takes its own routes (_matmul_torch, _matmul_cupy)
+_MATMUL_HOST = {
+    "numpy": _numpy_matmul,
+    "cpu": lazy(".fourbit._cpu", "matmul_4bit"),
 }
 
 
@@ -429,8 +446,9 @@ def matmul_4bit(A, B, quant_state: QuantState = None, *out_or_bias, out=None, bi
     reach A and bias, none the frozen packed weight. Otherwise, and for every other kind:
     CUDA data with at most FUSED_MAX_ROWS rows and ``in % 32 == 0`` runs the fused kernel
     (float32 accumulation, each packed byte read once); otherwise the weight is dequantized to
-    A's dtype and multiplied by A's library (cuBLAS on the GPU). Host data runs the reference
-    (float32). A weight quantized transposed, as (in, out) with in != out, is used transposed
+    A's dtype and multiplied by A's library (cuBLAS on the GPU). Host data is computed in
+    float32: the "cpu" backend dequantizes in parallel and calls A's library's GEMM, "numpy"
+    runs the reference. A weight quantized transposed, as (in, out) with in != out, is used transposed
     with a DeprecationWarning, as bitsandbytes.
     """
     if state is not None:
@@ -528,9 +546,8 @@ def _matmul_arrays(x, packed, state: QuantState, bias, kind: str, normal: bool, 
     """matmul_4bit's computation for a validated call (see matmul_4bit)."""
     name = dtype_of(x)
     if device_of(x) is None:
-        host = lambda a: None if a is None else _host_float(a)  # noqa: E731
-        out = ref.matmul_4bit(host(x), _to_numpy(packed), _host_state(state), host(bias))
-        return _like_input(out, x, name)
+        _, impl = choose(_MATMUL_HOST, on_gpu=False)
+        return impl(x, packed, state, bias, normal)
     rows = int(np.prod(x.shape[:-1], dtype=np.int64))
     if kind == "torch":
         return _matmul_torch(x, packed, state, bias, normal, rows, out_f, in_f)

@@ -1,0 +1,214 @@
+"""Numba CPU kernels for 4-bit NF4/FP4 and the host matmul_4bit. Reference: reference/fourbit.py.
+
+The "cpu" backend (qkernels/_backend.py): host arrays in, host arrays out, the "numpy"
+entries' arguments; packed codes, absmax and dequantized values bit-identical to the
+reference (NaN payloads aside, as in qkernels/blockwise/_cpu.py). Work is split into chunks
+of whole blocks (``prange``); float16 / bfloat16 inputs are read through a 65536-entry
+table; the code of y is ``perm[lo[key] + (thr[key] < y)]`` on y's high 16 bits (the
+reference's bucket tables); float16 / bfloat16 outputs are rounded from float32 bits staged
+in a per-chunk buffer.
+
+matmul_4bit dequantizes the weight to float32 in parallel (into a buffer reused per thread
+and shape) and calls the GEMM of x's library (torch.nn.functional.linear for torch x, NumPy's
+matmul otherwise), then rounds once to x's dtype: the reference's computation in another
+summation order, within its float64-bounded tolerance.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+
+import numpy as np
+from numba import njit, prange
+
+from reference import fourbit as ref
+from ..blockwise._cpu import CHUNK, round_bits, split_input_bits, split_output
+
+_JIT = dict(parallel=True, fastmath=False, cache=True, error_model="numpy")
+
+
+@njit(**_JIT)
+def _quantize(xu, xh, table_u, use_table, blocksize, lo, thr, perm, packed, absmax):
+    n = xh.shape[0] if use_table else xu.shape[0]
+    nblocks = absmax.shape[0]
+    per = max(1, CHUNK // blocksize)
+    mask = np.uint32(0x7FFFFFFF)
+    for c in prange((nblocks + per - 1) // per):
+        # one block's float32 values and their bits (a view: Numba has no scalar bit cast);
+        # word blocksize: the odd tail's pad (0.0), word blocksize + 1: the absmax bits
+        buf = np.empty(blocksize + 2, np.float32)
+        bufu = buf.view(np.uint32)
+        for b in range(c * per, min(c * per + per, nblocks)):
+            s = b * blocksize
+            cnt = min(blocksize, n - s)
+            # max |x| on the bits: NaN bits exceed all others (np.abs(x).max(): a NaN)
+            mu = np.uint32(0)
+            if use_table:
+                for i in range(cnt):
+                    u = table_u[xh[s + i]]
+                    bufu[i] = u
+                    mu = max(mu, u & mask)
+            else:
+                for i in range(cnt):
+                    u = xu[s + i]
+                    bufu[i] = u
+                    mu = max(mu, u & mask)
+            bufu[blocksize + 1] = mu
+            m = buf[blocksize + 1]
+            absmax[b] = m
+            r = np.float32(1.0) / m
+            for j in range(cnt):
+                y = buf[j] * r
+                buf[j] = y if y == y else np.float32(0.0)  # 0/0, Inf*0, NaN blocks: 0.0
+            bufu[cnt] = np.uint32(0)  # an odd count's pad: the code of 0.0
+            k0 = s // 2
+            for k in range((cnt + 1) // 2):
+                u0 = bufu[2 * k] >> np.uint32(16)
+                u1 = bufu[2 * k + 1] >> np.uint32(16)
+                r0 = lo[u0] + (thr[u0] < buf[2 * k])
+                r1 = lo[u1] + (thr[u1] < buf[2 * k + 1])
+                packed[k0 + k] = (perm[r0] << np.uint8(4)) | perm[r1]
+    for k in prange((n + 1) // 2, packed.shape[0]):  # quant_storage padding
+        packed[k] = 0
+
+
+@functools.lru_cache(maxsize=None)
+def _rank_tables(quant_type: str):
+    """(lo uint8 (65536,), thr float32 (65536,), perm uint8 (16,)): the rank of y is
+    ``lo[key] + (thr[key] < y)`` with key its high 16 bits (the reference's bucket tables)."""
+    lo, thr, _ = ref._bucket_tables(quant_type)
+    _, perm = ref.rank_tables(quant_type)
+    return (np.ascontiguousarray(lo, np.uint8), np.ascontiguousarray(thr, np.float32),
+            np.ascontiguousarray(perm, np.uint8))
+
+
+def quantize_4bit(x, dtype: str, quant_type: str, blocksize: int, packed, absmax, stream=None):
+    """x (n,) float32 / float16 / bfloat16 bits (uint16) -> packed uint8 (>= ceil(n/2),;
+    bytes past ceil(n/2) zeroed) and absmax float32 (ceil(n / blocksize),), in place."""
+    lo, thr, perm = _rank_tables(quant_type)
+    xu, xh, table_u, use_table = split_input_bits(x, dtype)
+    _quantize(xu, xh, table_u, use_table, int(blocksize), lo, thr, perm, packed, absmax)
+
+
+@njit(inline="always", cache=True)
+def _scale(b, absmax, nested, qabs, code2, absmax2, offset):
+    """Block b's float32 absmax; nested: f32(code2[qabs[b]] * absmax2[b // 256]) + offset,
+    reference.blockwise.unnest_absmax's two float32 roundings."""
+    if nested:
+        return code2[qabs[b]] * absmax2[b // 256] + offset
+    return absmax[b]
+
+
+@njit(**_JIT)
+def _dequantize(packed, code, absmax, nested, qabs, code2, absmax2, offset, nblocks, blocksize,
+                n, kind, of, oh):
+    per = max(1, CHUNK // blocksize)
+    half = blocksize // 2
+    for c in prange((nblocks + per - 1) // per):
+        b0 = c * per
+        b1 = min(b0 + per, nblocks)
+        if kind == 0:
+            for b in range(b0, b1):
+                s = _scale(b, absmax, nested, qabs, code2, absmax2, offset)
+                k0 = b * half
+                if 2 * (k0 + half) <= n:
+                    for k in range(k0, k0 + half):
+                        v = packed[k]
+                        of[2 * k] = code[v >> 4] * s
+                        of[2 * k + 1] = code[v & 15] * s
+                else:  # the last block, partial
+                    for i in range(2 * k0, n):
+                        v = np.int64(packed[i >> 1])
+                        of[i] = code[(v >> 4) if i % 2 == 0 else (v & 15)] * s
+        else:
+            off = b0 * blocksize
+            buf = np.empty(per * blocksize, np.float32)
+            bits = buf.view(np.uint32)
+            for b in range(b0, b1):
+                s = _scale(b, absmax, nested, qabs, code2, absmax2, offset)
+                for i in range(b * blocksize, min(b * blocksize + blocksize, n)):
+                    v = np.int64(packed[i >> 1])
+                    buf[i - off] = code[(v >> 4) if i % 2 == 0 else (v & 15)] * s
+            for i in range(off, min(b1 * blocksize, n)):
+                oh[i] = round_bits(bits[i - off], kind)
+
+
+_NO_U8 = np.empty(0, np.uint8)
+_NO_F32 = np.empty(0, np.float32)
+
+
+def dequantize_4bit(packed, code, absmax, blocksize: int, dtype: str, out, nested=None, stream=None):
+    """packed uint8 (>= ceil(n/2),), code float32 (16,), absmax float32 (nblocks,) -> out (n,)
+    of dtype (bfloat16 as uint16 bits) = code[nibble] * absmax[block], rounded once.
+    ``nested = (qabsmax uint8, code2 float32 (256,), absmax2 float32, offset float32 (1,))``
+    replaces absmax (pass None): each block's scale is dequantized first (blocks of 256)."""
+    assert ref.NESTED_BLOCKSIZE == 256  # _scale's constant
+    if nested is None:
+        absmax = np.ascontiguousarray(absmax, np.float32)
+        args = (absmax, False, _NO_U8, _NO_F32, _NO_F32, np.float32(0), absmax.shape[0])
+    else:
+        qabs, code2, absmax2, offset = nested
+        args = (_NO_F32, True, qabs, np.ascontiguousarray(code2, np.float32),
+                np.ascontiguousarray(absmax2, np.float32),
+                np.float32(np.asarray(offset).reshape(-1)[0]), qabs.shape[0])
+    of, oh, kind = split_output(out, dtype)
+    _dequantize(packed, np.ascontiguousarray(code, np.float32), *args, int(blocksize), out.shape[0],
+                kind, of, oh)
+
+
+_buffers = threading.local()
+
+
+def _weight_buffer(size: int) -> np.ndarray:
+    """A float32 (size,) scratch array kept per thread, so that a layer's per-call dequantized
+    weight reuses its pages (a fresh multi-MB array costs page faults at every call)."""
+    buf = getattr(_buffers, "w", None)
+    if buf is None or buf.shape[0] != size:
+        buf = np.empty(size, np.float32)
+        _buffers.w = buf
+    return buf
+
+
+def _dequantize_weight(packed, state) -> np.ndarray:
+    """The weight of a host state as float32 (N, K) in the thread's scratch buffer."""
+    from .._interop import _to_numpy
+    n = int(np.prod(state.shape, dtype=np.int64))
+    w = _weight_buffer(n)
+    pk = np.ascontiguousarray(_to_numpy(packed)).reshape(-1).view(np.uint8)
+    code = _to_numpy(state.code).reshape(-1)
+    if state.state2 is None:
+        absmax, nested = _to_numpy(state.absmax).reshape(-1), None
+    else:
+        s2 = state.state2
+        offset = state.offset
+        offset = np.float32(float(offset.reshape(-1)[0]) if hasattr(offset, "shape") else offset)
+        absmax, nested = None, (_to_numpy(state.absmax).reshape(-1), _to_numpy(s2.code).reshape(-1),
+                                _to_numpy(s2.absmax).reshape(-1), np.array([offset], np.float32))
+    dequantize_4bit(pk, code, absmax, int(state.blocksize), "float32", w, nested)
+    return w.reshape(tuple(int(d) for d in state.shape))
+
+
+def matmul_4bit(x, packed, state, bias, normal: bool):
+    """``x @ W.T + bias`` (W = dequantize_4bit(packed, state) in float32; ``W.T`` used as
+    stored when ``normal`` is False) in float32, rounded once to x's dtype; x host torch or
+    NumPy (..., in), the result (..., out) of x's kind and dtype."""
+    from .._interop import dtype_of, kind_of
+    w = _dequantize_weight(packed, state)
+    if not normal:
+        w = w.T
+    out_f, in_f = w.shape
+    if kind_of(x) == "torch":
+        import torch
+        x32 = x if x.dtype == torch.float32 else x.to(torch.float32)
+        b32 = None if bias is None else bias.reshape(-1).to(torch.float32)
+        y = torch.nn.functional.linear(x32, torch.from_numpy(w), b32)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+    from reference.dtypes import from_float32, to_float32
+    from . import _host_float
+    name = dtype_of(x)
+    x32, _ = to_float32(np.ascontiguousarray(_host_float(x)))
+    y = x32.reshape(-1, in_f) @ w.T
+    if bias is not None:
+        b32, _ = to_float32(np.ascontiguousarray(_host_float(bias).reshape(-1)))
+        y = y + b32
+    return from_float32(y.astype(np.float32), name).reshape(*x.shape[:-1], out_f)

@@ -1,0 +1,293 @@
+"""The "cpu" backend (Numba CPU kernels, qkernels/blockwise/_cpu.py and qkernels/fourbit/_cpu.py)
+against the NumPy reference: codes, absmax and dequantized values bit for bit (NaN positions
+exact; a NaN's payload is not defined by the reference), matmul_4bit within the reference's
+float64-bounded tolerance; the dispatch's fallback to the reference when Numba fails to
+compile; the thread count following torch. The int8 and optimizer ops: test_cpu_backend_int8_optim.py."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import qkernels
+import qkernels.blockwise as qb
+import qkernels.fourbit as qf
+from qkernels import _backend
+from reference import blockwise as ref_bw
+from reference import fourbit as ref4
+from reference.dtypes import from_float32
+from tests.strategies import as_numpy, as_torch, float_arrays
+
+pytest.importorskip("numba")
+
+blocksizes_8 = st.sampled_from(ref_bw.BLOCKSIZES)
+blocksizes_4 = st.sampled_from(ref4.BLOCKSIZES_4BIT)
+quant_types = st.sampled_from(ref4.QUANT_TYPES)
+out_dtypes = st.sampled_from(["float32", "float16", "bfloat16"])
+kinds = st.sampled_from(["numpy", "torch"])
+
+
+def _host(a) -> np.ndarray:
+    """A NumPy copy of an array of either kind; float16 / bfloat16 as their bits."""
+    if hasattr(a, "detach"):
+        import torch
+        t = a.detach().cpu()
+        if t.dtype in (torch.bfloat16, torch.float16):
+            return t.view(torch.int16).numpy().view(np.uint16)
+        return t.numpy()
+    a = np.asarray(a)
+    return a.view(np.uint16) if a.dtype.itemsize == 2 and a.dtype.kind in "fV" else a
+
+
+def _equal_bits(got, want):
+    """Equal element for element, bit for bit except that any NaN matches any NaN."""
+    g, w = _host(got), _host(want)
+    assert g.shape == w.shape and g.dtype == w.dtype
+    if g.dtype == np.uint8:
+        np.testing.assert_array_equal(g, w)
+        return
+    if g.dtype == np.uint16:
+        nan_g = (g & 0x7FFF) > (0x7C00 if _is_f16(got) else 0x7F80)
+        nan_w = (w & 0x7FFF) > (0x7C00 if _is_f16(want) else 0x7F80)
+    else:
+        nan_g, nan_w = np.isnan(g), np.isnan(w)
+    np.testing.assert_array_equal(nan_g, nan_w)
+    np.testing.assert_array_equal(g[~nan_g].view(np.uint8), w[~nan_w].view(np.uint8))
+
+
+def _is_f16(a) -> bool:
+    return str(getattr(a, "dtype", "")).endswith("float16") and "b" not in str(a.dtype)
+
+
+def _input(xd, kind):
+    x32, dtype = xd
+    return as_torch(x32, dtype) if kind == "torch" else as_numpy(x32, dtype)
+
+
+def _both(fn, *args, **kwargs):
+    with qkernels.use_backend("numpy"):
+        want = fn(*args, **kwargs)
+    with qkernels.use_backend("cpu"):
+        got = fn(*args, **kwargs)
+    return got, want
+
+
+def _states_equal(got, want):
+    _equal_bits(got.absmax, want.absmax)
+    assert (got.state2 is None) == (want.state2 is None)
+    if want.state2 is not None:
+        assert np.float32(float(got.offset)) == np.float32(float(want.offset))
+        _equal_bits(got.state2.absmax, want.state2.absmax)
+
+
+def test_cpu_is_the_host_default():
+    assert "cpu" in qkernels.available_backends()
+    assert _backend.choose(qb._QUANTIZE, on_gpu=False)[0] == "cpu"
+    assert _backend.choose(qf._DEQUANTIZE, on_gpu=False)[0] == "cpu"
+    assert _backend.choose(qf._MATMUL_HOST, on_gpu=False)[0] == "cpu"
+
+
+# --- blockwise 8-bit ------------------------------------------------------------------------
+
+@given(xd=float_arrays(specials=True), blocksize=blocksizes_8, nested=st.booleans(), kind=kinds,
+       out_dtype=out_dtypes)
+def test_blockwise_bit_identical(xd, blocksize, nested, kind, out_dtype):
+    A = _input(xd, kind)
+    (codes, state), (want_codes, want_state) = _both(qb.quantize_blockwise, A, blocksize=blocksize,
+                                                     nested=nested)
+    _equal_bits(codes, want_codes)
+    _states_equal(state, want_state)
+    got, want = _both(qb.dequantize_blockwise, want_codes, want_state, out_dtype=out_dtype)
+    _equal_bits(got, want)
+
+
+@given(seed=st.integers(0, 2**32 - 1), out_dtype=st.sampled_from(["float16", "bfloat16"]))
+def test_float16_and_bfloat16_rounding_of_any_float32(seed, out_dtype):
+    """Every float32 bit pattern class (subnormal, near the float16 overflow at 65520, ties,
+    infinities, NaN) rounds as the reference: the values are the codebook itself (absmax 1)."""
+    from qkernels.blockwise import _cpu
+    rng = np.random.default_rng(seed)
+    bits = rng.integers(0, 2**32, 256, dtype=np.uint64).astype(np.uint32)
+    # exponents around float16's subnormal and overflow range, and exact ties
+    bits[:64] = (bits[:64] & np.uint32(0x807FFFFF)) | (rng.integers(96, 144, 64).astype(np.uint32) << 23)
+    bits[64:96] = (bits[64:96] & np.uint32(0xFFFFE000)) | np.uint32(0x1000)
+    bits[96:100] = [0x477FF000, 0x477FEFFF, 0x33000000, 0x33000001]
+    code = bits.view(np.float32)
+    codes = np.arange(256, dtype=np.uint8)
+    out = np.empty(256, np.uint16)
+    _cpu.dequantize_blockwise(codes, code, np.ones(1, np.float32), 256, out_dtype, out)
+    with np.errstate(over="ignore"):
+        want = from_float32(code.copy(), out_dtype).view(np.uint16)
+    nan = np.isnan(code)
+    np.testing.assert_array_equal(out[~nan], want[~nan])
+    assert ((out[nan] & 0x7FFF) > (0x7C00 if out_dtype == "float16" else 0x7F80)).all()
+
+
+def test_blockwise_all_zero_nan_inf_and_empty():
+    x = np.zeros(3 * 64 + 5, np.float32)
+    x[64] = np.nan
+    x[130] = -np.inf
+    x[131] = 2.0
+    (codes, state), (want_codes, want_state) = _both(qb.quantize_blockwise, x, blocksize=64)
+    _equal_bits(codes, want_codes)
+    _states_equal(state, want_state)
+    got, want = _both(qb.dequantize_blockwise, codes, state)
+    _equal_bits(got, want)
+    assert np.all(got[:64] == 0) and np.isnan(got[64:192]).all() and np.all(got[192:] == 0)
+    (codes, state), _ = _both(qb.quantize_blockwise, np.zeros(0, np.float32))
+    assert codes.shape == (0,) and state.absmax.shape == (0,)
+
+
+# --- 4-bit ------------------------------------------------------------------------------------
+
+@given(xd=float_arrays(specials=True), blocksize=blocksizes_4, quant_type=quant_types,
+       nested=st.booleans(), kind=kinds, out_dtype=out_dtypes,
+       storage=st.sampled_from(["uint8", "float16", "float32", "int64"]))
+def test_4bit_bit_identical(xd, blocksize, quant_type, nested, kind, out_dtype, storage):
+    A = _input(xd, kind)
+    (packed, state), (want_packed, want_state) = _both(
+        qf.quantize_4bit, A, blocksize=blocksize, quant_type=quant_type,
+        compress_statistics=nested, quant_storage=storage)
+    _equal_bits(_host(packed).view(np.uint8), _host(want_packed).view(np.uint8))
+    _states_equal(state, want_state)
+    got, want = _both(qf.dequantize_4bit, want_packed, want_state, out_dtype=out_dtype)
+    _equal_bits(got, want)
+
+
+@given(st.integers(1, 5), st.sampled_from([32, 64, 96, 200]), st.integers(1, 40),
+       blocksizes_4, quant_types, st.booleans(), st.booleans(), kinds, st.integers(0, 2**31))
+def test_matmul_4bit_within_the_reference_bound(rows, k, n_out, blocksize, quant_type, nested,
+                                                 with_bias, kind, seed):
+    """float32 accumulation of k terms: |got - exact| <= 1.2e-5 * sum |x_i w_i| (k <= 200),
+    exact being the float64 product of the reference's dequantized weight."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n_out, k)).astype(np.float32)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    bias = rng.standard_normal(n_out).astype(np.float32) if with_bias else None
+    packed, state = ref4.quantize_4bit(w, blocksize, quant_type, nested)
+    wd = ref4.dequantize_4bit(packed, state, out_dtype="float32").astype(np.float64)
+    exact = x.astype(np.float64) @ wd.T + (0 if bias is None else bias)
+    if kind == "torch":
+        import torch
+        (x, packed, bias) = (torch.from_numpy(a) if a is not None else None for a in (x, packed, bias))
+        for part in (state, state.state2):
+            if part is not None:
+                part.absmax = torch.from_numpy(np.array(part.absmax))
+                part.code = torch.from_numpy(np.array(part.code))
+    with qkernels.use_backend("cpu"):
+        got = qf.matmul_4bit(x, packed, state, bias=bias)
+    got = _host(got).astype(np.float64)
+    assert got.shape == (rows, n_out)
+    magnitude = np.abs(x if kind == "numpy" else x.numpy()).astype(np.float64) @ np.abs(wd).T \
+        + (0 if bias is None else np.abs(_host(bias)))
+    assert np.all(np.abs(got - exact) <= 1.2e-5 * magnitude + 1e-30)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_matmul_4bit_half_inputs_round_once(dtype):
+    """float16 / bfloat16 x: the float32 result rounded once, so within half an ulp of the
+    dtype of the reference's float32 result, plus its float32 error."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    w = torch.from_numpy(rng.standard_normal((96, 128)).astype(np.float32)).to(getattr(torch, dtype))
+    x = torch.from_numpy(rng.standard_normal((4, 5, 128)).astype(np.float32)).to(getattr(torch, dtype))
+    bias = torch.ones(96, dtype=getattr(torch, dtype))
+    packed, state = qf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    got, want = _both(qf.matmul_4bit, x, packed, state, bias=bias)
+    assert got.dtype == x.dtype and got.shape == (4, 5, 96)
+    eps = 2.0 ** (-11 if dtype == "float16" else -8)
+    bound = eps * want.float().abs() + 1e-3 * want.float().abs().max()
+    assert ((got.float() - want.float()).abs() <= bound).all()
+
+
+def test_matmul_4bit_transposed_weight():
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((64, 32)).astype(np.float32)     # (in, out): quantized transposed
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    packed, state = ref4.quantize_4bit(w, 64, "nf4")
+    with qkernels.use_backend("cpu"), pytest.warns(DeprecationWarning, match="transposed"):
+        got = qf.matmul_4bit(x, packed, state)
+    np.testing.assert_allclose(got, x @ ref4.dequantize_4bit(packed, state), rtol=1e-5, atol=1e-4)
+
+
+def test_linear4bit_layer_on_cpu_backend():
+    torch = pytest.importorskip("torch")
+    import torch_ops
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(384, 96)
+    layer = torch_ops.LinearNF4(384, 96, compute_dtype=torch.float32)
+    layer.load_state_dict(lin.state_dict())
+    layer = layer.to("cpu")
+    x = torch.randn(3, 7, 384)
+    with torch.no_grad():
+        with qkernels.use_backend("numpy"):
+            want = layer(x)
+        with qkernels.use_backend("cpu"):
+            got = layer(x)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+# --- dispatch: compile failure, errors, threads ----------------------------------------------
+
+@pytest.fixture
+def clean_dispatch():
+    failed, warned = set(_backend._cpu_failed), set(_backend._warned)
+    yield
+    _backend._cpu_failed.clear()
+    _backend._cpu_failed.update(failed)
+    _backend._warned.clear()
+    _backend._warned.update(warned)
+
+
+def test_compile_failure_falls_back_with_one_warning(monkeypatch, clean_dispatch):
+    from numba.core.errors import TypingError
+    from qkernels.blockwise import _cpu
+
+    def broken(*args):
+        raise TypingError("simulated compile failure")
+
+    monkeypatch.setattr(_cpu, "_quantize", broken)
+    x = np.random.default_rng(1).standard_normal(1000).astype(np.float32)
+    with qkernels.use_backend("numpy"):
+        want_codes, want_state = qkernels.quantize_blockwise(x, blocksize=64)
+    with pytest.warns(RuntimeWarning, match="failed to compile") as record:
+        codes, state = qkernels.quantize_blockwise(x, blocksize=64)
+    assert len([w for w in record if "failed to compile" in str(w.message)]) == 1
+    np.testing.assert_array_equal(codes, want_codes)
+    np.testing.assert_array_equal(state.absmax, want_state.absmax)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # no second warning, still the right result
+        codes, _ = qkernels.quantize_blockwise(x, blocksize=64)
+    np.testing.assert_array_equal(codes, want_codes)
+    assert _backend.choose(qb._QUANTIZE, on_gpu=False)[0] == "numpy"
+    assert _backend.choose(qb._DEQUANTIZE, on_gpu=False)[0] == "cpu"  # other ops keep theirs
+
+
+def test_other_errors_are_not_swallowed(monkeypatch, clean_dispatch):
+    from qkernels.fourbit import _cpu
+
+    def failing(*args):
+        raise MemoryError("not a compile failure")
+
+    monkeypatch.setattr(_cpu, "_quantize", failing)
+    with pytest.raises(MemoryError):
+        qkernels.quantize_4bit(np.ones(64, np.float32))
+    assert _backend.choose(qf._QUANTIZE, on_gpu=False)[0] == "cpu"
+
+
+def test_thread_count_follows_torch():
+    torch = pytest.importorskip("torch")
+    import numba
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        qkernels.quantize_blockwise(np.ones(100, np.float32), blocksize=64)
+        assert numba.get_num_threads() == 1
+        torch.set_num_threads(before)
+        qkernels.quantize_blockwise(np.ones(100, np.float32), blocksize=64)
+        assert numba.get_num_threads() == min(before, numba.config.NUMBA_NUM_THREADS)
+    finally:
+        torch.set_num_threads(before)
