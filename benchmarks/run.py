@@ -30,6 +30,7 @@ SECTIONS = {  # name -> module; a section whose module is missing is reported, n
     "layers4bit8bit": "benchmarks.layers4bit8bit",
     "host_path": "benchmarks.hostpath",
     "decode": "benchmarks.decode",
+    "cpu": "benchmarks.cpu",  # the host path beside bitsandbytes' CPU backend, any device
 }
 
 

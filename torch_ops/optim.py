@@ -552,9 +552,18 @@ class Optimizer8bit(torch.optim.Optimizer):
                              config["weight_decay"], state["step"], gnorm_scale)
         s1, s2 = state["state1"], state["state2"]
         if s1.dtype == torch.uint8:
-            count = ref.optimizer_update_8bit_blockwise(
-                pv, gv, s1.numpy().reshape(-1), s2.numpy().reshape(-1), state["absmax1"].numpy(),
-                state["absmax2"].numpy(), state["qmap1"].numpy(), state["qmap2"].numpy(), s, name)
+            # qkernels' host backends: the Numba CPU kernel (qkernels/optim/_cpu.py), else the
+            # NumPy reference (asked for, or Numba cannot compile); the same bits either way
+            from qkernels._backend import choose
+            from qkernels.optim import _UPDATE_8BIT
+            asked = requested_backend()
+            update = (choose(_UPDATE_8BIT, on_gpu=False)[1] if asked in (None, "cpu", "numpy")
+                      else _UPDATE_8BIT["numpy"])
+            counter = np.zeros(1, np.int32)
+            update(pv, gv, s1.numpy().reshape(-1), s2.numpy().reshape(-1), state["absmax1"].numpy(),
+                   state["absmax2"].numpy(), state["qmap1"].numpy(), state["qmap2"].numpy(), name, s,
+                   counter)
+            count = int(counter[0])
         else:
             scale = 1.0
             if config["max_unorm"] > 0:

@@ -118,11 +118,13 @@ _QUANTIZE_ROWS = {
     "numpy": _numpy_quantize_rows,
     "cupy": lazy(".int8._cupy", "quantize_rows"),
     "numba": lazy(".int8._numba", "quantize_rows"),
+    "cpu": lazy(".int8._cpu", "quantize_rows"),
 }
 _ZERO_COLS = {
     "numpy": _numpy_zero_cols,
     "cupy": lazy(".int8._cupy", "zero_cols"),
     "numba": lazy(".int8._numba", "zero_cols"),
+    "cpu": lazy(".int8._cpu", "zero_cols"),
 }
 _QUANTIZE_GLOBAL = {
     "numpy": _numpy_quantize_global,
@@ -133,6 +135,7 @@ _QUANTIZE_COLUMNS = {
     "numpy": _numpy_quantize_columns,
     "cupy": lazy(".int8._cupy", "quantize_columns"),
     "numba": lazy(".int8._numba", "quantize_columns"),
+    "cpu": _numpy_quantize_columns,  # int8_double_quant indexes it by _QUANTIZE_ROWS' backend
 }
 _DEQUANT_ROWS = {
     "numpy": _numpy_dequant_rows,
@@ -143,10 +146,12 @@ _MM_DEQUANT = {
     "numpy": _numpy_mm_dequant,
     "cupy": lazy(".int8._cupy", "mm_dequant"),
     "numba": lazy(".int8._numba", "mm_dequant"),
+    "cpu": lazy(".int8._cpu", "mm_dequant"),
 }
 _GEMM = {  # no Numba GEMM: under use_backend("numba") the GEMMs run on cupy, else numpy
     "numpy": _numpy_gemm,
     "cupy": lazy(".int8._cupy", "gemm"),
+    "cpu": lazy(".int8._cpu", "gemm"),  # torch's int8 GEMM + a Numba epilogue
 }
 
 

@@ -22,17 +22,20 @@ dtype. On CUDA (``takes_cuda_path``) at most 16 rows take one prepared GEMV laun
 0: qkernels/int8/gemv.cu, quantization fused) or three (threshold > 0: row_quant, outlier_cols,
 the GEMV adding the outlier product), with no host synchronization; more rows take the int8
 GEMM with its fused epilogue (the outlier product in the Hopper GEMM's epilogue, or, off
-Hopper, counted on the host and added with one addmm). On the CPU the NumPy reference runs.
+Hopper, counted on the host and added with one addmm). On the CPU the Numba kernels of
+qkernels/int8/_cpu.py quantize and dequantize around torch's int8 GEMM (the NumPy reference
+where Numba cannot load, or under use_backend("numpy")).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .._backend import takes_cuda_path
+from .._backend import requested_backend, takes_cuda_path
 from .._cuda.launch import PlanCache
 from .._interop import on_torch_device, torch_stream
 from . import int8_linear_matmul, int8_mm_dequant, int8_vectorwise_quant
@@ -84,10 +87,46 @@ def int8_linear_outliers(x2: Tensor, CB: Tensor, SCB: Tensor, bias: Optional[Ten
     return _cupy.int8_linear_outliers_torch(x2.contiguous(), CB.contiguous(), SCB.contiguous(), b, threshold)
 
 
+def _host_kernels(x: Tensor):
+    """qkernels.int8._cpu (the Numba CPU forward) for a 2-D float / int8 CPU tensor when no
+    other backend is asked for and its kernels compile, else None (the NumPy reference)."""
+    if x.device.type != "cpu" or x.dim() != 2 or requested_backend() not in (None, "cpu"):
+        return None
+    cpu = _CPU.get("module")
+    if cpu is None:
+        try:
+            from . import _cpu as cpu
+        except Exception as exc:  # numba missing or broken: one warning, then the reference
+            warnings.warn(f"qkernels: the Numba CPU int8 forward cannot load ({type(exc).__name__}: "
+                          f"{exc}); using the NumPy reference", RuntimeWarning, stacklevel=3)
+            cpu = False
+        _CPU["module"] = cpu
+    return cpu if cpu and cpu.ready() else None
+
+
+_CPU: dict = {}
+
+
+def _host_gemm_args_ok(CA, CB, SCA, SCB, bias) -> bool:
+    """Whether _gemm_dequant's arguments are well formed CPU tensors (else the public ops
+    take them, and raise their errors)."""
+    M, K = CA.shape
+    return (CA.dtype == torch.int8 and CB.dtype == torch.int8 and CB.dim() == 2
+            and CB.shape[1] == K and CB.device.type == "cpu"
+            and SCA.dtype == torch.float32 and SCA.device.type == "cpu" and SCA.numel() == M
+            and SCB.dtype == torch.float32 and SCB.device.type == "cpu" and SCB.numel() == CB.shape[0]
+            and (bias is None or (bias.dtype in _NAMES and bias.device.type == "cpu"
+                                  and bias.numel() == CB.shape[0])))
+
+
 def _quantize_rows(x2: Tensor, threshold: float):
     """(CA int8, SCA float32, cols int64 or None) of x2; the outlier columns of CA are zero."""
     if not takes_cuda_path(x2):
-        return int8_vectorwise_quant(x2, threshold)
+        cpu = _host_kernels(x2)
+        if cpu is not None and x2.dtype in _NAMES and isinstance(threshold, (int, float)) \
+                and not isinstance(threshold, bool) and 0 <= threshold < float("inf"):
+            return cpu.quantize_rows_torch(x2, float(threshold))
+        return int8_vectorwise_quant(x2, threshold)  # also every error, raised before any work
     from . import _cupy
     if threshold <= 0:
         q, s = _cupy.quantize_rowwise_torch(x2.contiguous(), stats_dtype=torch.float32)
@@ -100,6 +139,9 @@ def _gemm_dequant(CA, CB, SCA, SCB, bias, out_dtype: torch.dtype) -> Tensor:
     """int8_mm_dequant(int8_linear_matmul(CA, CB), SCA, SCB, bias) in out_dtype (one fused
     kernel on CUDA)."""
     if not takes_cuda_path(CA):
+        cpu = _host_kernels(CA)
+        if cpu is not None and _host_gemm_args_ok(CA, CB, SCA, SCB, bias):
+            return cpu.gemm_dequant_torch(CA, CB, SCA, SCB, bias, out_dtype)
         return int8_mm_dequant(int8_linear_matmul(CA, CB), SCA, SCB, bias, out_dtype=_NAMES[out_dtype])
     from . import _cupy
     b = None if bias is None else bias.contiguous()

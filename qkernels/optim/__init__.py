@@ -8,7 +8,8 @@
 
 In place on NumPy, CuPy or Numba arrays or torch tensors (contiguous, all on one device).
 Implementations: reference/optim.py (numpy, the oracle), optim.cu + _cupy.py (cupy),
-_numba.py (numba); all three give bit-identical p, codes and absmax. Host data runs on
+_numba.py (numba), _cpu.py (cpu: Numba CPU, 8-bit state; host data runs it by default); all
+give bit-identical p, codes and absmax. Host data runs on cpu (the 8-bit update) or
 numpy unless a GPU backend is asked for (``use_backend``, QKERNELS_BACKEND); then it is
 copied to the GPU and every array the update writes is copied back into the caller's
 memory. ``nonfinite``: an int32 (1,) array on the data's device that receives the number
@@ -27,7 +28,7 @@ import numpy as np
 from reference import optim as ref
 from reference.blockwise import check_code
 from reference.codebooks import dynamic_map
-from .._backend import choose
+from .._backend import choose, lazy
 from .._interop import Call, _to_numpy, device_of, dtype_of, is_contiguous, kind_of
 
 __all__ = ["optimizer_update_8bit_blockwise", "optimizer_update_32bit"]
@@ -141,7 +142,8 @@ def _numba_32bit(p, g, s1, s2, name, scalars, update_scale, nonfinite):
                                   nonfinite=count, stream=call.numba_stream())
 
 
-_UPDATE_8BIT = {"numpy": _numpy_8bit, "cupy": _cupy_8bit, "numba": _numba_8bit}
+_UPDATE_8BIT = {"numpy": _numpy_8bit, "cupy": _cupy_8bit, "numba": _numba_8bit,
+                "cpu": lazy(".optim._cpu", "optimizer_update_8bit_blockwise")}
 _UPDATE_32BIT = {"numpy": _numpy_32bit, "cupy": _cupy_32bit, "numba": _numba_32bit}
 
 
@@ -176,7 +178,7 @@ def _run(table, arrays: tuple, rest: tuple, nonfinite) -> None:
     copies (the current device), and p, the states and the counter are copied back into
     the caller's memory (through NumPy views of it: numpy arrays or CPU tensors)."""
     backend, impl = _choose(table, arrays[0])
-    if backend == "numpy" or device_of(arrays[0]) is not None:
+    if backend in ("numpy", "cpu") or device_of(arrays[0]) is not None:
         impl(*arrays, *rest, nonfinite)
         return
     hosts = [_host_view(x) for x in arrays]
