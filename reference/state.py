@@ -38,11 +38,15 @@ def _like(template, values: np.ndarray):
     return values
 
 
-def _host(array) -> np.ndarray:
+def host_array(array) -> np.ndarray:
+    """A host NumPy copy (or view) of a NumPy, torch, CuPy or Numba device array, or of a
+    number; duck-typed, so this module imports none of those libraries."""
     if hasattr(array, "detach"):  # torch
         array = array.detach().cpu().numpy()
     elif hasattr(array, "get") and not isinstance(array, np.ndarray):  # cupy
         array = array.get()
+    elif hasattr(array, "copy_to_host"):  # numba device array
+        array = array.copy_to_host()
     return np.asarray(array)
 
 
@@ -295,7 +299,7 @@ def _shapes_equal(a, b) -> bool:
 def _arrays_close(a, b) -> bool:
     if a is None or b is None:
         return a is None and b is None
-    a, b = _host(a), _host(b)
+    a, b = host_array(a), host_array(b)
     if a.shape != b.shape:
         return False
     return bool(np.allclose(a.astype(np.float64), b.astype(np.float64), rtol=1e-5, atol=1e-6))
@@ -361,7 +365,7 @@ def _packed_record(raw, key: str) -> dict:
     _check_array(raw, key)
     what = f"{key!r} must hold the UTF-8 JSON record of bitsandbytes' packed QuantState"
     try:
-        record = json.loads(bytes(_host(raw).astype(np.uint8).reshape(-1).tolist()).decode("utf-8"))
+        record = json.loads(bytes(host_array(raw).astype(np.uint8).reshape(-1).tolist()).decode("utf-8"))
     except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ValueError(f"{what}: {exc}") from None
     if not isinstance(record, dict):
@@ -374,7 +378,7 @@ def _scalar(v, key: str, kind: str):
     if _is_array(v):
         if int(np.prod(v.shape)) != 1:
             raise TypeError(f"{key!r} must be {kind}; got an array of shape {tuple(v.shape)}")
-        v = _host(v).reshape(-1)[0].item()
+        v = host_array(v).reshape(-1)[0].item()
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
         raise TypeError(f"{key!r} must be {kind}; got {type(v).__name__}")
     return v

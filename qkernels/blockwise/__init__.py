@@ -20,7 +20,7 @@ from reference import blockwise as ref
 from reference.codebooks import dynamic_map
 from reference.dtypes import (bf16_bits_to_float32, check_float_dtype, dtype_name,
                               float32_to_bf16_bits)
-from reference.state import QuantState
+from reference.state import QuantState, host_array
 from .._backend import choose, lazy
 from .._interop import Call, device_of, dtype_of, kind_of, contiguous as _contiguous, run as _run
 from .._compat import ArgTypeError, bnb_arg_errors, is_array, resolve_state, write_out
@@ -87,7 +87,7 @@ def quantize_blockwise(A, code=None, absmax=None, out=None, blocksize: int = 409
         for arg, argname in ((absmax, "absmax"), (out, "out")):
             if arg is not None:
                 _check_array(arg, argname)
-    code = dynamic_map(True) if code is None else ref.check_code(_host(code))
+    code = dynamic_map(True) if code is None else ref.check_code(host_array(code))
     backend, impl = choose(_QUANTIZE, on_gpu=device_of(A) is not None)
     call = Call(A, backend)
     shape = tuple(A.shape)
@@ -130,7 +130,7 @@ def _nest_absmax(state: QuantState, blocksize: int) -> None:
     float32 mean of its finite values (reference.blockwise.finite_mean: a NaN/Inf block must
     not reach the offset, or every block would dequantize to NaN), same blocksize."""
     absmax = state.absmax
-    offset = ref.finite_mean(_host(absmax))
+    offset = ref.finite_mean(host_array(absmax))
     if kind_of(absmax) == "numba":   # Numba device arrays have no arithmetic operators
         from numba import cuda
         shifted = cuda.to_device(absmax.copy_to_host() - offset)
@@ -138,18 +138,6 @@ def _nest_absmax(state: QuantState, blocksize: int) -> None:
         shifted = absmax - offset
     state.absmax, state.state2 = quantize_blockwise(shifted, blocksize=blocksize)
     state.offset = float(offset)
-
-
-def _host(a) -> np.ndarray:
-    """A host NumPy copy (or view) of an array of any supported kind."""
-    kind = kind_of(a)
-    if kind == "torch":
-        return a.detach().cpu().numpy()
-    if kind == "cupy":
-        return a.get()
-    if kind == "numba":
-        return a.copy_to_host()
-    return np.asarray(a)
 
 
 def _check_state(codes_size: int, state: QuantState, argname: str = "state") -> None:

@@ -32,7 +32,7 @@ from reference import fourbit as ref
 from reference.blockwise import dequantize_blockwise_f32
 from reference.codebooks import dynamic_map
 from reference.dtypes import bf16_bits_to_float32, dtype_name, float32_to_bf16_bits
-from reference.state import QuantState
+from reference.state import QuantState, host_array
 from .._backend import choose, lazy
 from .._interop import (Call, _to_numpy, device_of, dtype_of, kind_of, contiguous as _contiguous,
                        run as _run)
@@ -99,10 +99,7 @@ _MATMUL_HOST = {
 
 def _flat_bytes(call: Call, packed):
     """The packed data of any storage dtype and orientation as flat uint8, backend array."""
-    a = call.arg(_contiguous(packed)).reshape(-1)
-    if call.backend == "numba":
-        return a.view(np.uint8) if a.dtype != np.uint8 else a
-    return a.view(np.uint8)
+    return call.arg(_contiguous(packed)).reshape(-1).view(np.uint8)
 
 
 def _storage_result(call: Call, packed_bytes, storage: str):
@@ -135,20 +132,9 @@ def _finite_mean(absmax, kind: str):
         fin = cupy.isfinite(absmax)
         total = cupy.where(fin, absmax, 0).astype(cupy.float64).sum()
         return (total / cupy.maximum(fin.sum(), 1)).astype(cupy.float32)
-    host = _host(absmax)
+    host = host_array(absmax)
     finite = host[np.isfinite(host)]
     return np.float32(finite.mean(dtype=np.float64)) if finite.size else np.float32(0)
-
-
-def _host(a) -> np.ndarray:
-    kind = kind_of(a) if not isinstance(a, (list, tuple, float, int, np.floating)) else "numpy"
-    if kind == "torch":
-        return a.detach().cpu().numpy()
-    if kind == "cupy":
-        return a.get()
-    if kind == "numba":
-        return a.copy_to_host()
-    return np.asarray(a)
 
 
 def quantize_4bit(A, absmax=None, out=None, blocksize: int | None = None,
@@ -348,13 +334,8 @@ def dequantize_4bit(A, quant_state: QuantState | None = None, absmax=None, out=N
     call = Call(A, backend)
     absmax, nested = _absmax_args(call, state)
     result = call.empty((n,), name)
-    extra = {}
-    if nested is not None and backend == "numba":
-        # Numba dequantizes the nested absmax in a pass of its own: its float32 workspace is
-        # allocated here, by the caller's allocator (torch's under a CUDA graph capture)
-        extra["workspace"] = call.empty((int(np.prod(state.absmax.shape)),), "float32")
     _run(call, impl, _flat_bytes(call, A), call.arg(state.code).reshape(-1), absmax,
-         int(state.blocksize), name, result, nested, **extra)
+         int(state.blocksize), name, result, nested)
     result = call.result(result, name).reshape(tuple(state.shape))
     return result if out is None else write_out(out, result)
 
@@ -579,11 +560,11 @@ def _host_float(a) -> np.ndarray:
 
 def _host_state(state: QuantState) -> QuantState:
     s2 = state.state2
-    return QuantState(absmax=_host(state.absmax), shape=state.shape, code=_host(state.code),
+    return QuantState(absmax=host_array(state.absmax), shape=state.shape, code=host_array(state.code),
                       dtype=state.dtype, blocksize=state.blocksize, quant_type=state.quant_type,
                       offset=None if state.offset is None else float(state.offset),
                       state2=None if s2 is None else QuantState(
-                          absmax=_host(s2.absmax), code=_host(s2.code), dtype=s2.dtype,
+                          absmax=host_array(s2.absmax), code=host_array(s2.code), dtype=s2.dtype,
                           blocksize=s2.blocksize))
 
 

@@ -193,11 +193,10 @@ def quantize_4bit(x, dtype: str, quant_type: str, blocksize: int, packed, absmax
 
 
 def dequantize_4bit(packed, code, absmax, blocksize: int, dtype: str, out, nested=None, stream=0,
-                    threads: int = DEQUANTIZE_THREADS, workspace=None):
+                    threads: int = DEQUANTIZE_THREADS):
     """packed uint8 (>= ceil(n/2),), code float32 (16,), absmax float32 (nblocks,) -> out (n,).
     ``nested = (qabsmax, code2, absmax2, offset (1,))`` replaces absmax (pass None): the
-    kernel dequantizes each block's scale itself (nested blocksize 256). ``workspace`` is
-    accepted for callers that provide one and not needed."""
+    kernel dequantizes each block's scale itself (nested blocksize 256)."""
     n = out.shape[0]
     if n == 0:
         return
