@@ -158,6 +158,7 @@ def _sync_threads() -> None:
     n = get()
     if n != _threads[0]:
         import numba
+        from . import _numba_cpu  # noqa: F401  (the threading layer, before set_num_threads starts it)
         numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
         _threads[0] = n
 
@@ -181,7 +182,9 @@ def _cpu_guard(table: dict):
             return reference(*args, **kwargs)
         _sync_threads()
         try:
-            return impl(*args, **kwargs)
+            from ._numba_cpu import PARALLEL_LOCK
+            with PARALLEL_LOCK:
+                return impl(*args, **kwargs)
         except _compile_errors() as exc:
             _cpu_failed.add(impl)
             name = getattr(impl, "__qualname__", repr(impl))

@@ -291,3 +291,53 @@ def test_thread_count_follows_torch():
         assert numba.get_num_threads() == min(before, numba.config.NUMBA_NUM_THREADS)
     finally:
         torch.set_num_threads(before)
+
+
+def _child_quantizes(queue):
+    x = np.linspace(-3, 3, 1 << 14, dtype=np.float32)
+    with qkernels.use_backend("cpu"):
+        codes, _ = qkernels.quantize_blockwise(x, blocksize=256)
+    queue.put(int(codes.astype(np.int64).sum()))
+
+
+def test_a_forked_child_runs_the_cpu_kernels_after_the_parent_did():
+    """The Numba threading layer is fork-safe (qkernels/_numba_cpu.py): a child forked after
+    the parent ran a parallel kernel runs its own (GNU OpenMP would hang it)."""
+    import multiprocessing as mp
+    x = np.linspace(-3, 3, 1 << 14, dtype=np.float32)
+    with qkernels.use_backend("cpu"):
+        want = int(qkernels.quantize_blockwise(x, blocksize=256)[0].astype(np.int64).sum())
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_quantizes, args=(queue,))
+    child.start()
+    child.join(120)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0 and queue.get(timeout=5) == want
+
+
+def test_python_threads_calling_cpu_kernels_together():
+    """Parallel kernels run one at a time under PARALLEL_LOCK: threads that call the ops
+    together queue there and all get the reference's answer (no abort of the process)."""
+    import threading
+    x = np.random.default_rng(3).standard_normal(1 << 15).astype(np.float32)
+    want, _ = ref_bw.quantize_blockwise(x, blocksize=512)
+    results, errors = [], []
+
+    def work():
+        try:
+            with qkernels.use_backend("cpu"):
+                for _ in range(5):
+                    results.append(qkernels.quantize_blockwise(x, blocksize=512)[0])
+        except Exception as exc:  # noqa: BLE001  (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 20
+    for codes in results:
+        np.testing.assert_array_equal(codes, want)

@@ -20,6 +20,8 @@ import functools
 import numpy as np
 from numba import njit, prange
 
+from .. import _numba_cpu  # noqa: F401  (the threading layer, before any kernel runs)
+
 from reference.blockwise import _bucket_tables
 from reference.dtypes import bf16_bits_to_float32
 

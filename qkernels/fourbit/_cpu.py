@@ -21,6 +21,8 @@ import threading
 import numpy as np
 from numba import njit, prange
 
+from .. import _numba_cpu  # noqa: F401  (the threading layer, before any kernel runs)
+
 from reference import fourbit as ref
 from ..blockwise._cpu import CHUNK, round_bits, split_input_bits, split_output
 

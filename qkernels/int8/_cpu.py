@@ -23,6 +23,8 @@ import warnings
 
 import numpy as np
 from numba import njit, prange
+
+from .._numba_cpu import PARALLEL_LOCK  # noqa: F401  (sets the threading layer; ops.py locks with it)
 import numba
 
 _K = np.float32(1.0 / (127.0 * 127.0))

@@ -125,7 +125,8 @@ def _quantize_rows(x2: Tensor, threshold: float):
         cpu = _host_kernels(x2)
         if cpu is not None and x2.dtype in _NAMES and isinstance(threshold, (int, float)) \
                 and not isinstance(threshold, bool) and 0 <= threshold < float("inf"):
-            return cpu.quantize_rows_torch(x2, float(threshold))
+            with cpu.PARALLEL_LOCK:
+                return cpu.quantize_rows_torch(x2, float(threshold))
         return int8_vectorwise_quant(x2, threshold)  # also every error, raised before any work
     from . import _cupy
     if threshold <= 0:
@@ -141,7 +142,8 @@ def _gemm_dequant(CA, CB, SCA, SCB, bias, out_dtype: torch.dtype) -> Tensor:
     if not takes_cuda_path(CA):
         cpu = _host_kernels(CA)
         if cpu is not None and _host_gemm_args_ok(CA, CB, SCA, SCB, bias):
-            return cpu.gemm_dequant_torch(CA, CB, SCA, SCB, bias, out_dtype)
+            with cpu.PARALLEL_LOCK:
+                return cpu.gemm_dequant_torch(CA, CB, SCA, SCB, bias, out_dtype)
         return int8_mm_dequant(int8_linear_matmul(CA, CB), SCA, SCB, bias, out_dtype=_NAMES[out_dtype])
     from . import _cupy
     b = None if bias is None else bias.contiguous()

@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .. import _numba_cpu  # noqa: F401  (the threading layer, before any kernel runs)
+
 from reference import optim as ref
 from reference.blockwise import search_table
 from reference.dtypes import bf16_bits_to_float32, float32_to_bf16_bits
