@@ -270,7 +270,7 @@ def parse_args(argv):
                    help="training steps per configuration (default 200 on CPU, 600 on a GPU)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to train (default: cuda when a GPU is visible)")
-    p.add_argument("--backend", choices=("auto", "numpy", "cupy", "numba"), default="auto",
+    p.add_argument("--backend", choices=("auto", "numpy", "cpu", "cupy", "numba"), default="auto",
                    help="qkernels backend for the quantized ops (default: fastest for the device)")
     p.add_argument("--out", default="demo_out", help="folder for the table and the loss plot")
     p.add_argument("--seed", type=int, default=0)
@@ -312,7 +312,9 @@ def main(argv=None) -> int:
     if backend != "auto" and backend not in qkernels.available_backends():
         parser.error(f"--backend {backend}: not available here ({qkernels.backend_status(backend)[1]})")
     if backend == "auto":
-        backend = "numpy" if device.type == "cpu" else qkernels.available_backends()[0]
+        from qkernels._backend import HOST_BACKENDS
+        usable = qkernels.available_backends()  # fastest first
+        backend = ([b for b in usable if b in HOST_BACKENDS] if device.type == "cpu" else usable)[0]
     big = device.type == "cuda"
     cfg = Config(device=device, steps=args.steps or (600 if big else 200), seed=args.seed)
     if big:
