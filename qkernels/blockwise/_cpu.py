@@ -95,13 +95,33 @@ def round_bits(u, kind):
     return np.uint16(sign | r)
 
 
+@njit(inline="always", cache=True)
+def load_block_bits(xu, xh, table_u, use_table, s, cnt, bufu):
+    """Copy the float32 bits of x[s:s+cnt] into bufu[:cnt] (16-bit input through its
+    widening table) and return the bits of max |x| over them: NaN-propagating, as for
+    non-negative floats the bit order is the value order and NaN bits exceed all others
+    (which NaN: as undefined as NumPy's reductions make it in the reference)."""
+    mask = np.uint32(0x7FFFFFFF)
+    mu = np.uint32(0)
+    if use_table:
+        for i in range(cnt):
+            u = table_u[xh[s + i]]
+            bufu[i] = u
+            mu = max(mu, u & mask)
+    else:
+        for i in range(cnt):
+            u = xu[s + i]
+            bufu[i] = u
+            mu = max(mu, u & mask)
+    return mu
+
+
 @njit(**_JIT)
 def _quantize(xu, xh, table_u, use_table, blocksize, base, thr, codes, absmax):
     n = codes.shape[0]
     nblocks = absmax.shape[0]
     per = max(1, CHUNK // blocksize)
     nthr = thr.shape[0]
-    mask = np.uint32(0x7FFFFFFF)
     for c in prange((nblocks + per - 1) // per):
         # one block's float32 values, and their bits through a view (Numba has no scalar
         # bit cast); the word past them carries the absmax bits
@@ -110,21 +130,7 @@ def _quantize(xu, xh, table_u, use_table, blocksize, base, thr, codes, absmax):
         for b in range(c * per, min(c * per + per, nblocks)):
             s = b * blocksize
             cnt = min(blocksize, n - s)
-            # NaN-propagating max |x| on the bits: for non-negative floats the bit order is
-            # the value order, and NaN bits exceed all others (which NaN: as undefined as
-            # NumPy's reductions make it in the reference)
-            mu = np.uint32(0)
-            if use_table:
-                for i in range(cnt):
-                    u = table_u[xh[s + i]]
-                    bufu[i] = u
-                    mu = max(mu, u & mask)
-            else:
-                for i in range(cnt):
-                    u = xu[s + i]
-                    bufu[i] = u
-                    mu = max(mu, u & mask)
-            bufu[cnt] = mu
+            bufu[cnt] = load_block_bits(xu, xh, table_u, use_table, s, cnt, bufu)
             m = buf[cnt]
             absmax[b] = m
             r = np.float32(1.0) / m

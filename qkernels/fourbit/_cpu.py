@@ -24,7 +24,7 @@ from numba import njit, prange
 from .. import _numba_cpu  # noqa: F401  (the threading layer, before any kernel runs)
 
 from reference import fourbit as ref
-from ..blockwise._cpu import CHUNK, round_bits, split_input_bits, split_output
+from ..blockwise._cpu import CHUNK, load_block_bits, round_bits, split_input_bits, split_output
 
 _JIT = dict(parallel=True, fastmath=False, cache=True, error_model="numpy")
 
@@ -34,7 +34,6 @@ def _quantize(xu, xh, table_u, use_table, blocksize, lo, thr, perm, packed, absm
     n = xh.shape[0] if use_table else xu.shape[0]
     nblocks = absmax.shape[0]
     per = max(1, CHUNK // blocksize)
-    mask = np.uint32(0x7FFFFFFF)
     for c in prange((nblocks + per - 1) // per):
         # one block's float32 values and their bits (a view: Numba has no scalar bit cast);
         # word blocksize: the odd tail's pad (0.0), word blocksize + 1: the absmax bits
@@ -43,19 +42,7 @@ def _quantize(xu, xh, table_u, use_table, blocksize, lo, thr, perm, packed, absm
         for b in range(c * per, min(c * per + per, nblocks)):
             s = b * blocksize
             cnt = min(blocksize, n - s)
-            # max |x| on the bits: NaN bits exceed all others (np.abs(x).max(): a NaN)
-            mu = np.uint32(0)
-            if use_table:
-                for i in range(cnt):
-                    u = table_u[xh[s + i]]
-                    bufu[i] = u
-                    mu = max(mu, u & mask)
-            else:
-                for i in range(cnt):
-                    u = xu[s + i]
-                    bufu[i] = u
-                    mu = max(mu, u & mask)
-            bufu[blocksize + 1] = mu
+            bufu[blocksize + 1] = load_block_bits(xu, xh, table_u, use_table, s, cnt, bufu)
             m = buf[blocksize + 1]
             absmax[b] = m
             r = np.float32(1.0) / m
