@@ -82,6 +82,7 @@ def gpu_rows(sizes: str = "full") -> list[Row]:
 def _matmul_rows(sizes: str) -> list[Row]:
     import torch
     import qkernels.fourbit as qf
+    from qkernels.blockwise import dequantize_blockwise
     from qkernels.fourbit import _cupy
     bnb, F = _bnb()
     dt = torch.bfloat16
@@ -89,7 +90,9 @@ def _matmul_rows(sizes: str) -> list[Row]:
     for out_f, in_f in MATMUL_SHAPES[sizes]:
         ws = [torch.randn(out_f, in_f, device="cuda", dtype=dt) * 0.02 for _ in range(ROTATE)]
         quant = [qf.quantize_4bit(w, 64, "nf4", compress_statistics=True) for w in ws]
-        absmax = [qf._absmax_f32(p, s).contiguous() for p, s in quant]
+        # the nested statistics as float32 (bitsandbytes' dequantize_4bit forms them so)
+        absmax = [(dequantize_blockwise(s.absmax, s.state2, out_dtype="float32") + s.offset).contiguous()
+                  for _, s in quant]
         bnb_q = [F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
                  for w in ws] if F is not None else None
         packed_bytes = out_f * in_f / 2 + 4 * out_f * in_f / 64
@@ -110,8 +113,8 @@ def _matmul_rows(sizes: str) -> list[Row]:
                         _cupy.choose_kernel(batch, out_f, in_f, 0, "bfloat16", 0, 0, kernel)
                     except ValueError:
                         continue
-                    fused = [lambda x=x, q=q, a=a, k=kernel: _cupy.matmul_4bit_torch(x, q[0], a, q[1].code, 64,
-                                                                                       out_f, kernel=k)
+                    fused = [lambda x=x, q=q, a=a, k=kernel: _cupy.matmul_4bit_torch(
+                                 x, q[0], a, q[1].code, blocksize=64, out_features=out_f, kernel=k)
                              for x, q, a in zip(xs, quant, absmax)]
                     timed[label] = (cuda_graph_us(fused), None)
             public = [lambda x=x, q=q: qf.matmul_4bit(x, *q) for x, q in zip(xs, quant)]

@@ -1,9 +1,11 @@
 """Backend selection: which implementation of an op runs for a given input.
 
-An op's table is a literal dict next to its public function, ``{"numpy": f, "cupy": g,
-"numba": h, "cpu": c}``. ``choose(table, on_gpu)`` picks the backend the user asked for
-(``use_backend`` or ``QKERNELS_BACKEND``), else the fastest one for the data's device,
-and falls back, with one warning per cause, when the asked one cannot load.
+An op's table is a dict next to its public function, ``{"numpy": f, "cupy": g,
+"numba": h, "cpu": c}``, written out or made by ``backend_table`` (the NumPy reference and
+one function name in the family's backend modules). ``choose(table, on_gpu)`` picks the
+backend the user asked for (``use_backend`` or ``QKERNELS_BACKEND``), else the fastest one
+for the data's device, and falls back, with one warning per cause, when the asked one
+cannot load.
 
 Backends: "cupy" and "numba" are GPU kernels (CuPy / Numba CUDA); "cpu" is Numba CPU kernels
 (``@njit(parallel=True)``, cached on disk) for host data; "numpy" is the NumPy reference, the
@@ -212,3 +214,11 @@ def lazy(module: str, attr: str):
         return fn(*args, **kwargs)
     call.__qualname__ = f"{module}.{attr}"
     return call
+
+
+def backend_table(numpy_impl, family: str, name: str,
+                  backends: tuple[str, ...] = ("cupy", "numba", "cpu")) -> dict:
+    """An op's table: ``numpy_impl`` (the NumPy reference) under "numpy", and for each of
+    ``backends`` the function ``name`` of ``qkernels.<family>._<backend>``, imported on its
+    first call (``lazy``). E.g. ``backend_table(f, "blockwise", "quantize_blockwise")``."""
+    return {"numpy": numpy_impl, **{b: lazy(f".{family}._{b}", name) for b in backends}}

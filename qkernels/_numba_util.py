@@ -6,6 +6,8 @@ first call of a Numba op (``qkernels._backend.lazy``): ``import qkernels`` never
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 
@@ -364,7 +366,38 @@ def group_nan_max(m, width, scratch):
     return m
 
 
+_INF32 = np.float32(np.inf)
+
+
+@device_function
+def load_block_words(xs, xw, vec_ok, w0, words, group, per_word, kind, scratch):
+    """The blockwise and 4-bit quantizers' loads: words[k] <- word ``w0 + k * group`` of the
+    raw array xs (k < words.shape[0], a uint64 local array; xw and vec_ok as load_word's;
+    ``per_word`` values of storage ``kind`` a word), so that the k-th loads of a group of
+    ``group`` threads are contiguous. Returns (m, r): m float32 the NaN-propagating absmax of
+    the loaded values over the thread's group, r = f32(1 / m) (+inf for m == 0). Reduces with
+    group_nan_max: every thread of the block must call it at the same point, with
+    ``scratch`` its shared float32 (SCRATCH,) array."""
+    m = float32(0.0)
+    for k in range(words.shape[0]):
+        words[k] = load_word(xs, xw, vec_ok, w0 + k * group, per_word)
+        for j in range(per_word):
+            m = nan_max(abs(word_value(words[k], j, kind)), m)
+    m = group_nan_max(m, group, scratch)
+    return m, float32(1.0) / m if m != 0 else _INF32
+
+
 # --- host side ---------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def sm_count() -> int:
+    """The current device's multiprocessor count (the persistent grids' size; asked once per
+    process); 1 under the simulator, whose device has no such attribute."""
+    try:
+        return int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
+    except Exception:
+        return 1
+
 
 def _address(a) -> int:
     """Device address of a Numba device array (host address under the simulator)."""

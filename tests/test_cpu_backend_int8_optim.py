@@ -166,13 +166,13 @@ def test_table_functions_match_numpy_backend(data, rows, cols, threshold):
         stats = np.empty(rows, np.float32)
         flags = np.zeros(cols, np.uint8) if threshold > 0 else None
         qf = I._numpy_quantize_rows if name == "numpy" else int8_cpu.quantize_rows
-        qf(raw, dtype, threshold, q, stats, "float32", flags)
+        qf(raw, q, stats, dtype=dtype, stats_dtype="float32", threshold=threshold, flags=flags)
         C = np.empty((rows, rows), np.int32)
         gf = I._numpy_gemm if name == "numpy" else int8_cpu.gemm
-        gf(q, q, None, None, None, None, False, None, None, C, "int32")
+        gf(q, q, C, out_dtype="int32")
         out = np.empty((rows, rows), np.float32)
         md = I._numpy_mm_dequant if name == "numpy" else int8_cpu.mm_dequant
-        md(C, stats, stats, stats, "float32", out, "float32")
+        md(C, stats, stats, out, out_dtype="float32", bias=stats, bias_dtype="float32")
         outs[name] = (q, stats.view(np.uint32), None if flags is None else flags.astype(bool), C,
                       out.view(np.uint32))
     for a, b in zip(outs["numpy"], outs["cpu"]):

@@ -524,24 +524,26 @@ def test_gpu_matmul_4bit(dtype, shape, fused_max_rows, monkeypatch):
 @pytest.mark.gpu
 def test_gpu_matmul_4bit_torch_hot_path_graph_and_stream():
     import torch
+    from qkernels.blockwise import dequantize_blockwise
     from qkernels.fourbit import _cupy
     w = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16)
     packed, state = qf.quantize_4bit(w, 64, "nf4", compress_statistics=True)
-    absmax = qf._absmax_f32(packed, state).contiguous()
+    # the float32 absmax of the nested state, as bitsandbytes' dequantize_4bit forms it
+    absmax = (dequantize_blockwise(state.absmax, state.state2, out_dtype="float32") + state.offset).contiguous()
     w32 = qf.dequantize_4bit(packed, state, out_dtype="float32")
     x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
-    y = _cupy.matmul_4bit_torch(x, packed, absmax, state.code, 64, 4096, bias)
+    y = _cupy.matmul_4bit_torch(x, packed, absmax, state.code, blocksize=64, out_features=4096, bias=bias)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        yg = _cupy.matmul_4bit_torch(x, packed, absmax, state.code, 64, 4096, bias)
+        yg = _cupy.matmul_4bit_torch(x, packed, absmax, state.code, blocksize=64, out_features=4096, bias=bias)
     x2 = torch.randn_like(x)
     x.copy_(x2)
     g.replay()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        ys = _cupy.matmul_4bit_torch(x, packed, absmax, state.code, 64, 4096, bias)
+        ys = _cupy.matmul_4bit_torch(x, packed, absmax, state.code, blocksize=64, out_features=4096, bias=bias)
     side.synchronize()
     torch.cuda.synchronize()
     ours, plain, half_ulp = _linear_errors(x, w32, bias, yg)

@@ -98,7 +98,8 @@ def _weight(N, K, tdt, blocksize, quant_type, nested, seed):
 def _mma(x, packed, state, N, bias=None, kernel="mma"):
     """matmul_4bit_torch with the state's tensors (nested statistics in the kernel)."""
     return _cupy.matmul_4bit_torch(x, packed, state.absmax.contiguous(), state.code.contiguous(),
-                                   int(state.blocksize), N, bias, qf._nested_args(state, x.device), kernel=kernel)
+                                   blocksize=int(state.blocksize), out_features=N, bias=bias,
+                                   nested=qf._nested_args(state, x.device), kernel=kernel)
 
 
 def _check(x, w32, bias, got, what):

@@ -603,8 +603,7 @@ def test_gpu_sm90_gemm_matches_reference(kernel, seed):
         ta, tW = torch.from_numpy(a).cuda(), torch.from_numpy(W).cuda()
         C = ref.int8_linear_matmul(a, W)
         raw = cupy.empty((M, N), cupy.int32)
-        _cupy.gemm(cupy.from_dlpack(ta), cupy.from_dlpack(tW), None, "float32", None, "float32", False,
-                   None, None, raw, "int32", kernel=kernel)
+        _cupy.gemm(cupy.from_dlpack(ta), cupy.from_dlpack(tW), raw, out_dtype="int32", kernel=kernel)
         np.testing.assert_array_equal(cupy.asnumpy(raw), C)
         for dtype in DTYPES:
             sa32 = round_to(rng.uniform(0, 8, M).astype(np.float32), dtype)

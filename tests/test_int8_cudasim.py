@@ -46,19 +46,20 @@ def test_numba_row_quant_matches_reference(rows, cols, dtype, threshold, seed, s
     q = cuda.device_array((rows, cols), np.int8)
     stats = cuda.device_array(rows, np.float32)
     flags = cuda.device_array(cols, np.uint8)
-    _numba.quantize_rows(cuda.to_device(_raw(x32, dtype)), dtype, threshold, q, stats, "float32",
-                         flags, threads=32)
+    _numba.quantize_rows(cuda.to_device(_raw(x32, dtype)), q, stats, dtype=dtype, stats_dtype="float32",
+                         threshold=threshold, flags=flags, threads=32)
     want_stats, want_flags = ref.absmax_rows(x32, threshold)
     np.testing.assert_array_equal(q.copy_to_host(), ref.quantize_rows_f32(x32, want_stats, threshold))
     np.testing.assert_array_equal(stats.copy_to_host(), want_stats)
     np.testing.assert_array_equal(flags.copy_to_host().astype(bool), want_flags)
     # the SwitchBack state in the input's dtype, and the dequantizer
     sraw = cuda.device_array(rows, np.uint16 if dtype == "bfloat16" else dtype)
-    _numba.quantize_rows(cuda.to_device(_raw(x32, dtype)), dtype, 0.0, q, sraw, dtype, None, threads=32)
+    _numba.quantize_rows(cuda.to_device(_raw(x32, dtype)), q, sraw, dtype=dtype, stats_dtype=dtype,
+                         threads=32)
     s0, _ = ref.absmax_rows(x32)
     np.testing.assert_array_equal(_f32(sraw.copy_to_host(), dtype), s0)
     out = cuda.device_array((rows, cols), np.float32)
-    _numba.dequant_rows(q, sraw, dtype, out, "float32", threads=32)
+    _numba.dequant_rows(q, sraw, out, stats_dtype=dtype, out_dtype="float32", threads=32)
     np.testing.assert_array_equal(out.copy_to_host(),
                                   ref.int8_vectorwise_dequant(q.copy_to_host(), s0))
 
@@ -76,19 +77,19 @@ def test_numba_global_and_columnwise_match_reference(rows, cols, dtype, seed, sp
     for name, transpose in (("quantize_global", False), ("quantize_global_transpose", True)):
         q = cuda.device_array((cols, rows) if transpose else (rows, cols), np.int8)
         state = cuda.device_array(1, sdt)
-        _numba.quantize_global(x, dtype, q, state, transpose, threads=32)
+        _numba.quantize_global(x, q, state, dtype=dtype, transpose=transpose, threads=32)
         wq, ws = getattr(ref, name)(as_numpy(x32, dtype))
         np.testing.assert_array_equal(q.copy_to_host(), wq)
         np.testing.assert_array_equal(_f32(state.copy_to_host(), dtype), ws.astype(np.float32))
     q = cuda.device_array((cols, rows), np.int8)
     state = cuda.device_array(cols, sdt)
-    _numba.quantize_columns(x, dtype, 0.0, q, True, state=state, threads=32)
+    _numba.quantize_columns(x, q, dtype=dtype, transpose=True, state=state, threads=32)
     wq, ws = ref.quantize_columnwise_and_transpose(as_numpy(x32, dtype))
     np.testing.assert_array_equal(q.copy_to_host(), wq)
     np.testing.assert_array_equal(_f32(state.copy_to_host(), dtype), ws.astype(np.float32))
     q = cuda.device_array((rows, cols), np.int8)
     cs = cuda.device_array(cols, np.float32)
-    _numba.quantize_columns(x, dtype, 2.0, q, False, col_stats=cs, threads=32)
+    _numba.quantize_columns(x, q, dtype=dtype, transpose=False, threshold=2.0, col_stats=cs, threads=32)
     _, wqt, _, wcs, _ = ref.int8_double_quant(x32, 2.0)
     np.testing.assert_array_equal(q.copy_to_host(), wqt)
     np.testing.assert_array_equal(cs.copy_to_host(), wcs)
@@ -106,9 +107,9 @@ def test_numba_mm_dequant_and_zero_cols():
     for out_dtype in DTYPES:
         for bias in (None, rng.standard_normal(11).astype(np.float16)):
             out = cuda.device_array((3, 11), np.uint16 if out_dtype == "bfloat16" else out_dtype)
-            _numba.mm_dequant(cuda.to_device(C), cuda.to_device(r), cuda.to_device(c),
-                              None if bias is None else cuda.to_device(bias),
-                              None if bias is None else "float16", out, out_dtype, threads=32)
+            _numba.mm_dequant(cuda.to_device(C), cuda.to_device(r), cuda.to_device(c), out,
+                              out_dtype=out_dtype, bias=None if bias is None else cuda.to_device(bias),
+                              bias_dtype=None if bias is None else "float16", threads=32)
             want = ref.int8_mm_dequant(C, r, c, bias, "float32")
             from tests.strategies import round_to
             np.testing.assert_array_equal(_f32(out.copy_to_host(), out_dtype), round_to(want, out_dtype))

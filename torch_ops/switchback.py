@@ -55,33 +55,51 @@ __all__ = ["SwitchBackLinear", "SwitchBackLinearGlobal", "SwitchBackLinearGlobal
 
 # --- autograd functions: X (M, K), W (N, K), bias (N,) or None, all of one float dtype --------
 
+def _forward_saving_xw(ctx, X, W, bias, rowwise: bool):
+    """The forward of SwitchBackGlobal (``rowwise`` False: one scale for W) and
+    SwitchBackVectorwise (``rowwise``: a scale per row of W): Y (M, N) in X's dtype =
+    int8(X, per row) @ int8(W)^T + bias, from X (M, K), W (N, K), bias (N,) or None; saves
+    X and W."""
+    fast = switchback_direct(X, W, bias)
+    Xq, sX = direct_quantize_rowwise(fast, X)
+    Wq, sW = direct_quantize_rowwise(fast, W) if rowwise else direct_quantize_global(fast, W)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(X, W)
+    return direct_int8_matmul_dequantize(fast, Xq, Wq.t(), sX, sW, bias, rowwise=rowwise)
+
+
+def _backward_saving_xw(ctx, G, rowwise: bool):
+    """(dX (M, K), dW (N, K), dbias (N,)) for _forward_saving_xw's output gradient G (M, N),
+    each None where not needed: dX = int8(G, per row) @ int8(W) with W quantized per input
+    column (``rowwise``) or with one scale, dW = G^T @ X in X's dtype, dbias = sum(G, 0)."""
+    X, W = ctx.saved_tensors
+    dX = dW = dbias = None
+    if ctx.needs_input_grad[0]:
+        fast = switchback_direct(G, W, shared=0)
+        Gq, sG = direct_quantize_rowwise(fast, G)
+        if rowwise:
+            WqT, sW = direct_quantize_columnwise_and_transpose(fast, W)   # (K, N), (K,)
+        else:
+            WqT, sW = direct_quantize_global(fast, W, transpose=True)   # (K, N), (1,)
+        dX = direct_int8_matmul_dequantize(fast, Gq, WqT.t(), sG, sW, None, rowwise=rowwise)
+    if ctx.needs_input_grad[1]:
+        dW = torch.matmul(G.t(), X)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        dbias = G.sum(0)
+    return dX, dW, dbias
+
+
 class SwitchBackGlobal(torch.autograd.Function):
     """Y = int8(X, per row) @ int8(W, global)^T + bias; dX = int8(G, per row) @ int8(W,
     global); dW = G^T @ X in X's dtype; dbias = sum(G, 0). Saves X and W."""
 
     @staticmethod
     def forward(ctx, X, W, bias):
-        fast = switchback_direct(X, W, bias)
-        Xq, sX = direct_quantize_rowwise(fast, X)
-        Wq, sW = direct_quantize_global(fast, W)
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(X, W)
-        return direct_int8_matmul_dequantize(fast, Xq, Wq.t(), sX, sW, bias, rowwise=False)
+        return _forward_saving_xw(ctx, X, W, bias, rowwise=False)
 
     @staticmethod
     def backward(ctx, G):
-        X, W = ctx.saved_tensors
-        dX = dW = dbias = None
-        if ctx.needs_input_grad[0]:
-            fast = switchback_direct(G, W, shared=0)
-            Gq, sG = direct_quantize_rowwise(fast, G)
-            WqT, sW = direct_quantize_global(fast, W, transpose=True)   # (K, N)
-            dX = direct_int8_matmul_dequantize(fast, Gq, WqT.t(), sG, sW, None, rowwise=False)
-        if ctx.needs_input_grad[1]:
-            dW = torch.matmul(G.t(), X)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            dbias = G.sum(0)
-        return dX, dW, dbias
+        return _backward_saving_xw(ctx, G, rowwise=False)
 
 
 class SwitchBackGlobalMemEfficient(torch.autograd.Function):
@@ -121,27 +139,11 @@ class SwitchBackVectorwise(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, X, W, bias):
-        fast = switchback_direct(X, W, bias)
-        Xq, sX = direct_quantize_rowwise(fast, X)
-        Wq, sW = direct_quantize_rowwise(fast, W)
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(X, W)
-        return direct_int8_matmul_dequantize(fast, Xq, Wq.t(), sX, sW, bias, rowwise=True)
+        return _forward_saving_xw(ctx, X, W, bias, rowwise=True)
 
     @staticmethod
     def backward(ctx, G):
-        X, W = ctx.saved_tensors
-        dX = dW = dbias = None
-        if ctx.needs_input_grad[0]:
-            fast = switchback_direct(G, W, shared=0)
-            Gq, sG = direct_quantize_rowwise(fast, G)
-            WqT, sWc = direct_quantize_columnwise_and_transpose(fast, W)   # (K, N), (K,)
-            dX = direct_int8_matmul_dequantize(fast, Gq, WqT.t(), sG, sWc, None, rowwise=True)
-        if ctx.needs_input_grad[1]:
-            dW = torch.matmul(G.t(), X)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            dbias = G.sum(0)
-        return dX, dW, dbias
+        return _backward_saving_xw(ctx, G, rowwise=True)
 
 
 # --- the layer ---------------------------------------------------------------------------------

@@ -127,6 +127,19 @@ __device__ __forceinline__ uint4 load_raw16(const typename Storage<DT>::type* __
   return u.v;
 }
 
+// The blockwise and 4-bit quantizers' loads: the NV raw 16-byte vectors of this thread's
+// share of quantization block qb (BLOCK elements of x, owned by a group of G threads; this
+// thread is `lane` of its group). Vector k starts at element qb * BLOCK + (k * G + lane) *
+// VEC, VEC = 16 / sizeof(T), so the group's k-th loads are contiguous (coalesced). Zeros
+// past n; `vec_ok` as in load_raw16.
+template <int DT, int BLOCK, int G, int NV>
+__device__ __forceinline__ void load_block_raw16(const typename Storage<DT>::type* __restrict__ x, i64 qb,
+                                                 int lane, i64 n, int vec_ok, uint4 (&v)[NV]) {
+  constexpr int VEC = 16 / Storage<DT>::bytes;
+#pragma unroll
+  for (int k = 0; k < NV; ++k) v[k] = load_raw16<DT>(x, qb * BLOCK + (i64)(k * G + lane) * VEC, n, vec_ok);
+}
+
 // The 16 / sizeof(T) values of a raw 16-byte vector as float32.
 template <int DT>
 __device__ __forceinline__ void raw16_to_f32(uint4 w, float (&v)[16 / Storage<DT>::bytes]) {

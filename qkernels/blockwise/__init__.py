@@ -21,7 +21,7 @@ from reference.codebooks import dynamic_map
 from reference.dtypes import (bf16_bits_to_float32, check_float_dtype, dtype_name,
                               float32_to_bf16_bits)
 from reference.state import QuantState, host_array
-from .._backend import choose, lazy
+from .._backend import backend_table, choose
 from .._interop import Call, device_of, dtype_of, kind_of, contiguous as _contiguous, run as _run
 from .._compat import ArgTypeError, bnb_arg_errors, is_array, resolve_state, write_out
 
@@ -38,18 +38,8 @@ def _numpy_dequantize(codes, code, absmax, blocksize, dtype, out, stream=None):
     out[:] = float32_to_bf16_bits(f32) if dtype == "bfloat16" else f32.astype(dtype)
 
 
-_QUANTIZE = {
-    "numpy": _numpy_quantize,
-    "cupy": lazy(".blockwise._cupy", "quantize_blockwise"),
-    "numba": lazy(".blockwise._numba", "quantize_blockwise"),
-    "cpu": lazy(".blockwise._cpu", "quantize_blockwise"),
-}
-_DEQUANTIZE = {
-    "numpy": _numpy_dequantize,
-    "cupy": lazy(".blockwise._cupy", "dequantize_blockwise"),
-    "numba": lazy(".blockwise._numba", "dequantize_blockwise"),
-    "cpu": lazy(".blockwise._cpu", "dequantize_blockwise"),
-}
+_QUANTIZE = backend_table(_numpy_quantize, "blockwise", "quantize_blockwise")
+_DEQUANTIZE = backend_table(_numpy_dequantize, "blockwise", "dequantize_blockwise")
 
 
 _ARRAY_KINDS = "a NumPy, CuPy or Numba array or a torch tensor"

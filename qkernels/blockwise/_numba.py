@@ -35,10 +35,9 @@ import numpy as np
 from numba import cuda, float32, uint8, uint32, uint64
 
 from reference.blockwise import search_table
-from .._numba_util import (SCRATCH, WORD_ELEMS, cta_size, group_nan_max, kernel, load_bytes,
-                           load_word, nan_max, quantize_shape, raw_view, storage_kind,
-                           store_bytes, store_word, table_code_split, value_bits, wide_view,
-                           word_value)
+from .._numba_util import (SCRATCH, WORD_ELEMS, cta_size, kernel, load_block_words, load_bytes,
+                           quantize_shape, raw_view, sm_count, storage_kind, store_bytes,
+                           store_word, table_code_split, value_bits, wide_view, word_value)
 
 QUANTIZE_THREADS = 512  # CTA size bound of the quantizer
 DEQUANTIZE_THREADS = 256
@@ -54,7 +53,6 @@ def quantize_blockwise_kernel(kind: int, blocksize: int, table_in_shared: bool):
     NW, G = quantize_shape(kind, blocksize)
     WORDS = blocksize // W  # words per quantization block
     CAP = MAX_TABLE if table_in_shared else 1
-    INF = np.float32(np.inf)
 
     @kernel(QUANTIZE_THREADS)
     def quantize_blockwise_kernel(xs, xw, cw, vec_ok, thr_g, base_g, key_lo, key_hi, rows128,
@@ -74,17 +72,11 @@ def quantize_blockwise_kernel(kind: int, blocksize: int, table_in_shared: bool):
         groups = cuda.blockDim.x // G
         lane = t % G
         words = cuda.local.array(NW, uint64)
-        # uniform per CTA: every thread reaches group_nan_max's barriers equally often
+        # uniform per CTA: every thread reaches load_block_words' barriers equally often
         for tile in range(cuda.blockIdx.x, (nblocks + groups - 1) // groups, cuda.gridDim.x):
             qb = tile * groups + t // G
             w0 = qb * WORDS + lane
-            m = float32(0.0)
-            for k in range(NW):
-                words[k] = load_word(xs, xw, vec_ok, w0 + k * G, W)
-                for j in range(W):
-                    m = nan_max(abs(word_value(words[k], j, kind)), m)
-            m = group_nan_max(m, G, scratch)
-            r = float32(1.0) / m if m != 0 else INF
+            m, r = load_block_words(xs, xw, vec_ok, w0, words, G, W, kind, scratch)
             for k in range(NW):
                 c = uint32(0)
                 for j in range(W):
@@ -129,14 +121,6 @@ def dequantize_blockwise_kernel(kind: int):
     return dequantize_blockwise_kernel
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count() -> int:
-    try:
-        return int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
-    except Exception:  # the simulator's device has no such attribute
-        return 1
-
-
 @functools.lru_cache(maxsize=32)
 def _device_table(code_bytes: bytes):
     found = search_table(np.frombuffer(code_bytes, np.float32))
@@ -171,7 +155,7 @@ def quantize_blockwise(x, dtype: str, code, blocksize: int, codes, absmax, strea
     cw, c_ok = wide_view(codes, _code_groups(kind))
     groups = threads // g
     # persistent: each CTA copies the search table to shared memory once
-    grid = min(-(-absmax.shape[0] // groups), 2048 // threads * _sm_count())
+    grid = min(-(-absmax.shape[0] // groups), 2048 // threads * sm_count())
     k = quantize_blockwise_kernel(kind, blocksize, thr.shape[0] <= MAX_TABLE)
     key_lo, rows128 = (emin - 1) << 7, (129 - emin) * 128
     k[grid, threads, stream](xs, xw, cw, x_ok and c_ok, thr, base, np.uint32(key_lo),
@@ -188,7 +172,7 @@ def dequantize_blockwise(codes, code, absmax, blocksize: int, dtype: str, out, s
     ow, o_ok = wide_view(outs, np.uint64)
     cw, c_ok = wide_view(codes, _code_groups(kind))
     nwords = -(-codes.shape[0] // WORD_ELEMS[kind])
-    grid = min(-(-nwords // (threads * U)), 2048 // threads * _sm_count())
+    grid = min(-(-nwords // (threads * U)), 2048 // threads * sm_count())
     k = dequantize_blockwise_kernel(kind)
     k[grid, threads, stream](codes, cw, o_ok and c_ok, code, absmax, blocksize.bit_length() - 1,
                              outs, ow)

@@ -46,19 +46,13 @@ quantize_blockwise(const typename Storage<DT>::type* __restrict__ x,
   // loads of one k are contiguous (coalesced). The next tile's vectors are loaded before
   // this tile is reduced and coded, so HBM reads stay in flight through the reduction.
   uint4 next[NV];
-#pragma unroll
-  for (int k = 0; k < NV; ++k)
-    next[k] = load_raw16<DT>(x, ((i64)blockIdx.x * groups + g) * BLOCK + (i64)(k * G + lane_g) * VEC,
-                             n, vec_ok);
+  load_block_raw16<DT, BLOCK, G, NV>(x, (i64)blockIdx.x * groups + g, lane_g, n, vec_ok, next);
   for (i64 tile = blockIdx.x; tile * groups < nblocks; tile += gridDim.x) {
     const i64 qb = tile * groups + g;
     uint4 raw[NV];
 #pragma unroll
-    for (int k = 0; k < NV; ++k) {
-      raw[k] = next[k];
-      next[k] = load_raw16<DT>(x, ((tile + gridDim.x) * groups + g) * BLOCK + (i64)(k * G + lane_g) * VEC,
-                               n, vec_ok);
-    }
+    for (int k = 0; k < NV; ++k) raw[k] = next[k];
+    load_block_raw16<DT, BLOCK, G, NV>(x, (tile + gridDim.x) * groups + g, lane_g, n, vec_ok, next);
     float v[NV][VEC];
 #pragma unroll
     for (int k = 0; k < NV; ++k) raw16_to_f32<DT>(raw[k], v[k]);

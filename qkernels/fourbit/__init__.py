@@ -33,7 +33,7 @@ from reference.blockwise import dequantize_blockwise_f32
 from reference.codebooks import dynamic_map
 from reference.dtypes import bf16_bits_to_float32, dtype_name, float32_to_bf16_bits
 from reference.state import QuantState, host_array
-from .._backend import choose, lazy
+from .._backend import backend_table, choose, lazy
 from .._interop import (Call, _to_numpy, device_of, dtype_of, kind_of, contiguous as _contiguous,
                        run as _run)
 from .._compat import ArgTypeError, as_quant_state, bnb_arg_errors, is_array, resolve_state, write_out
@@ -65,18 +65,8 @@ def _numpy_dequantize(packed, code, absmax, blocksize, dtype, out, nested=None, 
     out[:] = float32_to_bf16_bits(f32) if dtype == "bfloat16" else f32.astype(dtype)
 
 
-_QUANTIZE = {
-    "numpy": _numpy_quantize,
-    "cupy": lazy(".fourbit._cupy", "quantize_4bit"),
-    "numba": lazy(".fourbit._numba", "quantize_4bit"),
-    "cpu": lazy(".fourbit._cpu", "quantize_4bit"),
-}
-_DEQUANTIZE = {
-    "numpy": _numpy_dequantize,
-    "cupy": lazy(".fourbit._cupy", "dequantize_4bit"),
-    "numba": lazy(".fourbit._numba", "dequantize_4bit"),
-    "cpu": lazy(".fourbit._cpu", "dequantize_4bit"),
-}
+_QUANTIZE = backend_table(_numpy_quantize, "fourbit", "quantize_4bit")
+_DEQUANTIZE = backend_table(_numpy_dequantize, "fourbit", "dequantize_4bit")
 
 
 def _numpy_matmul(x, packed, state, bias, normal):
@@ -390,21 +380,6 @@ def gemv_4bit(A, B, out=None, transposed_A: bool = False, transposed_B: bool = F
 
 # --- matmul_4bit -----------------------------------------------------------------------------
 
-def _absmax_f32(packed, state: QuantState):
-    """The state's float32 absmax in packed's kind (nested statistics dequantized)."""
-    if state.state2 is None:
-        return state.absmax
-    from ..blockwise import dequantize_blockwise
-    s2 = state.state2
-    a = dequantize_blockwise(state.absmax, QuantState(absmax=s2.absmax, code=s2.code,
-                                                      dtype="float32", blocksize=s2.blocksize),
-                             out_dtype="float32")
-    offset = state.offset
-    if kind_of(a) == "torch" and not isinstance(offset, (float, int, np.floating)):
-        offset = offset.to(a.device)
-    return a + (np.float32(offset) if isinstance(offset, (float, int, np.floating)) else offset)
-
-
 def matmul_4bit(A, B, quant_state: QuantState = None, *out_or_bias, out=None, bias=None, state=None):
     """``A @ dequantize_4bit(B, quant_state).T + bias`` for a weight stored as (out, in):
     bitsandbytes' ``matmul_4bit(A, B, quant_state, out=None, bias=None)`` and qkernels'
@@ -591,8 +566,8 @@ def _matmul_torch(x, packed, state, bias, normal, rows, out_f, in_f):
             # one launch: nested statistics are dequantized inside the kernel
             b = None if bias is None else bias.to(x.dtype).contiguous()
             return _cupy.matmul_4bit_torch(xc, packed_c, state.absmax.contiguous(), state.code.contiguous(),
-                                           int(state.blocksize), out_f, b, _nested_args(state, x.device),
-                                           kernel=kernel)
+                                           blocksize=int(state.blocksize), out_features=out_f, bias=b,
+                                           nested=_nested_args(state, x.device), kernel=kernel)
     w = dequantize_4bit(packed_c, state, out_dtype=x.dtype)
     if not normal:
         w = w.t()
@@ -644,8 +619,9 @@ def _matmul_cupy(x, packed, state, bias, normal, rows, out_f, in_f):
                               cupy.ascontiguousarray(s2.absmax, dtype=cupy.float32), offset)
                 out = cupy.empty((rows, out_f), dtype=xc.dtype)
                 b = None if bias is None else cupy.ascontiguousarray(bias, dtype=xc.dtype).reshape(-1)
-                _cupy.matmul_4bit(xc.reshape(rows, in_f), pk, absmax, state.code, b, out,
-                                  int(state.blocksize), name, nested, kernel=kernel)
+                _cupy.matmul_4bit(xc.reshape(rows, in_f), pk, absmax, state.code, out,
+                                  blocksize=int(state.blocksize), dtype=name, bias=b, nested=nested,
+                                  kernel=kernel)
             return out.reshape(*x.shape[:-1], out_f)
     w = dequantize_4bit(packed, state, out_dtype=name)
     w = w if normal else w.T

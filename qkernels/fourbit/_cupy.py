@@ -291,12 +291,16 @@ def _mma_function(device: int, dtype: str, nt: int, nested: bool):
 _MMA_SIG = "pppppppfppppiiiiii"
 
 
-def _mma_args(x_ptr, packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_p, offset_v, bias_ptr,
-              out_ptr, ws_ptr, counters_ptr, M, N, K, blocksize, cps):
-    return (np.uint64(x_ptr), np.uint64(packed_ptr), np.uint64(absmax_ptr), np.uint64(code_ptr),
-            np.uint64(code2_ptr), np.uint64(absmax2_ptr), offset_p, offset_v, np.uint64(bias_ptr),
-            np.uint64(out_ptr), np.uint64(ws_ptr), np.uint64(counters_ptr), np.int32(M), np.int32(N),
-            np.int32(K), np.int32(blocksize.bit_length() - 1), np.int32(cps), np.int32(x_ptr % 16 == 0))
+def _mma_args(*, x: int, packed: int, absmax: int, code: int, code2: int, absmax2: int, offset_p,
+              offset_v, bias: int, out: int, ws: int, counters: int, M: int, N: int, K: int,
+              blocksize: int, cps: int) -> tuple:
+    """matmul_4bit_mma's argument tuple, typed as _MMA_SIG: the pointers (0 for an absent
+    one), offset_p / offset_v from ``_offset_args``, the sizes, log2(blocksize), ``cps`` and
+    whether x is 16-byte aligned."""
+    return (np.uint64(x), np.uint64(packed), np.uint64(absmax), np.uint64(code),
+            np.uint64(code2), np.uint64(absmax2), offset_p, offset_v, np.uint64(bias),
+            np.uint64(out), np.uint64(ws), np.uint64(counters), np.int32(M), np.int32(N),
+            np.int32(K), np.int32(blocksize.bit_length() - 1), np.int32(cps), np.int32(x % 16 == 0))
 
 
 def fused_rows(m: int) -> int | None:
@@ -318,10 +322,12 @@ def _offset_args(offset):
     return np.uint64(ptr), np.float32(0)
 
 
-def matmul_4bit(x, packed, absmax, code, bias, out, blocksize: int, dtype: str, nested=None, kernel=None):
-    """CuPy arrays: x (M, K) (2-byte aligned; 16-byte aligned for gemv/fused), packed uint8
-    (N*K/2,), absmax float32 (or, with ``nested = (code2, absmax2, offset)``, the uint8 nested
-    codes), code float32 (16,), bias (N,) of x's dtype or None, out (M, N); K % 32 == 0.
+def matmul_4bit(x, packed, absmax, code, out, *, blocksize: int, dtype: str, bias=None, nested=None,
+                kernel=None):
+    """out (M, N) = x @ W^T + bias for CuPy arrays: x (M, K) of ``dtype`` (2-byte aligned;
+    16-byte aligned for gemv/fused), packed uint8 (N*K/2,), absmax float32 (N*K/blocksize,)
+    (or, with ``nested = (code2, absmax2, offset)``, the uint8 nested codes), code float32
+    (16,), bias (N,) of x's dtype or None, out (M, N) of x's dtype; K % 32 == 0.
     ``kernel``: "gemv", "fused" or "mma" (None: ``choose_kernel``'s; ValueError for
     "dequantize", which this function does not run). Inside the caller's context."""
     import cupy
@@ -347,10 +353,11 @@ def matmul_4bit(x, packed, absmax, code, bias, out, blocksize: int, dtype: str, 
             memset_async(counters_ptr, shape.counter_bytes, stream.ptr)
         fn = _mma_function(device, dtype, shape.nt, nested is not None)
         fn(shape.grid, (_MMA_THREADS,),
-           _mma_args(x.data.ptr, packed.data.ptr, absmax.data.ptr, code.data.ptr,
-                     code2.data.ptr if code2 is not None else 0, absmax2.data.ptr if absmax2 is not None else 0,
-                     offset_p, offset_v, bias.data.ptr if bias is not None else 0, out.data.ptr, ws_ptr,
-                     counters_ptr, M, N, K, blocksize, shape.cps),
+           _mma_args(x=x.data.ptr, packed=packed.data.ptr, absmax=absmax.data.ptr, code=code.data.ptr,
+                     code2=code2.data.ptr if code2 is not None else 0,
+                     absmax2=absmax2.data.ptr if absmax2 is not None else 0, offset_p=offset_p,
+                     offset_v=offset_v, bias=bias.data.ptr if bias is not None else 0, out=out.data.ptr,
+                     ws=ws_ptr, counters=counters_ptr, M=M, N=N, K=K, blocksize=blocksize, cps=shape.cps),
            shape.smem, stream)
         return
     fn, grid, block = _launch_shape(device, dtype, M, N, K, nested is not None, kernel)
@@ -379,7 +386,7 @@ def _gemv_function(device: int, dtype: str, r: int, tw: int, nested: bool = Fals
         return get_kernel(__package__, "fourbit.cu", f"gemv_4bit<{_DT[dtype]}, {int(nested)}, {r}, {tw}>").kernel
 
 
-def matmul_4bit_torch(x, packed, absmax, code, blocksize: int, out_features: int, bias=None,
+def matmul_4bit_torch(x, packed, absmax, code, *, blocksize: int, out_features: int, bias=None,
                       nested=None, kernel=None):
     """``x @ W^T + bias`` for a 4-bit weight W (out_features, K), torch CUDA tensors in and out.
 
@@ -418,9 +425,11 @@ def matmul_4bit_torch(x, packed, absmax, code, blocksize: int, out_features: int
             ws = torch.empty((shape.ws_bytes,), dtype=torch.uint8, device=x.device)  # stream-ordered reuse
             counters_ptr, ws_ptr = ws.data_ptr(), ws.data_ptr() + shape.counter_bytes
         fn = _mma_function(device, dtype, shape.nt, nested is not None)
-        args = _mma_args(x.data_ptr(), packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), ptr(code2),
-                         ptr(absmax2), offset_p, offset_v, ptr(bias), out.data_ptr(), ws_ptr, counters_ptr,
-                         M, out_features, K, blocksize, shape.cps)
+        args = _mma_args(x=x.data_ptr(), packed=packed.data_ptr(), absmax=absmax.data_ptr(),
+                         code=code.data_ptr(), code2=ptr(code2), absmax2=ptr(absmax2), offset_p=offset_p,
+                         offset_v=offset_v, bias=ptr(bias), out=out.data_ptr(), ws=ws_ptr,
+                         counters=counters_ptr, M=M, N=out_features, K=K, blocksize=blocksize,
+                         cps=shape.cps)
         grid, block, smem = shape.grid, (_MMA_THREADS,), shape.smem
     else:
         shape = None

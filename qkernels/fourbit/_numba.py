@@ -37,10 +37,10 @@ import numpy as np
 from numba import cuda, float32, uint8, uint32, uint64
 
 from reference.fourbit import rank_tables
-from .._numba_util import (F32, SCRATCH, WORD_ELEMS, add_rn, cta_size, device_function,
-                           group_nan_max, kernel, load_bytes, load_word, mul_rn, nan_max,
-                           quantize_shape, raw_view, storage_kind, store_bytes, store_word,
-                           value_bits, wide_view, word_value)
+from .._numba_util import (F32, SCRATCH, WORD_ELEMS, add_rn, cta_size, device_function, kernel,
+                           load_block_words, load_bytes, mul_rn, quantize_shape, raw_view,
+                           sm_count, storage_kind, store_bytes, store_word, value_bits, wide_view,
+                           word_value)
 
 QUANTIZE_THREADS = 512  # CTA size bound of the quantizer
 DEQUANTIZE_THREADS = 256
@@ -65,7 +65,6 @@ def quantize_4bit_kernel(kind: int, blocksize: int):
     W = WORD_ELEMS[kind]
     NW, G = quantize_shape(kind, blocksize)
     WORDS = blocksize // W  # words per quantization block
-    INF = np.float32(np.inf)
 
     @kernel(QUANTIZE_THREADS)
     def quantize_4bit_kernel(xs, xw, pw, vec_ok, thr_g, perm_g, packed, absmax):
@@ -81,17 +80,11 @@ def quantize_4bit_kernel(kind: int, blocksize: int):
         groups = cuda.blockDim.x // G
         lane = t % G
         words = cuda.local.array(NW, uint64)
-        # uniform per CTA: every thread reaches group_nan_max's barriers equally often
+        # uniform per CTA: every thread reaches load_block_words' barriers equally often
         for tile in range(cuda.blockIdx.x, (nblocks + groups - 1) // groups, cuda.gridDim.x):
             qb = tile * groups + t // G
             w0 = qb * WORDS + lane
-            m = float32(0.0)
-            for k in range(NW):
-                words[k] = load_word(xs, xw, vec_ok, w0 + k * G, W)
-                for j in range(W):
-                    m = nan_max(abs(word_value(words[k], j, kind)), m)
-            m = group_nan_max(m, G, scratch)
-            r = float32(1.0) / m if m != 0 else INF
+            m, r = load_block_words(xs, xw, vec_ok, w0, words, G, W, kind, scratch)
             for k in range(NW):
                 b = uint32(0)
                 for p in range(W // 2):
@@ -148,14 +141,6 @@ def dequantize_4bit_kernel(kind: int, nested: bool):
     return dequantize_4bit_kernel
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count() -> int:
-    try:
-        return int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
-    except Exception:  # the simulator's device has no such attribute
-        return 1
-
-
 @functools.lru_cache(maxsize=4)
 def _device_tables(quant_type: str):
     thr, perm = rank_tables(quant_type)
@@ -187,7 +172,7 @@ def quantize_4bit(x, dtype: str, quant_type: str, blocksize: int, packed, absmax
     if packed.shape[0] > m:
         packed = packed[:m]  # the kernel writes whole words' bytes up to its end
     pw, p_ok = (packed, True) if kind == F32 else wide_view(packed, _pair_groups(kind))
-    grid = min(-(-absmax.shape[0] // (threads // g)), 2048 // threads * _sm_count())
+    grid = min(-(-absmax.shape[0] // (threads // g)), 2048 // threads * sm_count())
     k = quantize_4bit_kernel(kind, blocksize)
     k[grid, threads, stream](xs, xw, pw, x_ok and p_ok, thr, perm, packed, absmax)
 
@@ -211,7 +196,7 @@ def dequantize_4bit(packed, code, absmax, blocksize: int, dtype: str, out, neste
         qabs, code2, absmax2, offset = nested
         absmax = code
     nwords = -(-n // WORD_ELEMS[kind])
-    grid = min(-(-nwords // (threads * U)), 2048 // threads * _sm_count())
+    grid = min(-(-nwords // (threads * U)), 2048 // threads * sm_count())
     k = dequantize_4bit_kernel(kind, nested is not None)
     k[grid, threads, stream](packed, pw, o_ok and p_ok, code, absmax, qabs, code2, absmax2, offset,
                              blocksize.bit_length() - 1, outs, ow)

@@ -173,19 +173,13 @@ quantize_4bit(const typename Storage<DT>::type* __restrict__ x, u8* __restrict__
   double fsum = 0.0, fcount = 0.0;  // finite absmax values this thread wrote
   // vector k of this thread starts at element qb*BLOCK + (k*G + lane_g)*VEC
   uint4 next[NV];
-#pragma unroll
-  for (int k = 0; k < NV; ++k)
-    next[k] = load_raw16<DT>(x, ((i64)blockIdx.x * groups + g) * BLOCK + (i64)(k * G + lane_g) * VEC,
-                             n, vec_ok);
+  load_block_raw16<DT, BLOCK, G, NV>(x, (i64)blockIdx.x * groups + g, lane_g, n, vec_ok, next);
   for (i64 tile = blockIdx.x; tile * groups < nblocks; tile += gridDim.x) {
     const i64 qb = tile * groups + g;
     uint4 raw[NV];
 #pragma unroll
-    for (int k = 0; k < NV; ++k) {
-      raw[k] = next[k];
-      next[k] = load_raw16<DT>(x, ((tile + gridDim.x) * groups + g) * BLOCK + (i64)(k * G + lane_g) * VEC,
-                               n, vec_ok);
-    }
+    for (int k = 0; k < NV; ++k) raw[k] = next[k];
+    load_block_raw16<DT, BLOCK, G, NV>(x, (tile + gridDim.x) * groups + g, lane_g, n, vec_ok, next);
     float m = 0.0f;
 #pragma unroll
     for (int k = 0; k < NV; ++k) {

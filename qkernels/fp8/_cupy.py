@@ -99,10 +99,10 @@ def launch_col_absmax(x: int, dtype: str, rows: int, cols: int, out_u32: int):
                           np.int32(vec_ok)))
 
 
-def launch_quant_transpose(x: int, dtype: str, fmt: str, absmax_u32: int, qT: int, scale: int,
-                           N: int, K: int, per_col: bool):
-    """qT u8 (K, N) = codes of x^T for x (N, K); scale f32 (K,) per column of x (per_col,
-    absmax_u32 (K,)) or (1,) (absmax_u32 (1,))."""
+def launch_quant_transpose(x: int, absmax_u32: int, qT: int, scale: int, N: int, K: int, *,
+                           dtype: str, fmt: str, per_col: bool):
+    """qT u8 (K, N) = ``fmt`` codes of x^T for x (N, K) of ``dtype``; scale f32 (K,) per
+    column of x (per_col, absmax_u32 (K,)) or (1,) (absmax_u32 (1,))."""
     if N == 0 or K == 0:
         return
     es = _ES[dtype]
@@ -126,12 +126,13 @@ def launch_absmax_rows_cols(x: int, dtype: str, M: int, N: int, row_u32: int, co
                             _u64(col_u32), _u64(colsum), np.int32(vec_ok)))
 
 
-def launch_quant_rows_cols(x: int, dtype: str, row_fmt: str, col_fmt: str, row_u32: int,
-                           col_u32: int, q: int, qT: int, srow: int, scol: int, colsum: int,
-                           parts: int, dbias: int, M: int, N: int):
-    """q u8 (M, N) row-wise codes of x (M, N), qT u8 (N, M) row-wise codes of x^T, their
-    scales srow f32 (M,) and scol f32 (N,) from launch_absmax_rows_cols' maxima; with parts > 0,
-    dbias (N,) in x's dtype = the sum of colsum's parts rows."""
+def launch_quant_rows_cols(x: int, M: int, N: int, *, dtype: str, row_fmt: str, col_fmt: str,
+                           row_u32: int, col_u32: int, q: int, qT: int, srow: int, scol: int,
+                           colsum: int = 0, parts: int = 0, dbias: int = 0):
+    """q u8 (M, N) row-wise ``row_fmt`` codes of x (M, N) of ``dtype``, qT u8 (N, M) row-wise
+    ``col_fmt`` codes of x^T, their scales srow f32 (M,) and scol f32 (N,) from
+    launch_absmax_rows_cols' maxima (row_u32 (M,), col_u32 (N,)); with parts > 0, dbias (N,)
+    in x's dtype = the sum of colsum's parts rows (colsum f32 (parts, N))."""
     es = _ES[dtype]
     vec_in = int(_aligned(x) and (N * es) % 16 == 0)
     vec_row = int(_aligned(q) and N % (16 // es) == 0)
@@ -185,7 +186,8 @@ def quantize_global(x, dtype, fmt, q, scale, transpose):
     if N * K == 0:
         scale.fill(1)
     elif transpose:
-        launch_quant_transpose(_ptr(x), dtype, fmt, _ptr(ws), _ptr(q), _ptr(scale), N, K, False)
+        launch_quant_transpose(_ptr(x), _ptr(ws), _ptr(q), _ptr(scale), N, K, dtype=dtype, fmt=fmt,
+                               per_col=False)
     else:
         launch_quant_global(_ptr(x), dtype, fmt, _ptr(ws), _ptr(q), _ptr(scale), N * K)
 
@@ -198,7 +200,8 @@ def quantize_columns_transpose(x, dtype, fmt, q, scale):
         return
     ws = _zeros_u32(K)
     launch_col_absmax(_ptr(x), dtype, N, K, _ptr(ws))
-    launch_quant_transpose(_ptr(x), dtype, fmt, _ptr(ws), _ptr(q), _ptr(scale), N, K, True)
+    launch_quant_transpose(_ptr(x), _ptr(ws), _ptr(q), _ptr(scale), N, K, dtype=dtype, fmt=fmt,
+                           per_col=True)
 
 
 # --- torch hot paths: raw pointers, torch's current stream, torch allocations ----------------
@@ -243,8 +246,8 @@ def quantize_columnwise_transpose_torch(w, fp8_dtype):
     ws = torch.zeros((max(K, 1),), dtype=torch.int32, device=w.device)
     with _context(w):
         launch_col_absmax(w.data_ptr(), _tname(w), N, K, ws.data_ptr())
-        launch_quant_transpose(w.data_ptr(), _tname(w), _fmt(fp8_dtype), ws.data_ptr(),
-                               q.data_ptr(), scale.data_ptr(), N, K, True)
+        launch_quant_transpose(w.data_ptr(), ws.data_ptr(), q.data_ptr(), scale.data_ptr(), N, K,
+                               dtype=_tname(w), fmt=_fmt(fp8_dtype), per_col=True)
     return q, scale
 
 
@@ -262,8 +265,8 @@ def quantize_global_torch(w, fp8_dtype, transpose: bool = False):
     with _context(w):
         launch_absmax_global(w.data_ptr(), _tname(w), N * K, ws.data_ptr())
         if transpose:
-            launch_quant_transpose(w.data_ptr(), _tname(w), fmt, ws.data_ptr(), q.data_ptr(),
-                                   scale.data_ptr(), N, K, False)
+            launch_quant_transpose(w.data_ptr(), ws.data_ptr(), q.data_ptr(), scale.data_ptr(), N, K,
+                                   dtype=_tname(w), fmt=fmt, per_col=False)
         else:
             launch_quant_global(w.data_ptr(), _tname(w), fmt, ws.data_ptr(), q.data_ptr(),
                                 scale.data_ptr(), N * K)
@@ -355,8 +358,9 @@ def quantize_rows_cols_torch(x, row_fp8, col_fp8, with_colsum: bool):
     sums = 0 if colsum is None else colsum.data_ptr()
     with _context(x):
         launch_absmax_rows_cols(x.data_ptr(), dtype, M, N, rows_u32, cols_u32, sums, parts)
-        launch_quant_rows_cols(x.data_ptr(), dtype, _fmt(row_fp8), _fmt(col_fp8), rows_u32, cols_u32,
-                               q.data_ptr(), qT.data_ptr(), srow.data_ptr(), scol.data_ptr(),
-                               sums, parts if with_colsum else 0,
-                               0 if dbias is None else dbias.data_ptr(), M, N)
+        launch_quant_rows_cols(x.data_ptr(), M, N, dtype=dtype, row_fmt=_fmt(row_fp8),
+                               col_fmt=_fmt(col_fp8), row_u32=rows_u32, col_u32=cols_u32,
+                               q=q.data_ptr(), qT=qT.data_ptr(), srow=srow.data_ptr(),
+                               scol=scol.data_ptr(), colsum=sums, parts=parts if with_colsum else 0,
+                               dbias=0 if dbias is None else dbias.data_ptr())
     return q, srow, qT, scol, dbias

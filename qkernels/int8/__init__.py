@@ -31,7 +31,7 @@ import numpy as np
 
 from reference import int8 as ref
 from reference.dtypes import bf16_bits_to_float32, check_float_dtype, dtype_name, float32_to_bf16_bits
-from .._backend import choose, lazy
+from .._backend import backend_table, choose, lazy
 from .._interop import (Call, device_of, dtype_of, kind_of, shape_of, contiguous as _contiguous,
                        run as _run)
 from .._compat import bnb_arg_errors, is_array, write_out
@@ -46,6 +46,11 @@ __all__ = [
 
 
 # --- the numpy backend (the reference's cores on raw storage arrays) -----------------------
+# Every backend of one table (numpy, cupy, numba, cpu) takes the same arguments: the operand
+# arrays positionally (inputs, then outputs), every option and optional array keyword-only.
+# Arrays are raw storage (bfloat16 as uint16 bits) with their logical dtype names beside
+# them; outputs are written in place. The GPU backends add their own trailing keywords
+# (numba: stream, threads; cupy's gemm: kernel).
 
 def _f32(raw, dtype):
     if raw is None:
@@ -59,7 +64,11 @@ def _raw(f32, dtype):
     return f32.astype(dtype)
 
 
-def _numpy_quantize_rows(x, dtype, threshold, q, stats, stats_dtype, flags):
+def _numpy_quantize_rows(x, q, stats, *, dtype, stats_dtype, threshold=0.0, flags=None):
+    """Row-wise codes: x (rows, cols) of ``dtype`` -> q int8 (rows, cols), stats (rows,) row
+    absmax of ``stats_dtype``. With threshold > 0 the elements with |x| >= threshold code 0
+    and are left out of the statistics, and flags uint8 (cols,), when given, marks their
+    columns (the columns are not zeroed here: see zero_cols)."""
     f = _f32(x, dtype)
     s, fl = ref.absmax_rows(f, threshold)
     q[...] = ref.quantize_rows_f32(f, s, threshold)
@@ -69,10 +78,13 @@ def _numpy_quantize_rows(x, dtype, threshold, q, stats, stats_dtype, flags):
 
 
 def _numpy_zero_cols(q, idx):
+    """q int8 (rows, cols): the columns idx (int64 (n,)) set to 0."""
     q[:, idx] = 0
 
 
-def _numpy_quantize_global(x, dtype, q, state, transpose):
+def _numpy_quantize_global(x, q, state, *, dtype, transpose):
+    """One scale for the tensor: x (N, K) of ``dtype`` -> q int8 (N, K), or its transpose
+    (K, N) with ``transpose``; state (1,) of ``dtype`` = the absmax."""
     f = _f32(x, dtype)
     m = np.float32(np.max(np.abs(f))) if f.size else np.float32(0)
     codes = ref.quantize_with_scale(f, ref._scale_of(np.array([m]))[0])
@@ -80,7 +92,11 @@ def _numpy_quantize_global(x, dtype, q, state, transpose):
     state[...] = _raw(np.array([m], np.float32), dtype)
 
 
-def _numpy_quantize_columns(x, dtype, threshold, q, transpose, state=None, col_stats=None):
+def _numpy_quantize_columns(x, q, *, dtype, transpose, threshold=0.0, state=None, col_stats=None):
+    """Per-column codes of x (rows, cols) of ``dtype`` (outliers, |x| >= threshold > 0, code 0
+    and are left out of the statistics): with ``transpose``, q int8 (cols, rows) = the codes
+    transposed and state (cols,) of ``dtype`` = the column absmax; otherwise q int8 (rows,
+    cols) and col_stats float32 (cols,)."""
     f = _f32(x, dtype)
     s = ref.absmax_cols(f, threshold)
     codes = ref.quantize_cols_f32(f, s, threshold)
@@ -92,18 +108,28 @@ def _numpy_quantize_columns(x, dtype, threshold, q, transpose, state=None, col_s
         col_stats[...] = s
 
 
-def _numpy_dequant_rows(q, stats, stats_dtype, out, out_dtype):
+def _numpy_dequant_rows(q, stats, out, *, stats_dtype, out_dtype):
+    """out (rows, cols) of ``out_dtype`` = f32(q) * stats[row] * f32(1/127), rounded once;
+    q int8 (rows, cols), stats (rows,) of ``stats_dtype``."""
     s = _f32(stats, stats_dtype)
     with np.errstate(invalid="ignore"):
         f = q.astype(np.float32) * s[:, None] * ref.RCP_127
     out[...] = _raw(f, out_dtype)
 
 
-def _numpy_mm_dequant(C, r, c, bias, bias_dtype, out, out_dtype):
+def _numpy_mm_dequant(C, r, c, out, *, out_dtype, bias=None, bias_dtype=None):
+    """The int8 GEMM's epilogue: out (M, N) of ``out_dtype`` = ((f32(C) * r[m]) * c[n]) *
+    f32(1/127^2) (+ bias[n]), rounded once; C int32 (M, N), r float32 (M,), c float32 (N,),
+    bias (N,) of ``bias_dtype`` or None."""
     out[...] = _raw(ref.mm_dequant_f32(C, r, c, _f32(bias, bias_dtype)), out_dtype)
 
 
-def _numpy_gemm(a, bt, r, r_dtype, c, c_dtype, c_global, bias, bias_dtype, out, out_dtype):
+def _numpy_gemm(a, bt, out, *, out_dtype, r=None, r_dtype="float32", c=None, c_dtype="float32",
+                c_global=False, bias=None, bias_dtype=None):
+    """out (M, N) = a (M, K) int8 @ bt (N, K) int8 ^T, exact in int32: the raw product when
+    ``out_dtype`` is "int32" (r, c and bias unused), else the mm_dequant epilogue rounded
+    once to ``out_dtype`` with row scales r (M,) of ``r_dtype``, column scales c of
+    ``c_dtype``, (N,) or, with ``c_global``, (1,), and bias (N,) of ``bias_dtype`` or None."""
     C = ref.matmul_int32(a, bt)
     if out_dtype == "int32":
         out[...] = C
@@ -114,40 +140,17 @@ def _numpy_gemm(a, bt, r, r_dtype, c, c_dtype, c_global, bias, bias_dtype, out, 
 
 # --- one table per op ----------------------------------------------------------------------
 
-_QUANTIZE_ROWS = {
-    "numpy": _numpy_quantize_rows,
-    "cupy": lazy(".int8._cupy", "quantize_rows"),
-    "numba": lazy(".int8._numba", "quantize_rows"),
-    "cpu": lazy(".int8._cpu", "quantize_rows"),
-}
-_ZERO_COLS = {
-    "numpy": _numpy_zero_cols,
-    "cupy": lazy(".int8._cupy", "zero_cols"),
-    "numba": lazy(".int8._numba", "zero_cols"),
-    "cpu": lazy(".int8._cpu", "zero_cols"),
-}
-_QUANTIZE_GLOBAL = {
-    "numpy": _numpy_quantize_global,
-    "cupy": lazy(".int8._cupy", "quantize_global"),
-    "numba": lazy(".int8._numba", "quantize_global"),
-}
+_QUANTIZE_ROWS = backend_table(_numpy_quantize_rows, "int8", "quantize_rows")
+_ZERO_COLS = backend_table(_numpy_zero_cols, "int8", "zero_cols")
+_QUANTIZE_GLOBAL = backend_table(_numpy_quantize_global, "int8", "quantize_global", ("cupy", "numba"))
 _QUANTIZE_COLUMNS = {
     "numpy": _numpy_quantize_columns,
     "cupy": lazy(".int8._cupy", "quantize_columns"),
     "numba": lazy(".int8._numba", "quantize_columns"),
     "cpu": _numpy_quantize_columns,  # int8_double_quant indexes it by _QUANTIZE_ROWS' backend
 }
-_DEQUANT_ROWS = {
-    "numpy": _numpy_dequant_rows,
-    "cupy": lazy(".int8._cupy", "dequant_rows"),
-    "numba": lazy(".int8._numba", "dequant_rows"),
-}
-_MM_DEQUANT = {
-    "numpy": _numpy_mm_dequant,
-    "cupy": lazy(".int8._cupy", "mm_dequant"),
-    "numba": lazy(".int8._numba", "mm_dequant"),
-    "cpu": lazy(".int8._cpu", "mm_dequant"),
-}
+_DEQUANT_ROWS = backend_table(_numpy_dequant_rows, "int8", "dequant_rows", ("cupy", "numba"))
+_MM_DEQUANT = backend_table(_numpy_mm_dequant, "int8", "mm_dequant")
 _GEMM = {  # no Numba GEMM: under use_backend("numba") the GEMMs run on cupy, else numpy
     "numpy": _numpy_gemm,
     "cupy": lazy(".int8._cupy", "gemm"),
@@ -239,7 +242,7 @@ def quantize_rowwise(x):
     call = Call(x, backend)
     M, K = shape
     q, state = call.empty((M, K), "int8"), call.empty((M,), name)
-    _run(call, impl, _arg2d(call, x, M, K), name, 0.0, q, state, name, None)
+    _run(call, impl, _arg2d(call, x, M, K), q, state, dtype=name, stats_dtype=name)
     return call.result(q, "int8"), call.result(state, name)
 
 
@@ -249,7 +252,7 @@ def _quantize_global(w, transpose: bool):
     call = Call(w, backend)
     N, K = shape
     q, state = call.empty((K, N) if transpose else (N, K), "int8"), call.empty((1,), name)
-    _run(call, impl, _arg2d(call, w, N, K), name, q, state, transpose)
+    _run(call, impl, _arg2d(call, w, N, K), q, state, dtype=name, transpose=transpose)
     return call.result(q, "int8"), call.result(state, name)
 
 
@@ -272,7 +275,7 @@ def quantize_columnwise_and_transpose(w):
     call = Call(w, backend)
     N, K = shape
     q, state = call.empty((K, N), "int8"), call.empty((K,), name)
-    _run(call, impl, _arg2d(call, w, N, K), name, 0.0, q, True, state=state)
+    _run(call, impl, _arg2d(call, w, N, K), q, dtype=name, transpose=True, state=state)
     return call.result(q, "int8"), call.result(state, name)
 
 
@@ -289,7 +292,7 @@ def dequantize_rowwise(x, state):
     call = Call(x, backend)
     s = _vector(call, state, M, "state")
     out = call.empty((M, K), sname)
-    _run(call, impl, _arg2d(call, x, M, K), s, sname, out, sname)
+    _run(call, impl, _arg2d(call, x, M, K), s, out, stats_dtype=sname, out_dtype=sname)
     return call.result(out, sname)
 
 
@@ -307,8 +310,9 @@ def _switchback_matmul(a, b, state_a, state_b, bias, global_b: bool):
     out_dtype = dtype_of(state_a)
     out = call.empty((M, N), out_dtype)
     bt = call.arg(_contiguous(_transpose(b)))  # (N, K): W itself when b = W.t(), no copy
-    _run(call, impl, _arg2d(call, a, M, K), bt, ra, dtype_of(state_a), cb, dtype_of(state_b),
-         global_b, bv, None if bias is None else dtype_of(bias), out, out_dtype)
+    _run(call, impl, _arg2d(call, a, M, K), bt, out, out_dtype=out_dtype, r=ra,
+         r_dtype=dtype_of(state_a), c=cb, c_dtype=dtype_of(state_b), c_global=global_b, bias=bv,
+         bias_dtype=None if bias is None else dtype_of(bias))
     return call.result(out, out_dtype)
 
 
@@ -348,7 +352,8 @@ def int8_vectorwise_quant(A, threshold: float = 0.0):
     q, stats = call.empty(shape, "int8"), call.empty((rows,), "float32")
     flags = call.empty((cols,), "uint8") if t > 0 else None
     q2d = q.reshape(rows, cols)
-    _run(call, impl, _arg2d(call, A, rows, cols), name, t, q2d, stats, "float32", flags)
+    _run(call, impl, _arg2d(call, A, rows, cols), q2d, stats, dtype=name, stats_dtype="float32",
+         threshold=t, flags=flags)
     outliers = _outlier_cols(call, flags, rows, q2d) if t > 0 else None
     return call.result(q, "int8"), call.result(stats, "float32"), outliers
 
@@ -366,7 +371,8 @@ def int8_vectorwise_dequant(A, stats):
         call = Call(A, backend)
         s = _vector(call, stats, rows, "stats", ("float32",))
     out = call.empty(shape, "float32")
-    _run(call, impl, _arg2d(call, A, rows, cols), s, "float32", out.reshape(rows, cols), "float32")
+    _run(call, impl, _arg2d(call, A, rows, cols), s, out.reshape(rows, cols), stats_dtype="float32",
+         out_dtype="float32")
     return call.result(out, "float32")
 
 
@@ -385,8 +391,8 @@ def int8_linear_matmul(A, B, out=None, dtype="int32"):
     backend, impl = _choose(_GEMM, A)
     call = Call(A, backend)
     result = call.empty(tuple(shape_of(A)[:-1]) + (N,), "int32")
-    _run(call, impl, _arg2d(call, A, M, K), call.arg(_contiguous(B)), None, "float32", None,
-         "float32", False, None, None, result.reshape(M, N), "int32")
+    _run(call, impl, _arg2d(call, A, M, K), call.arg(_contiguous(B)), result.reshape(M, N),
+         out_dtype="int32")
     result = call.result(result, "int32")
     return result if out is None else write_out(out, result)
 
@@ -423,8 +429,8 @@ def int8_mm_dequant(A, row_stats, col_stats, out=None, bias=None, *, out_dtype=N
         c = _vector(call, col_stats, cols, "col_stats", ("float32",))
         bv = None if bias is None else _vector(call, bias, cols, "bias")
     result = call.empty(shape, name)
-    _run(call, impl, _arg2d(call, A, rows, cols), r, c, bv, None if bias is None else dtype_of(bias),
-         result.reshape(rows, cols), name)
+    _run(call, impl, _arg2d(call, A, rows, cols), r, c, result.reshape(rows, cols), out_dtype=name,
+         bias=bv, bias_dtype=None if bias is None else dtype_of(bias))
     result = call.result(result, name)
     return result if out is None else write_out(out, result)
 
@@ -456,9 +462,9 @@ def int8_double_quant(A, col_stats=None, row_stats=None, out_col=None, out_row=N
     row_stats, col_stats = call.empty((rows,), "float32"), call.empty((cols,), "float32")
     flags = call.empty((cols,), "uint8") if t > 0 else None
     ca2d = CA.reshape(rows, cols)
-    _run(call, impl, x2d, name, t, ca2d, row_stats, "float32", flags)
-    _run(call, _QUANTIZE_COLUMNS[backend], x2d, name, t, CAt.reshape(rows, cols), False,
-         col_stats=col_stats)
+    _run(call, impl, x2d, ca2d, row_stats, dtype=name, stats_dtype="float32", threshold=t, flags=flags)
+    _run(call, _QUANTIZE_COLUMNS[backend], x2d, CAt.reshape(rows, cols), dtype=name, transpose=False,
+         threshold=t, col_stats=col_stats)
     outliers = _outlier_cols(call, flags, rows, ca2d) if t > 0 else None
     return (call.result(CA, "int8"), call.result(CAt, "int8"), call.result(row_stats, "float32"),
             call.result(col_stats, "float32"), outliers)

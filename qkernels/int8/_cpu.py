@@ -232,9 +232,10 @@ def _as_f32(raw, dtype):
     return np.ascontiguousarray(_f32(raw, dtype))
 
 
-def quantize_rows(x, dtype, threshold, q, stats, stats_dtype, flags):
-    """As the NumPy backend's: x (M, K) raw, q int8 (M, K), stats (M,) raw of stats_dtype,
-    flags uint8 (K,) or None. Outlier columns are flagged, not zeroed (the caller zeroes)."""
+def quantize_rows(x, q, stats, *, dtype, stats_dtype, threshold=0.0, flags=None):
+    """As the NumPy backend's: x (M, K) raw of ``dtype``, q int8 (M, K), stats (M,) raw of
+    stats_dtype, flags uint8 (K,) or None. Outlier columns are flagged, not zeroed (the caller
+    zeroes)."""
     from . import _raw
     f = _as_f32(x, dtype)
     qq = q if q.flags.c_contiguous else np.empty(q.shape, np.int8)
@@ -258,8 +259,9 @@ def zero_cols(q, idx):
         q[:, idx] = 0
 
 
-def mm_dequant(C, r, c, bias, bias_dtype, out, out_dtype):
-    """As the NumPy backend's: the epilogue of C int32 (M, N) into out (raw out_dtype)."""
+def mm_dequant(C, r, c, out, *, out_dtype, bias=None, bias_dtype=None):
+    """As the NumPy backend's: the epilogue of C int32 (M, N) with r float32 (M,), c float32
+    (N,) and bias (N,) raw of bias_dtype or None, into out (M, N) raw of out_dtype."""
     from . import _f32, _raw
     M, N = C.shape
     f = np.empty((M, N), np.float32)
@@ -269,9 +271,11 @@ def mm_dequant(C, r, c, bias, bias_dtype, out, out_dtype):
     out[...] = f if out_dtype == "float32" else _raw(f, out_dtype)
 
 
-def gemm(a, bt, r, r_dtype, c, c_dtype, c_global, bias, bias_dtype, out, out_dtype):
-    """As the NumPy backend's: a int8 (M, K) @ bt int8 (N, K)^T, exact in int32, then (unless
-    out_dtype is "int32") the epilogue with r (M,), c (N,) or one global value."""
+def gemm(a, bt, out, *, out_dtype, r=None, r_dtype="float32", c=None, c_dtype="float32",
+         c_global=False, bias=None, bias_dtype=None):
+    """As the NumPy backend's: out (M, N) = a int8 (M, K) @ bt int8 (N, K)^T, exact in int32,
+    then (unless out_dtype is "int32") the epilogue with r (M,) of r_dtype, c of c_dtype ((N,),
+    or one global value (1,) with c_global) and bias (N,) of bias_dtype or None."""
     from . import _f32, _raw
     try:
         import torch

@@ -57,10 +57,16 @@ def _sm90_kernel(device: int, name: str, smem: int):
     return k
 
 
-def _launch_gemm_sm90(device, a, bt, M, N, K, out, odt, rdt, cdt, bdt, c_global, r, c, bias,
-                      vec_out, outliers=None, *, kernel: str = "sm90"):
-    """``outliers``: None, or (x, idx, count) pointers for the OUTL epilogue (gemm_sm90.cu);
-    ``kernel``: one of the sm90 names of GEMM_KERNELS (its tile)."""
+def _launch_gemm_sm90(device: int, a: int, bt: int, M: int, N: int, K: int, out: int, *,
+                      odt: int, rdt: int, cdt: int, bdt: int, c_global: bool, r: int, c: int,
+                      bias: int, vec_out: int, outliers=None, kernel: str = "sm90"):
+    """The Hopper wgmma GEMM (gemm_sm90.cu) on ``device``: out (M, N) = epilogue(a (M, K)
+    int8 @ bt (N, K) int8 ^T), pointers a, bt, out. odt / rdt / cdt / bdt: the dtype codes
+    (``_DT``; bdt -1: no bias, odt 3: the raw int32 product) of out, the row scales r (M,),
+    the column scales c ((N,), or (1,) with ``c_global``) and the bias (N,) (pointers, 0 when
+    unused); vec_out: 1 when out may be stored two values at a time. ``outliers``: None, or
+    (x, idx, count) pointers for the OUTL epilogue; ``kernel``: one of the sm90 names of
+    GEMM_KERNELS (its tile)."""
     bn, bk, stages = _SM90_TILES[kernel]
     name = (f"int8_gemm_sm90<{odt}, {rdt}, {cdt}, {bdt}, {_b(c_global)}, {bn}, {bk}, {stages}, "
             f"{_b(outliers is not None)}>")
@@ -89,8 +95,12 @@ def _keep_bytes() -> int:
 
 # --- pointer-level launchers (all sizes validated by the caller) ---------------------------
 
-def launch_row_quant(x: int, dtype: str, q: int, stats: int, stats_dtype: str, flags: int,
-                     rows: int, cols: int, threshold: float):
+def launch_row_quant(x: int, q: int, stats: int, rows: int, cols: int, *, dtype: str,
+                     stats_dtype: str, threshold: float = 0.0, flags: int = 0):
+    """Row-wise int8 codes of x (rows, cols) of ``dtype`` into q int8 (rows, cols) and the
+    row absmax into stats (rows,) of ``stats_dtype``; with threshold > 0 the outliers code 0,
+    are left out of the statistics and set their column's byte of flags uint8 (cols,)
+    (zeroed by the caller)."""
     if rows == 0 or cols == 0:
         return
     es = _ES[dtype]
@@ -154,8 +164,11 @@ def launch_quant_global(x: int, dtype: str, absmax_u32: int, q: int, state: int,
                         np.int32(_aligned(x, q))))
 
 
-def launch_quant_transpose(x: int, dtype: str, absmax_u32: int, qT: int, state: int,
-                           N: int, K: int, per_col: bool):
+def launch_quant_transpose(x: int, absmax_u32: int, qT: int, state: int, N: int, K: int, *,
+                           dtype: str, per_col: bool):
+    """qT int8 (K, N) = the codes of x (N, K) of ``dtype``, transposed, with the absmax bits
+    in absmax_u32: (K,) per column of x (``per_col``) or (1,); state (K,) or (1,) of
+    ``dtype`` <- that absmax."""
     if N == 0 or K == 0:
         return
     es = _ES[dtype]
@@ -208,8 +221,11 @@ def launch_dequant_rows(q: int, stats: int, stats_dtype: str, out: int, out_dtyp
     k((grid,), (256,), (_u64(q), _u64(stats), _u64(out), np.int32(rows), np.int32(cols), np.int32(vec_ok)))
 
 
-def launch_mm_dequant(C: int, r: int, c: int, bias: int, bias_dtype: str | None, out: int,
-                      out_dtype: str, rows: int, cols: int):
+def launch_mm_dequant(C: int, r: int, c: int, out: int, rows: int, cols: int, *, out_dtype: str,
+                      bias: int = 0, bias_dtype: str | None = None):
+    """out (rows, cols) of ``out_dtype`` = ((f32(C) * r[row]) * c[col]) * f32(1/127^2)
+    (+ bias[col]); C int32 (rows, cols), r and c float32, bias (cols,) of ``bias_dtype``
+    (or 0 / None: no bias)."""
     n = rows * cols
     if n == 0:
         return
@@ -219,13 +235,15 @@ def launch_mm_dequant(C: int, r: int, c: int, bias: int, bias_dtype: str | None,
     k((grid,), (256,), (_u64(C), _u64(r), _u64(c), _u64(bias), _u64(out), np.int32(rows), np.int32(cols)))
 
 
-def launch_gemm(a: int, bt: int, M: int, N: int, K: int, out: int, out_dtype: str,
+def launch_gemm(a: int, bt: int, M: int, N: int, K: int, out: int, *, out_dtype: str,
                 r: int = 0, r_dtype: str = "float32", c: int = 0, c_dtype: str = "float32",
                 c_global: bool = False, bias: int = 0, bias_dtype: str | None = None,
                 kernel: str | None = None):
     """out (M, N) = epilogue(a (M, K) int8 @ bt (N, K) int8 ^T); both operands row-major, lda =
-    ldb = K. out_dtype "int32" writes the raw product (r, c, bias unused). ``kernel``: None,
-    or a name from GEMM_KERNELS to force (see kernel_choice)."""
+    ldb = K. out_dtype "int32" writes the raw product (r, c, bias unused); otherwise the
+    epilogue of launch_mm_dequant with row scales r (M,) of r_dtype, column scales c of
+    c_dtype ((N,), or (1,) with c_global) and bias (N,) of bias_dtype (0 / None: none).
+    ``kernel``: None, or a name from GEMM_KERNELS to force (see kernel_choice)."""
     if M == 0 or N == 0:
         return
     aligned = _aligned(a, bt) and K % 16 == 0
@@ -238,8 +256,8 @@ def launch_gemm(a: int, bt: int, M: int, N: int, K: int, out: int, out_dtype: st
         else:
             odt, rdt, cdt = _DT[out_dtype], _DT[r_dtype], _DT[c_dtype]
             bdt = -1 if bias_dtype is None else _DT[bias_dtype]
-        _launch_gemm_sm90(device, a, bt, M, N, K, out, odt, rdt, cdt, bdt, c_global, r, c, bias,
-                          vec_out, kernel=kernel)
+        _launch_gemm_sm90(device, a, bt, M, N, K, out, odt=odt, rdt=rdt, cdt=cdt, bdt=bdt,
+                          c_global=c_global, r=r, c=c, bias=bias, vec_out=vec_out, kernel=kernel)
         return
     if out_dtype == "int32":
         name = f"int8_gemm<3, 0, 0, -1, false, {_b(aligned)}>"
@@ -261,17 +279,18 @@ def _zeros_u32(n: int):
     return cupy.zeros(max(n, 1), cupy.uint32)
 
 
-def quantize_rows(x, dtype, threshold, q, stats, stats_dtype, flags):
-    """x (rows, cols) -> q int8 (rows, cols), stats (rows,) of stats_dtype; flags uint8 (cols,)
-    (zeroed here) marks outlier columns when threshold > 0."""
+def quantize_rows(x, q, stats, *, dtype, stats_dtype, threshold=0.0, flags=None):
+    """x (rows, cols) of ``dtype`` -> q int8 (rows, cols), stats (rows,) of stats_dtype; flags
+    uint8 (cols,) (zeroed here) marks outlier columns when threshold > 0."""
     rows, cols = x.shape
     if flags is not None:
         flags.fill(0)
-    launch_row_quant(_ptr(x), dtype, _ptr(q), _ptr(stats), stats_dtype, _ptr(flags), rows, cols,
-                     threshold)
+    launch_row_quant(_ptr(x), _ptr(q), _ptr(stats), rows, cols, dtype=dtype, stats_dtype=stats_dtype,
+                     threshold=threshold, flags=_ptr(flags))
 
 
 def zero_cols(q, idx):
+    """q int8 (rows, cols): the columns idx (int64 (n,)) set to 0."""
     rows, cols = q.shape
     launch_zero_cols(_ptr(q), rows, cols, _ptr(idx), int(idx.size))
 
@@ -286,8 +305,8 @@ def outlier_cols(flags, q, idx) -> int:
     return int(count.get()[0])
 
 
-def quantize_global(x, dtype, q, state, transpose):
-    """x (N, K) -> q int8 (N, K) or q^T (K, N), state (1,) in dtype."""
+def quantize_global(x, q, state, *, dtype, transpose):
+    """x (N, K) of ``dtype`` -> q int8 (N, K) or q^T (K, N) (``transpose``), state (1,) in dtype."""
     N, K = x.shape
     if N * K == 0:
         state.fill(0)
@@ -295,15 +314,15 @@ def quantize_global(x, dtype, q, state, transpose):
     ws = _zeros_u32(1)
     launch_absmax_global(_ptr(x), dtype, N * K, _ptr(ws), _keep_bytes())
     if transpose:
-        launch_quant_transpose(_ptr(x), dtype, _ptr(ws), _ptr(q), _ptr(state), N, K, False)
+        launch_quant_transpose(_ptr(x), _ptr(ws), _ptr(q), _ptr(state), N, K, dtype=dtype, per_col=False)
     else:
         launch_quant_global(_ptr(x), dtype, _ptr(ws), _ptr(q), _ptr(state), N * K)
 
 
-def quantize_columns(x, dtype, threshold, q, transpose, state=None, col_stats=None):
-    """Per-column quantization of x (rows, cols): q^T (cols, rows) with state (cols,) in dtype
-    (transpose=True; quantize_columnwise_and_transpose) or q (rows, cols) with float32
-    col_stats (cols,) (transpose=False; int8_double_quant's CAt)."""
+def quantize_columns(x, q, *, dtype, transpose, threshold=0.0, state=None, col_stats=None):
+    """Per-column quantization of x (rows, cols) of ``dtype``: q^T (cols, rows) with state
+    (cols,) in dtype (transpose=True; quantize_columnwise_and_transpose) or q (rows, cols) with
+    float32 col_stats (cols,) (transpose=False; int8_double_quant's CAt)."""
     import cupy
     rows, cols = x.shape
     ws = _zeros_u32(cols)
@@ -313,32 +332,43 @@ def quantize_columns(x, dtype, threshold, q, transpose, state=None, col_stats=No
     if transpose:
         if rows == 0 and cols > 0:
             state.fill(0)
-        launch_quant_transpose(_ptr(x), dtype, _ptr(ws), _ptr(q), _ptr(state), rows, cols, True)
+        launch_quant_transpose(_ptr(x), _ptr(ws), _ptr(q), _ptr(state), rows, cols, dtype=dtype,
+                               per_col=True)
     else:
         launch_quant_cols(_ptr(x), dtype, _ptr(ws), threshold, _ptr(q), rows, cols)
         if cols:
             col_stats[...] = ws[:cols].view(cupy.float32)
 
 
-def dequant_rows(q, stats, stats_dtype, out, out_dtype):
+def dequant_rows(q, stats, out, *, stats_dtype, out_dtype):
+    """out (rows, cols) of ``out_dtype`` = f32(q) * stats[row] * f32(1/127); q int8 (rows,
+    cols), stats (rows,) of ``stats_dtype``."""
     rows, cols = q.shape
     launch_dequant_rows(_ptr(q), _ptr(stats), stats_dtype, _ptr(out), out_dtype, rows, cols)
 
 
-def mm_dequant(C, r, c, bias, bias_dtype, out, out_dtype):
+def mm_dequant(C, r, c, out, *, out_dtype, bias=None, bias_dtype=None):
+    """out (M, N) of ``out_dtype`` = the GEMM epilogue of C int32 (M, N) with r float32 (M,),
+    c float32 (N,) and bias (N,) of ``bias_dtype`` or None."""
     rows, cols = C.shape
-    launch_mm_dequant(_ptr(C), _ptr(r), _ptr(c), _ptr(bias), bias_dtype, _ptr(out), out_dtype, rows, cols)
+    launch_mm_dequant(_ptr(C), _ptr(r), _ptr(c), _ptr(out), rows, cols, out_dtype=out_dtype,
+                      bias=_ptr(bias), bias_dtype=bias_dtype)
 
 
-def gemm(a, bt, r, r_dtype, c, c_dtype, c_global, bias, bias_dtype, out, out_dtype,
-         kernel: str | None = None):
+def gemm(a, bt, out, *, out_dtype, r=None, r_dtype="float32", c=None, c_dtype="float32",
+         c_global=False, bias=None, bias_dtype=None, kernel: str | None = None):
+    """out (M, N) = a (M, K) int8 @ bt (N, K) int8 ^T: the raw int32 product (``out_dtype``
+    "int32") or its epilogue in out_dtype with r (M,) of r_dtype, c of c_dtype ((N,), or (1,)
+    with c_global) and bias (N,) of bias_dtype or None. ``kernel``: None, or a name from
+    GEMM_KERNELS to force."""
     M, K = a.shape
     N = bt.shape[0]
     if K == 0 and out_dtype == "int32":
         out.fill(0)
         return
-    launch_gemm(_ptr(a), _ptr(bt), M, N, K, _ptr(out), out_dtype, _ptr(r), r_dtype, _ptr(c),
-                c_dtype, c_global, _ptr(bias), bias_dtype, kernel=kernel)
+    launch_gemm(_ptr(a), _ptr(bt), M, N, K, _ptr(out), out_dtype=out_dtype, r=_ptr(r), r_dtype=r_dtype,
+                c=_ptr(c), c_dtype=c_dtype, c_global=c_global, bias=_ptr(bias), bias_dtype=bias_dtype,
+                kernel=kernel)
 
 
 # --- torch hot paths: raw pointers, torch's current stream, torch allocations --------------
@@ -361,9 +391,10 @@ def int8_matmul_dequant_torch(a, bt, row_scale, col_scale, bias=None, out_dtype=
     out = torch.empty((M, N), dtype=out_dtype, device=a.device)
     dev, stream = _stream_of(a)
     with _on_stream(dev, stream):
-        launch_gemm(a.data_ptr(), bt.data_ptr(), M, N, K, out.data_ptr(), _tname(out),
-                    row_scale.data_ptr(), _tname(row_scale), col_scale.data_ptr(), _tname(col_scale),
-                    col_global, _ptr(bias), None if bias is None else _tname(bias), kernel=kernel)
+        launch_gemm(a.data_ptr(), bt.data_ptr(), M, N, K, out.data_ptr(), out_dtype=_tname(out),
+                    r=row_scale.data_ptr(), r_dtype=_tname(row_scale), c=col_scale.data_ptr(),
+                    c_dtype=_tname(col_scale), c_global=col_global, bias=_ptr(bias),
+                    bias_dtype=None if bias is None else _tname(bias), kernel=kernel)
     return out
 
 
@@ -378,8 +409,8 @@ def quantize_rowwise_torch(x, stats_dtype=None, threshold: float = 0.0):
     flags = torch.zeros((K,), dtype=torch.uint8, device=x.device) if threshold > 0 else None
     dev, stream = _stream_of(x)
     with _on_stream(dev, stream):
-        launch_row_quant(x.data_ptr(), _tname(x), q.data_ptr(), stats.data_ptr(), _tname(stats),
-                         _ptr(flags), M, K, threshold)
+        launch_row_quant(x.data_ptr(), q.data_ptr(), stats.data_ptr(), M, K, dtype=_tname(x),
+                         stats_dtype=_tname(stats), threshold=threshold, flags=_ptr(flags))
     return (q, stats) if flags is None else (q, stats, flags)
 
 
@@ -402,8 +433,8 @@ def int8_outlier_quant_torch(x, threshold: float):
     idx = ws[cpad + 16:].view(torch.int64)
     d, stream = _stream_of(x)
     with _on_stream(d, stream):
-        launch_row_quant(x.data_ptr(), _tname(x), q.data_ptr(), stats.data_ptr(), "float32",
-                         ws.data_ptr(), rows, cols, threshold)
+        launch_row_quant(x.data_ptr(), q.data_ptr(), stats.data_ptr(), rows, cols, dtype=_tname(x),
+                         stats_dtype="float32", threshold=threshold, flags=ws.data_ptr())
         launch_outlier_cols(ws.data_ptr(), cols, q.data_ptr(), rows, idx.data_ptr(),
                             ws.data_ptr() + cpad)
     return q, stats, idx, ws[cpad:cpad + 4].view(torch.int32)
@@ -454,9 +485,10 @@ def int8_linear_outliers_torch(x, CB, SCB, bias, threshold: float, kernel: str |
     bdt = -1 if bias is None else _DT[_tname(bias)]
     d, stream = _stream_of(x)
     with _on_stream(d, stream):
-        _launch_gemm_sm90(device, q.data_ptr(), CB.data_ptr(), M, N, K, out.data_ptr(), _DT[_tname(x)],
-                          _DT["float32"], _DT["float32"], bdt, False, stats.data_ptr(), SCB.data_ptr(),
-                          _ptr(bias), vec_out, outliers=(x.data_ptr(), idx.data_ptr(), count.data_ptr()),
+        _launch_gemm_sm90(device, q.data_ptr(), CB.data_ptr(), M, N, K, out.data_ptr(),
+                          odt=_DT[_tname(x)], rdt=_DT["float32"], cdt=_DT["float32"], bdt=bdt,
+                          c_global=False, r=stats.data_ptr(), c=SCB.data_ptr(), bias=_ptr(bias),
+                          vec_out=vec_out, outliers=(x.data_ptr(), idx.data_ptr(), count.data_ptr()),
                           kernel=kernel)
     return out, idx, count
 
@@ -473,8 +505,8 @@ def quantize_global_torch(w, transpose: bool = False):
     with _on_stream(dev, stream):
         launch_absmax_global(w.data_ptr(), _tname(w), N * K, ws.data_ptr(), _keep_bytes())
         if transpose:
-            launch_quant_transpose(w.data_ptr(), _tname(w), ws.data_ptr(), q.data_ptr(),
-                                   state.data_ptr(), N, K, False)
+            launch_quant_transpose(w.data_ptr(), ws.data_ptr(), q.data_ptr(), state.data_ptr(), N, K,
+                                   dtype=_tname(w), per_col=False)
         else:
             launch_quant_global(w.data_ptr(), _tname(w), ws.data_ptr(), q.data_ptr(),
                                 state.data_ptr(), N * K)
@@ -492,8 +524,8 @@ def quantize_columnwise_and_transpose_torch(w):
     dev, stream = _stream_of(w)
     with _on_stream(dev, stream):
         launch_col_absmax(w.data_ptr(), _tname(w), N, K, 0.0, ws.data_ptr(), _keep_bytes())
-        launch_quant_transpose(w.data_ptr(), _tname(w), ws.data_ptr(), q.data_ptr(),
-                               state.data_ptr(), N, K, True)
+        launch_quant_transpose(w.data_ptr(), ws.data_ptr(), q.data_ptr(), state.data_ptr(), N, K,
+                               dtype=_tname(w), per_col=True)
     return q, state
 
 

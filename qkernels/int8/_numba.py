@@ -167,7 +167,9 @@ def mm_dequant_kernel(C, r, c, bias, has_bias, bias_bf16, out, out_bf16):
         store_f32(out[row], col, v, out_bf16)
 
 
-# --- launchers (qkernels.int8's backend table) ---------------------------------------------
+# --- launchers (qkernels.int8's backend tables) --------------------------------------------
+# The NumPy backend's arguments (qkernels/int8/__init__.py), plus ``stream`` (a Numba stream,
+# or 0) and ``threads`` (the CTA size) by keyword.
 
 def _grid(n: int, threads: int) -> int:
     return max(1, min(-(-n // threads), 65535))
@@ -177,8 +179,10 @@ def _dummy():
     return cuda.device_array(1, np.uint8)
 
 
-def quantize_rows(x, dtype, threshold, q, stats, stats_dtype, flags, stream=0, threads: int = THREADS):
-    """x (rows, cols) -> q int8 (rows, cols), stats (rows,) of stats_dtype, flags (cols,)."""
+def quantize_rows(x, q, stats, *, dtype, stats_dtype, threshold=0.0, flags=None, stream=0,
+                  threads: int = THREADS):
+    """x (rows, cols) of ``dtype`` -> q int8 (rows, cols), stats (rows,) of stats_dtype; flags
+    uint8 (cols,) or None (zeroed here) marks the outlier columns when threshold > 0."""
     rows, cols = x.shape
     has_flags = flags is not None
     if has_flags and cols:
@@ -190,7 +194,8 @@ def quantize_rows(x, dtype, threshold, q, stats, stats_dtype, flags, stream=0, t
         flags if has_flags else _dummy(), has_flags)
 
 
-def zero_cols(q, idx, stream=0, threads: int = THREADS):
+def zero_cols(q, idx, *, stream=0, threads: int = THREADS):
+    """q int8 (rows, cols): the columns idx (int64 (n,)) set to 0."""
     n = q.shape[0] * idx.shape[0]
     if n:
         zero_cols_kernel[_grid(n, threads), threads, stream](q, idx)
@@ -205,8 +210,8 @@ def _absmax(x_flat, is_bf16, stream, threads):
     return out
 
 
-def quantize_global(x, dtype, q, state, transpose, stream=0, threads: int = THREADS):
-    """x (N, K) -> q int8 (N, K) or (K, N) (transpose), state (1,) absmax in dtype."""
+def quantize_global(x, q, state, *, dtype, transpose, stream=0, threads: int = THREADS):
+    """x (N, K) of ``dtype`` -> q int8 (N, K) or (K, N) (transpose), state (1,) absmax in dtype."""
     rows, cols = x.shape
     bf16 = dtype == "bfloat16"
     if rows * cols == 0:
@@ -216,10 +221,10 @@ def quantize_global(x, dtype, q, state, transpose, stream=0, threads: int = THRE
     quant_global_kernel[_grid(rows * cols, threads), threads, stream](x, bf16, m, q, transpose, state, bf16)
 
 
-def quantize_columns(x, dtype, threshold, q, transpose, state=None, col_stats=None, stream=0,
+def quantize_columns(x, q, *, dtype, transpose, threshold=0.0, state=None, col_stats=None, stream=0,
                      threads: int = THREADS):
-    """Per-column quantization: q^T (cols, rows) + state in dtype (transpose) or q (rows, cols)
-    + float32 col_stats."""
+    """Per-column quantization of x (rows, cols) of ``dtype``: q^T int8 (cols, rows) + state
+    (cols,) in dtype (transpose) or q int8 (rows, cols) + float32 col_stats (cols,)."""
     rows, cols = x.shape
     bf16 = dtype == "bfloat16"
     if cols == 0:
@@ -235,14 +240,20 @@ def quantize_columns(x, dtype, threshold, q, transpose, state=None, col_stats=No
         state if state is not None else _dummy(), bf16, state is not None)
 
 
-def dequant_rows(q, stats, stats_dtype, out, out_dtype, stream=0, threads: int = THREADS):
+def dequant_rows(q, stats, out, *, stats_dtype, out_dtype, stream=0, threads: int = THREADS):
+    """out (rows, cols) of ``out_dtype`` = f32(q) * stats[row] * f32(1/127); q int8 (rows,
+    cols), stats (rows,) of ``stats_dtype``."""
     rows, cols = q.shape
     if rows * cols:
         dequant_rows_kernel[_grid(rows * cols, threads), threads, stream](
             q, stats, stats_dtype == "bfloat16", out, out_dtype == "bfloat16")
 
 
-def mm_dequant(C, r, c, bias, bias_dtype, out, out_dtype, stream=0, threads: int = THREADS):
+def mm_dequant(C, r, c, out, *, out_dtype, bias=None, bias_dtype=None, stream=0,
+               threads: int = THREADS):
+    """out (rows, cols) of ``out_dtype`` = ((f32(C) * r[row]) * c[col]) * f32(1/127^2)
+    (+ bias[col]); C int32 (rows, cols), r float32 (rows,), c float32 (cols,), bias (cols,)
+    of ``bias_dtype`` or None."""
     rows, cols = C.shape
     if rows * cols:
         has_bias = bias is not None
