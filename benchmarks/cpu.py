@@ -127,9 +127,14 @@ def op_rows(sizes: str) -> list[Row]:
 
 # --- layers and the model ------------------------------------------------------------------
 
-_KINDS = ("int8", "int8-lt", "nf4", "fp4")
+_KINDS = ("int8", "int8-lt", "nf4", "fp4", "nf4 bf16", "fp4 bf16")
 _LABEL = {"int8": "Linear8bitLt t0", "int8-lt": "Linear8bitLt t6", "nf4": "LinearNF4",
-          "fp4": "LinearFP4"}
+          "fp4": "LinearFP4", "nf4 bf16": "LinearNF4 compute bf16",
+          "fp4 bf16": "LinearFP4 compute bf16"}
+# the bitsandbytes layer each of ours is timed against: its 4-bit layers on a CPU with
+# AVX512-BF16 compute in bfloat16 whatever compute_dtype says (gemv_4bit casts x to it), so
+# ours with compute_dtype=bfloat16 is the like-for-like row and ours in float32 the exact one
+_BNB_KIND = {"nf4 bf16": "nf4", "fp4 bf16": "fp4"}
 
 
 def _to_bnb(model, kind: str):
@@ -156,9 +161,12 @@ def _to_bnb(model, kind: str):
 
 
 def _ours(model, kind: str):
+    import torch
     from torch_ops.replace import replace_linear
     model = copy.deepcopy(model)
-    replace_linear(model, kind, verbose=False)
+    base, _, compute = kind.partition(" ")
+    options = {"compute_dtype": torch.bfloat16} if compute == "bf16" else {}
+    replace_linear(model, base, verbose=False, **options)
     return model.eval()
 
 
@@ -174,7 +182,7 @@ def layer_rows(sizes: str) -> list[Row]:
         fns = {}
         for kind in _KINDS:
             fns[(kind, "ours")] = _ours(base, kind)
-            if bnb is not None:
+            if bnb is not None and kind not in _BNB_KIND:
                 fns[(kind, "bnb")] = _to_bnb(base, kind)
         fns[("fp32", "torch")] = base
         with torch.inference_mode():
@@ -183,7 +191,7 @@ def layer_rows(sizes: str) -> list[Row]:
         size = f"{k_in}->{k_out} x 384 tok"
         for kind in _KINDS:
             rows += _pair(_LABEL[kind] + " forward", size, "float32", us[(kind, "ours")],
-                          us.get((kind, "bnb")), us[("fp32", "torch")])
+                          us.get((_BNB_KIND.get(kind, kind), "bnb")), us[("fp32", "torch")])
         rows.append(Row(SECTION, "nn.Linear forward", size, "float32", "torch (CPU)", us[("fp32", "torch")]))
     return rows
 
@@ -268,7 +276,7 @@ def model_rows(sizes: str) -> list[Row]:
     variants = {("fp32", "torch"): model}
     for kind in _KINDS:
         variants[(kind, "ours")] = _ours(model, kind)
-        if bnb is not None:
+        if bnb is not None and kind not in _BNB_KIND:
             variants[(kind, "bnb")] = _to_bnb(model, kind)
 
     def run(m):
@@ -290,7 +298,7 @@ def model_rows(sizes: str) -> list[Row]:
     rows = []
     for kind in _KINDS:
         rows += _pair(f"model forward {kind}", size, "float32", us[(kind, "ours")],
-                      us.get((kind, "bnb")), us[("fp32", "torch")])
+                      us.get((_BNB_KIND.get(kind, kind), "bnb")), us[("fp32", "torch")])
     rows.append(Row(SECTION, "model forward fp32", size, "float32", "torch (CPU)", us[("fp32", "torch")]))
     return rows
 

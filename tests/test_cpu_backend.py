@@ -186,20 +186,34 @@ def test_matmul_4bit_within_the_reference_bound(rows, k, n_out, blocksize, quant
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_matmul_4bit_half_inputs_round_once(dtype):
-    """float16 / bfloat16 x: the float32 result rounded once, so within half an ulp of the
-    dtype of the reference's float32 result, plus its float32 error."""
+def test_matmul_4bit_half_inputs(dtype):
+    """float16 / bfloat16 x, against the float64 product of the dequantized weight, under the
+    CUDA routes' rule (twice torch's own error for the same product in x's dtype, plus half an
+    ulp). float16, and bfloat16 on a CPU without native bfloat16, compute in float32 and
+    round once, so they also stay within half an ulp of the reference plus its float32
+    error; bfloat16 on a CPU with native bfloat16 is torch's bfloat16 linear of the weight
+    dequantized to bfloat16, bit for bit."""
     torch = pytest.importorskip("torch")
+    from qkernels.fourbit import _cpu
+    tdt = getattr(torch, dtype)
     rng = np.random.default_rng(3)
-    w = torch.from_numpy(rng.standard_normal((96, 128)).astype(np.float32)).to(getattr(torch, dtype))
-    x = torch.from_numpy(rng.standard_normal((4, 5, 128)).astype(np.float32)).to(getattr(torch, dtype))
-    bias = torch.ones(96, dtype=getattr(torch, dtype))
+    w = torch.from_numpy(rng.standard_normal((96, 128)).astype(np.float32)).to(tdt)
+    x = torch.from_numpy(rng.standard_normal((4, 5, 128)).astype(np.float32)).to(tdt)
+    bias = torch.ones(96, dtype=tdt)
     packed, state = qf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
     got, want = _both(qf.matmul_4bit, x, packed, state, bias=bias)
     assert got.dtype == x.dtype and got.shape == (4, 5, 96)
-    eps = 2.0 ** (-11 if dtype == "float16" else -8)
-    bound = eps * want.float().abs() + 1e-3 * want.float().abs().max()
-    assert ((got.float() - want.float()).abs() <= bound).all()
+    w32 = qf.dequantize_4bit(packed, state, out_dtype="float32")
+    exact = x.double() @ w32.double().T + bias.double()
+    plain = torch.nn.functional.linear(x, w32.to(tdt), bias)
+    half_ulp = 2.0 ** (-11 if dtype == "float16" else -8) * exact.abs().max().item()
+    assert (got.double() - exact).abs().max() <= 2 * (plain.double() - exact).abs().max() + half_ulp
+    if dtype == "bfloat16" and _cpu._native_bf16():
+        assert torch.equal(got, plain)
+    else:
+        eps = 2.0 ** (-11 if dtype == "float16" else -8)
+        bound = eps * want.float().abs() + 1e-3 * want.float().abs().max()
+        assert ((got.float() - want.float()).abs() <= bound).all()
 
 
 def test_matmul_4bit_transposed_weight():

@@ -16,6 +16,7 @@ summation order, within its float64-bounded tolerance.
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 
 import numpy as np
@@ -90,7 +91,7 @@ def _scale(b, absmax, nested, qabs, code2, absmax2, offset):
 
 @njit(**_JIT)
 def _dequantize(packed, code, absmax, nested, qabs, code2, absmax2, offset, nblocks, blocksize,
-                n, kind, of, oh):
+                n, kind, of, oh, oh2):
     per = max(1, CHUNK // blocksize)
     half = blocksize // 2
     for c in prange((nblocks + per - 1) // per):
@@ -109,21 +110,35 @@ def _dequantize(packed, code, absmax, nested, qabs, code2, absmax2, offset, nblo
                     for i in range(2 * k0, n):
                         v = np.int64(packed[i >> 1])
                         of[i] = code[(v >> 4) if i % 2 == 0 else (v & 15)] * s
-        else:
-            off = b0 * blocksize
-            buf = np.empty(per * blocksize, np.float32)
-            bits = buf.view(np.uint32)
+        else:  # 16-bit output: each block's 16 values rounded once, then looked up by nibble
+            lut = np.empty(16, np.float32)
+            lut_bits = lut.view(np.uint32)
+            lut16 = np.empty(16, np.uint32)
             for b in range(b0, b1):
                 s = _scale(b, absmax, nested, qabs, code2, absmax2, offset)
-                for i in range(b * blocksize, min(b * blocksize + blocksize, n)):
-                    v = np.int64(packed[i >> 1])
-                    buf[i - off] = code[(v >> 4) if i % 2 == 0 else (v & 15)] * s
-            for i in range(off, min(b1 * blocksize, n)):
-                oh[i] = round_bits(bits[i - off], kind)
+                for j in range(16):
+                    lut[j] = code[j] * s
+                    lut16[j] = round_bits(lut_bits[j], kind)
+                k0 = b * half
+                if 2 * (k0 + half) <= n and oh2.shape[0] > 0:  # both values of a byte in one store
+                    for k in range(k0, k0 + half):
+                        v = packed[k]
+                        oh2[k] = lut16[v >> 4] | (lut16[v & 15] << np.uint32(16))
+                elif 2 * (k0 + half) <= n:
+                    for k in range(k0, k0 + half):
+                        v = packed[k]
+                        oh[2 * k] = lut16[v >> 4]
+                        oh[2 * k + 1] = lut16[v & 15]
+                else:
+                    for i in range(2 * k0, n):
+                        v = np.int64(packed[i >> 1])
+                        oh[i] = np.uint16(lut16[(v >> 4) if i % 2 == 0 else (v & 15)])
 
 
 _NO_U8 = np.empty(0, np.uint8)
 _NO_F32 = np.empty(0, np.float32)
+_NO_U32 = np.empty(0, np.uint32)
+_LITTLE = sys.byteorder == "little"
 
 
 def dequantize_4bit(packed, code, absmax, blocksize: int, dtype: str, out, nested=None, stream=None):
@@ -141,28 +156,34 @@ def dequantize_4bit(packed, code, absmax, blocksize: int, dtype: str, out, neste
                 np.ascontiguousarray(absmax2, np.float32),
                 np.float32(np.asarray(offset).reshape(-1)[0]), qabs.shape[0])
     of, oh, kind = split_output(out, dtype)
-    _dequantize(packed, np.ascontiguousarray(code, np.float32), *args, int(blocksize), out.shape[0],
-                kind, of, oh)
+    n = out.shape[0]
+    # 16-bit output, 4-byte aligned: element pairs (2k, 2k+1) as one little-endian uint32
+    pairs = (oh[:n - n % 2].view(np.uint32) if kind and oh.ctypes.data % 4 == 0 and _LITTLE
+             else _NO_U32)
+    _dequantize(packed, np.ascontiguousarray(code, np.float32), *args, int(blocksize), n,
+                kind, of, oh, pairs)
 
 
 _buffers = threading.local()
 
 
-def _weight_buffer(size: int) -> np.ndarray:
-    """A float32 (size,) scratch array kept per thread, so that a layer's per-call dequantized
-    weight reuses its pages (a fresh multi-MB array costs page faults at every call)."""
-    buf = getattr(_buffers, "w", None)
+def _weight_buffer(size: int, dtype: str) -> np.ndarray:
+    """A (size,) scratch array kept per thread and dtype (float32, or bfloat16 as uint16 bits),
+    so that a layer's per-call dequantized weight reuses its pages (a fresh multi-MB array
+    costs page faults at every call)."""
+    buf = getattr(_buffers, dtype, None)
     if buf is None or buf.shape[0] != size:
-        buf = np.empty(size, np.float32)
-        _buffers.w = buf
+        buf = np.empty(size, np.float32 if dtype == "float32" else np.uint16)
+        setattr(_buffers, dtype, buf)
     return buf
 
 
-def _dequantize_weight(packed, state) -> np.ndarray:
-    """The weight of a host state as float32 (N, K) in the thread's scratch buffer."""
+def _dequantize_weight(packed, state, dtype: str = "float32") -> np.ndarray:
+    """The weight of a host state as (N, K) float32, or bfloat16 bits (uint16), in the
+    thread's scratch buffer."""
     from .._interop import _to_numpy
     n = int(np.prod(state.shape, dtype=np.int64))
-    w = _weight_buffer(n)
+    w = _weight_buffer(n, dtype)
     pk = np.ascontiguousarray(_to_numpy(packed)).reshape(-1).view(np.uint8)
     code = _to_numpy(state.code).reshape(-1)
     if state.state2 is None:
@@ -173,15 +194,35 @@ def _dequantize_weight(packed, state) -> np.ndarray:
         offset = np.float32(float(offset.reshape(-1)[0]) if hasattr(offset, "shape") else offset)
         absmax, nested = None, (_to_numpy(state.absmax).reshape(-1), _to_numpy(s2.code).reshape(-1),
                                 _to_numpy(s2.absmax).reshape(-1), np.array([offset], np.float32))
-    dequantize_4bit(pk, code, absmax, int(state.blocksize), "float32", w, nested)
+    dequantize_4bit(pk, code, absmax, int(state.blocksize), dtype, w, nested)
     return w.reshape(tuple(int(d) for d in state.shape))
 
 
+@functools.lru_cache(maxsize=None)
+def _native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), so that torch's
+    bfloat16 matmul is faster than its float32 one (about 3.5x on a 2-core EPYC)."""
+    import torch
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(bool(probe()) for probe in probes if probe is not None)
+
+
 def matmul_4bit(x, packed, state, bias, normal: bool):
-    """``x @ W.T + bias`` (W = dequantize_4bit(packed, state) in float32; ``W.T`` used as
-    stored when ``normal`` is False) in float32, rounded once to x's dtype; x host torch or
-    NumPy (..., in), the result (..., out) of x's kind and dtype."""
+    """``x @ W.T + bias``; x host torch or NumPy (..., in), the result (..., out) of x's kind
+    and dtype.
+
+    bfloat16 torch x on a CPU with native bfloat16 (``_native_bf16``): W dequantized to
+    bfloat16 and torch's bfloat16 linear (float32 accumulation, one rounding), the same
+    operation as the CUDA route "dequantize + cuBLAS"; about 3x faster than float32 there.
+    Every other x: W in float32 (``W.T`` used as stored when ``normal`` is False), the
+    product in float32, rounded once to x's dtype."""
     from .._interop import dtype_of, kind_of
+    if kind_of(x) == "torch" and _native_bf16():
+        import torch
+        if x.dtype == torch.bfloat16:
+            w = torch.from_numpy(_dequantize_weight(packed, state, "bfloat16")).view(torch.bfloat16)
+            b = None if bias is None else bias.reshape(-1).to(torch.bfloat16)
+            return torch.nn.functional.linear(x, w if normal else w.T, b)
     w = _dequantize_weight(packed, state)
     if not normal:
         w = w.T
