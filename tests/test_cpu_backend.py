@@ -156,6 +156,31 @@ def test_4bit_bit_identical(xd, blocksize, quant_type, nested, kind, out_dtype, 
     _equal_bits(got, want)
 
 
+@pytest.mark.parametrize("out_dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("packed_offset,out_offset", [(0, 0), (1, 0), (0, 1), (3, 2)])
+def test_dequantize_4bit_16bit_words_and_misaligned(out_dtype, packed_offset, out_offset):
+    """The 16-bit dequantization reads 8 packed bytes and writes 4 values at a time where both
+    buffers are 8-byte aligned, else value by value: every alignment, a partial last block
+    and a packed length that is not a multiple of 8 give the reference's bits."""
+    from qkernels.fourbit import _cpu
+    rng = np.random.default_rng(packed_offset * 4 + out_offset)
+    for blocksize, n, nested in [(64, 64 * 37 + 10, False), (128, 128 * 9, True), (32, 32 * 5 + 2, False)]:
+        x = rng.standard_normal(n).astype(np.float32)
+        packed, state = ref4.quantize_4bit(x, blocksize, "nf4", nested)
+        want = ref4.dequantize_4bit(packed, state, out_dtype=out_dtype).reshape(-1).view(np.uint16)
+        pk = np.empty(packed.size + packed_offset, np.uint8)[packed_offset:]
+        pk[:] = packed.reshape(-1)
+        out = np.empty(n + out_offset, np.uint16)[out_offset:]
+        if nested:
+            s2 = state.state2
+            args = (None, (np.asarray(state.absmax), np.asarray(s2.code), np.asarray(s2.absmax),
+                           np.array([state.offset], np.float32).reshape(-1)))
+        else:
+            args = (np.asarray(state.absmax), None)
+        _cpu.dequantize_4bit(pk, np.asarray(state.code), args[0], blocksize, out_dtype, out, args[1])
+        np.testing.assert_array_equal(out, want)
+
+
 @given(st.integers(1, 5), st.sampled_from([32, 64, 96, 200]), st.integers(1, 40),
        blocksizes_4, quant_types, st.booleans(), st.booleans(), kinds, st.integers(0, 2**31))
 def test_matmul_4bit_within_the_reference_bound(rows, k, n_out, blocksize, quant_type, nested,
