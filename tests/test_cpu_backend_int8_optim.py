@@ -157,6 +157,9 @@ def test_forward_falls_back_to_the_reference_when_numba_fails(monkeypatch):
 @given(data=st.data(), rows=st.integers(1, 30), cols=st.integers(1, 200),
        threshold=st.sampled_from([0.0, 6.0, 0.5]))
 def test_table_functions_match_numpy_backend(data, rows, cols, threshold):
+    """Each entry of the int8 op tables gives the NumPy backend's bits; a NaN output is
+    compared as NaN only, since its sign and payload depend on the order in which the kernel
+    meets a NaN operand and an invalid 0 * inf (the formats leave them undefined)."""
     from qkernels import int8 as I
     x32, dtype = data.draw(float_arrays(shape=(rows, cols), specials=True))
     raw = I._raw(x32, dtype)  # the NumPy backend's storage (bfloat16 as uint16 bits)
@@ -173,11 +176,13 @@ def test_table_functions_match_numpy_backend(data, rows, cols, threshold):
         out = np.empty((rows, rows), np.float32)
         md = I._numpy_mm_dequant if name == "numpy" else int8_cpu.mm_dequant
         md(C, stats, stats, out, out_dtype="float32", bias=stats, bias_dtype="float32")
-        outs[name] = (q, stats.view(np.uint32), None if flags is None else flags.astype(bool), C,
-                      out.view(np.uint32))
+        outs[name] = (q, stats, None if flags is None else flags.astype(bool), C, out)
     for a, b in zip(outs["numpy"], outs["cpu"]):
         if a is None:
             assert b is None
+        elif a.dtype == np.float32:
+            np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+            np.testing.assert_array_equal(a[~np.isnan(a)].view(np.uint32), b[~np.isnan(b)].view(np.uint32))
         else:
             np.testing.assert_array_equal(a, b)
 
