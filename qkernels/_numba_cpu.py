@@ -1,22 +1,55 @@
 """Numba CPU set-up shared by the "cpu" backend's kernels (``qkernels/*/_cpu.py``): the
 threading layer, and the lock under which a parallel kernel runs.
 
-Numba's default threading layer here is GNU OpenMP, which is not fork-safe: once a parallel
-kernel has run, a forked child (a DataLoader worker, ``torch.multiprocessing`` with fork, a
-two-rank gloo test) hangs at its own first parallel region. The workqueue layer is fork-safe
-but lets one parallel kernel run at a time in a process, so every launch takes
-``PARALLEL_LOCK`` (Python threads calling the ops together queue there instead of aborting
-the process). A user's own ``NUMBA_THREADING_LAYER`` wins. It also shares two cores better
-with torch's OpenMP threads: measured ~3x lower medians for the 4-bit CPU matmul under load.
+The layer decides the fixed cost of every CPU op, since each kernel is one parallel region:
+- Intel TBB ("tbb"): about 2 us a region, thread-safe and fork-safe. Used when the ``tbb``
+  package is installed (a core dependency on x86-64 Linux). Its wheel puts ``libtbb.so.12``
+  in the environment's ``lib/``, where Numba's TBB pool does not look, so it is loaded here
+  first (``_preload_tbb``).
+- "workqueue": fork-safe, but about 85 us a region on 2 cores, and one parallel kernel at a
+  time in a process; the fallback.
+- GNU OpenMP (Numba's own default where TBB is missing) is never chosen: once a parallel
+  kernel has run, a forked child (a DataLoader worker, a two-rank gloo test) hangs at its
+  own first parallel region.
+
+``PARALLEL_LOCK`` serializes launches only under workqueue (Python threads calling the ops
+together queue there instead of aborting the process); under TBB it is a no-op. A user's own
+``NUMBA_THREADING_LAYER`` wins, and is then locked as if it were workqueue.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import sys
 import threading
 
 import numba
 
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
 
-PARALLEL_LOCK = threading.RLock()
+def _preload_tbb() -> bool:
+    """Load ``libtbb.so.12`` from the environment's ``lib/`` with global symbols, so that
+    Numba's TBB pool (which needs that soname and has no search path to it) loads; True on
+    success. Other platforms, or no ``tbb`` package: False."""
+    if not sys.platform.startswith("linux"):
+        return False
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        path = os.path.join(prefix, "lib", "libtbb.so.12")
+        if os.path.exists(path):
+            try:
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                from numba.np.ufunc import tbbpool  # noqa: F401  (the pool itself must load too)
+                return True
+            except (OSError, ImportError):
+                return False
+    return False
+
+
+if "NUMBA_THREADING_LAYER" in os.environ:
+    LAYER = numba.config.THREADING_LAYER
+elif _preload_tbb():
+    LAYER = numba.config.THREADING_LAYER = "tbb"
+else:
+    LAYER = numba.config.THREADING_LAYER = "workqueue"
+
+PARALLEL_LOCK = contextlib.nullcontext() if LAYER == "tbb" else threading.RLock()
