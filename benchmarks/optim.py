@@ -77,8 +77,8 @@ def gpu_rows(sizes: str = "full") -> list[Row]:
                 st = opt.state[p]
                 _cupy.optimizer_update_8bit_blockwise(
                     p.data_ptr(), p.grad.data_ptr(), st["state1"].data_ptr(), st["state2"].data_ptr(),
-                    st["absmax1"].data_ptr(), st["absmax2"].data_ptr(), *opt._host_qmaps(st),
-                    p.numel(), name, s, device=p.device.index, stream=stream)
+                    st["absmax1"].data_ptr(), st["absmax2"].data_ptr(),
+                    **dict(zip(("qmap1", "qmap2"), opt._host_qmaps(st))), n=p.numel(), dtype=name, scalars=s, device=p.device.index, stream=stream)
         graph_us = cuda_graph_us([kernels])
         eager["cupy"] = eager_us([opt.step])
         results = {"cupy": (graph_us, eager["cupy"], state_bpp)}

@@ -46,8 +46,8 @@ def test_numba_8bit_kernel_matches_reference(n, dtype, threads, seed):
         s = ref.adam_scalars(1e-3, (0.9, 0.999), 1e-8, 0.01, step, 0.5 if step == 2 else 1.0)
         g = _raw(g32, dtype)
         want_count += ref.optimizer_update_8bit_blockwise(host[0], g, *host[1:], q1, q2, s, dtype)
-        _numba.optimizer_update_8bit_blockwise(dev[0], cuda.to_device(g), *dev[1:], q1, q2, dtype, s,
-                                               nonfinite=count, threads=threads)
+        _numba.optimizer_update_8bit_blockwise(dev[0], cuda.to_device(g), *dev[1:], qmap1=q1, qmap2=q2,
+                                               dtype=dtype, scalars=s, nonfinite=count, threads=threads)
         for d, h in zip(dev, host):
             np.testing.assert_array_equal(d.copy_to_host().view(np.uint8), h.view(np.uint8))
     assert count.copy_to_host()[0] == want_count
@@ -70,7 +70,7 @@ def test_numba_32bit_kernel_matches_reference(n, dtype, seed):
         g = _raw(g32, dtype)
         s = ref.adam_scalars(1e-3, (0.9, 0.999), 1e-8, 0.0, step)
         ref.optimizer_update_32bit(host[0], g, host[1], host[2], s, dtype, np.float32(0.5))
-        _numba.optimizer_update_32bit(dev[0], cuda.to_device(g), dev[1], dev[2], dtype, s,
+        _numba.optimizer_update_32bit(dev[0], cuda.to_device(g), dev[1], dev[2], dtype=dtype, scalars=s,
                                       update_scale=0.5, threads=64)
         for d, h in zip(dev, host):
             np.testing.assert_array_equal(d.copy_to_host().view(np.uint8), h.view(np.uint8))

@@ -600,16 +600,17 @@ class Optimizer8bit(torch.optim.Optimizer):
         launch = _cupy_launchers()
         gptr = 0 if gnorm_scale is None else gnorm_scale.data_ptr()
         if s1.dtype == torch.uint8:
+            q1, q2 = self._host_qmaps(state)
             launch.optimizer_update_8bit_blockwise(
                 p.data_ptr(), g.data_ptr(), s1.data_ptr(), s2.data_ptr(),
                 state["absmax1"].data_ptr(), state["absmax2"].data_ptr(),
-                *self._host_qmaps(state), p.numel(), name, s, gnorm_scale_ptr=gptr,
+                qmap1=q1, qmap2=q2, n=p.numel(), dtype=name, scalars=s, gnorm_scale_ptr=gptr,
                 nonfinite=counter.data_ptr(), device=device.index, stream=stream)
         else:
             uscale = _unorm_scale_torch(p, g, state, config, s) if config["max_unorm"] > 0 else None
             launch.optimizer_update_32bit(
-                p.data_ptr(), g.data_ptr(), s1.data_ptr(), s2.data_ptr(), p.numel(), name, s,
-                gnorm_scale_ptr=gptr, update_scale_ptr=0 if uscale is None else uscale.data_ptr(),
+                p.data_ptr(), g.data_ptr(), s1.data_ptr(), s2.data_ptr(), n=p.numel(), dtype=name,
+                scalars=s, gnorm_scale_ptr=gptr, update_scale_ptr=0 if uscale is None else uscale.data_ptr(),
                 nonfinite=counter.data_ptr(), device=device.index, stream=stream)
 
     def _step_scalars(self, config: dict, step: int) -> ref.AdamScalars:
@@ -646,14 +647,15 @@ class Optimizer8bit(torch.optim.Optimizer):
         stream = cuda.external_stream(torch.cuda.current_stream(p.device).cuda_stream)
         gs = None if gnorm_scale is None else arr(gnorm_scale)
         if state["state1"].dtype == torch.uint8:
+            q1, q2 = self._host_qmaps(state)
             _numba.optimizer_update_8bit_blockwise(
                 arr(p), arr(g), arr(state["state1"]), arr(state["state2"]), arr(state["absmax1"]),
-                arr(state["absmax2"]), *self._host_qmaps(state), name, s, gnorm_scale=gs,
+                arr(state["absmax2"]), qmap1=q1, qmap2=q2, dtype=name, scalars=s, gnorm_scale=gs,
                 nonfinite=arr(counter), stream=stream)
         else:
             uscale = _unorm_scale_torch(p, g, state, config, s) if config["max_unorm"] > 0 else None
             _numba.optimizer_update_32bit(
-                arr(p), arr(g), arr(state["state1"]), arr(state["state2"]), name, s,
+                arr(p), arr(g), arr(state["state1"]), arr(state["state2"]), dtype=name, scalars=s,
                 gnorm_scale=gs, update_scale=None if uscale is None else arr(uscale),
                 nonfinite=arr(counter), stream=stream)
 

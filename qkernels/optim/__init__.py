@@ -105,8 +105,8 @@ def _cupy_8bit(p, g, s1, s2, a1, a2, qmap1, qmap2, name, scalars, nonfinite):
     from . import _cupy
     call = Call(p, "cupy")
     _cupy.optimizer_update_8bit_blockwise(
-        _ptr(p), _ptr(g), _ptr(s1), _ptr(s2), _ptr(a1), _ptr(a2), qmap1, qmap2, _numel(p), name,
-        scalars, nonfinite=0 if nonfinite is None else _ptr(nonfinite), device=call.device,
+        _ptr(p), _ptr(g), _ptr(s1), _ptr(s2), _ptr(a1), _ptr(a2), qmap1=qmap1, qmap2=qmap2,
+        n=_numel(p), dtype=name, scalars=scalars, nonfinite=0 if nonfinite is None else _ptr(nonfinite), device=call.device,
         stream=call.stream)
 
 
@@ -115,7 +115,7 @@ def _cupy_32bit(p, g, s1, s2, name, scalars, update_scale, nonfinite):
     call = Call(p, "cupy")
     scalars = scalars._replace(step_size=np.float32(update_scale * scalars.step_size)) \
         if update_scale != 1 else scalars
-    _cupy.optimizer_update_32bit(_ptr(p), _ptr(g), _ptr(s1), _ptr(s2), _numel(p), name, scalars,
+    _cupy.optimizer_update_32bit(_ptr(p), _ptr(g), _ptr(s1), _ptr(s2), n=_numel(p), dtype=name, scalars=scalars,
                                  nonfinite=0 if nonfinite is None else _ptr(nonfinite),
                                  device=call.device, stream=call.stream)
 
@@ -129,7 +129,8 @@ def _numba_8bit(p, g, s1, s2, a1, a2, qmap1, qmap2, name, scalars, nonfinite):
     call = Call(p, "numba")
     args = _numba_args(call, p, g, s1, s2, a1, a2)
     count = None if nonfinite is None else call.arg(nonfinite)
-    _numba.optimizer_update_8bit_blockwise(*args, qmap1, qmap2, name, scalars, nonfinite=count,
+    _numba.optimizer_update_8bit_blockwise(*args, qmap1=qmap1, qmap2=qmap2, dtype=name, scalars=scalars,
+                                           nonfinite=count,
                                            stream=call.numba_stream())
 
 
@@ -138,7 +139,7 @@ def _numba_32bit(p, g, s1, s2, name, scalars, update_scale, nonfinite):
     call = Call(p, "numba")
     args = _numba_args(call, p, g, s1, s2)
     count = None if nonfinite is None else call.arg(nonfinite)
-    _numba.optimizer_update_32bit(*args, name, scalars, update_scale=float(update_scale),
+    _numba.optimizer_update_32bit(*args, dtype=name, scalars=scalars, update_scale=float(update_scale),
                                   nonfinite=count, stream=call.numba_stream())
 
 

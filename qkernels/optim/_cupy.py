@@ -186,7 +186,7 @@ def _launch_32bit(device: int, dtype: str) -> _Launch:
 
 
 def optimizer_update_8bit_blockwise(p: int, g: int, state1: int, state2: int, absmax1: int,
-                                    absmax2: int, qmap1: np.ndarray, qmap2: np.ndarray, n: int,
+                                    absmax2: int, *, qmap1: np.ndarray, qmap2: np.ndarray, n: int,
                                     dtype: str, scalars: AdamScalars, gnorm_scale_ptr: int = 0,
                                     nonfinite: int = 0, device: int = 0, stream: int = 0) -> None:
     """One fused 8-bit blockwise Adam step over n elements (pointers; see optim.cu).
@@ -208,7 +208,7 @@ def optimizer_update_8bit_blockwise(p: int, g: int, state1: int, state2: int, ab
     launch(grid, _CTA_8BIT, args, stream)
 
 
-def optimizer_update_32bit(p: int, g: int, state1: int, state2: int, n: int, dtype: str,
+def optimizer_update_32bit(p: int, g: int, state1: int, state2: int, *, n: int, dtype: str,
                            scalars: AdamScalars, gnorm_scale_ptr: int = 0,
                            update_scale_ptr: int = 0, nonfinite: int = 0, device: int = 0,
                            stream: int = 0) -> None:

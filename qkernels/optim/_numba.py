@@ -223,7 +223,7 @@ def _scale(value, default, placeholder):
     return np.float32(default if value is None else value), placeholder, False
 
 
-def optimizer_update_8bit_blockwise(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2,
+def optimizer_update_8bit_blockwise(p, g, state1, state2, absmax1, absmax2, *, qmap1, qmap2,
                                     dtype: str, scalars: AdamScalars, gnorm_scale=None,
                                     nonfinite=None, stream=0, threads: int = 256) -> None:
     """Numba device arrays (flat; bfloat16 as uint16 bits), updated in place. qmap1/qmap2:
@@ -250,7 +250,7 @@ def optimizer_update_8bit_blockwise(p, g, state1, state2, absmax1, absmax2, qmap
         counter if nonfinite is None else nonfinite)
 
 
-def optimizer_update_32bit(p, g, state1, state2, dtype: str, scalars: AdamScalars,
+def optimizer_update_32bit(p, g, state1, state2, *, dtype: str, scalars: AdamScalars,
                            gnorm_scale=None, update_scale=None, nonfinite=None, stream=0,
                            threads: int = 256) -> None:
     """Numba device arrays, updated in place; update_scale: None, a float or a device
