@@ -61,7 +61,11 @@ def doctor() -> int:
             except Exception as exc:  # report, never crash: this is the diagnostic tool
                 result = f"FAILED: {type(exc).__name__}: {exc}".splitlines()[0][:160]
             failed |= not result.startswith("ok")
-            rows.append((f"backend {name}", f"loads ({why}); smoke test {result}"))
+            detail = ""
+            if name == "cpu":  # its fixed cost per op is the threading layer's (_numba_cpu)
+                from ._numba_cpu import LAYER
+                detail = f", Numba threading layer {LAYER}"
+            rows.append((f"backend {name}", f"loads ({why}{detail}); smoke test {result}"))
         else:
             rows.append((f"backend {name}", f"not available: {why}"))
     rows += list(cache_dirs().items())
