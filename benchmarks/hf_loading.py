@@ -6,7 +6,8 @@ random weights), saved in bf16 in 1 GB shards: no download.
         # ref (bf16 load, then replace_linear nf4), bnb (BitsAndBytesConfig nf4): prints load
         # time, the peak-RSS rise while loading and the model size; saves logits to OUT
     python -m benchmarks.hf_loading qlora DIR DEVICE           # 20 QLoRA steps with PEFT and with
-        # add_lora (same seed), then merge_and_unload against its bound
+        # add_lora (same seed), then merge_and_unload against its bound (weights, each layer's
+        # output on its own input, the logits beside the base model's without adapters)
 
 Compare the OUT files of qk and ref with torch.equal (bit-identical expected)."""
 import json, os, sys, time
@@ -93,28 +94,50 @@ elif mode == "qlora":
     code = torch.tensor(nf4_map()).sort().values
     half_gap = ((code[1:] - code[:-1]).max() / 2).item()
     layers = {n: l for n, l in pm.named_modules() if type(l).__name__ == "LoraLinear4bit"}
-    exact = {n: dequantized_weight(l.get_base_layer()) + l.get_delta_weight("default") for n, l in layers.items()}
+    exact = {n: dequantized_weight(l.get_base_layer()).float() + l.get_delta_weight("default").float()
+             for n, l in layers.items()}
+    ids = tok[:2, :16]
+    inputs = {}  # each LoRA layer's input in the unmerged forward (the per-layer check below)
+    hooks = [l.register_forward_pre_hook(lambda mod, a, n=n: inputs.__setitem__(n, a[0].detach().float()))
+             for n, l in layers.items()]
     with torch.no_grad():
-        unmerged = pm(tok[:2, :16]).logits.float()
+        unmerged = pm(ids).logits.float()
+        with pm.disable_adapter():
+            base_only = pm(ids).logits.float()
+    for h in hooks:
+        h.remove()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         merged_model = pm.merge_and_unload()
-    worst = 0.0
+    worst = layer_worst = 0.0
+    delta_over_step = []
     for n, W in exact.items():
         base = merged_model.get_submodule(n.removeprefix("base_model.model."))
-        s = base.weight.quant_state
-        bs = s.blocksize
+        bs = base.weight.quant_state.blocksize
         flat = W.flatten()
         pad = (-flat.numel()) % bs
         a_true = torch.nn.functional.pad(flat.abs(), (0, pad)).view(-1, bs).amax(1)
-        deq = dequantized_weight(base).flatten()
-        a_q = torch.nn.functional.pad(deq.abs(), (0, pad)).view(-1, bs).amax(1)
-        bound = (half_gap * a_true + (a_true - a_q).abs() * 1.0 + 1e-6).repeat_interleave(bs)[: flat.numel()]
-        worst = max(worst, ((deq - flat).abs() / bound).max().item())
+        deq = dequantized_weight(base).float()
+        a_q = torch.nn.functional.pad(deq.flatten().abs(), (0, pad)).view(-1, bs).amax(1)
+        # |NF4(w) - w| <= half the widest code gap x the block's absmax, plus the rounding of
+        # that absmax (double quantization)
+        E = (half_gap * a_true + (a_true - a_q).abs() + 1e-6).repeat_interleave(bs)[: flat.numel()].view_as(W)
+        worst = max(worst, ((deq - W).abs() / E).max().item())
+        # per layer, on the unmerged model's own input x: |x (Wq - W)^T| <= |x| E^T (float64)
+        x = inputs[n].reshape(-1, W.shape[1]).double()
+        diff = (x @ (deq.double() - W.double()).T).abs()
+        layer_worst = max(layer_worst, (diff / (x.abs() @ E.double().T + 1e-30)).max().item())
+        dW = layers[n].get_delta_weight("default").float().abs()
+        step = (half_gap * a_true).repeat_interleave(bs)[: flat.numel()].view_as(W)
+        delta_over_step.append((dW / step).median().item())
     with torch.no_grad():
-        merged = merged_model(tok[:2, :16]).logits.float()
-        fl = AutoModelForCausalLM.from_pretrained(path, device_map={"": DEVICE})(tok[:2, :16]).logits.float()
-        qm = AutoModelForCausalLM.from_pretrained(path, quantization_config=QKernelsConfig(kind="nf4"), device_map={"": DEVICE})(tok[:2, :16]).logits.float()
-    res.update({"weight_err_over_bound_max": worst, "merged_vs_unmerged_max_abs": (merged - unmerged).abs().max().item(),
+        merged = merged_model(ids).logits.float()
+        fl = AutoModelForCausalLM.from_pretrained(path, device_map={"": DEVICE})(ids).logits.float()
+        qm = AutoModelForCausalLM.from_pretrained(path, quantization_config=QKernelsConfig(kind="nf4"), device_map={"": DEVICE})(ids).logits.float()
+    res.update({"weight_err_over_bound_max": worst, "layer_output_err_over_bound_max": layer_worst,
+                "adapter_delta_over_half_step_median": sorted(delta_over_step)[len(delta_over_step) // 2],
+                "merged_vs_unmerged_max_abs": (merged - unmerged).abs().max().item(),
+                "unmerged_vs_base_max_abs": (unmerged - base_only).abs().max().item(),
+                "merged_vs_base_max_abs": (merged - base_only).abs().max().item(),
                 "nf4_vs_bf16_max_abs": (qm - fl).abs().max().item(), "logits_max_abs": unmerged.abs().max().item()})
     print(json.dumps(res))

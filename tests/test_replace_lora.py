@@ -305,6 +305,42 @@ def test_merge_into_a_float_layer_is_exact_up_to_rounding():
         assert torch.allclose(model(tokens), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_merge_lora_into_a_16bit_layer_keeps_the_whole_adapter(kind):
+    """merge_lora(dtype=bfloat16): each quantized layer with its adapter becomes an nn.Linear
+    of dequantize(W) + B A rounded once to bfloat16, with the bias; the model's output is the
+    unmerged model's within bfloat16 rounding, however small the adapter is against the
+    quantization step (where a re-quantizing merge rounds it away)."""
+    from torch_ops.lora import dequantized_weight
+    model, names = _lora_model(kind)
+    with torch.no_grad():   # an adapter far below half an NF4 step
+        for n in names:
+            model.get_submodule(n).lora_B.weight.mul_(1e-3)
+    tokens = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(3))
+    loras = {n: model.get_submodule(n) for n in names}
+    want_w = {n: (dequantized_weight(m.base_layer) + m.lora_B.weight @ m.lora_A.weight * m.scaling)
+              for n, m in loras.items()}
+    with torch.no_grad():
+        ref = model(tokens)
+    assert merge_lora(model, dtype=torch.bfloat16) == names
+    for n in names:
+        lin = model.get_submodule(n)
+        assert type(lin) is nn.Linear and lin.weight.dtype == torch.bfloat16
+        assert torch.equal(lin.weight, want_w[n].to(torch.bfloat16))
+        base_bias = loras[n].base_layer.bias
+        assert (lin.bias is None) == (base_bias is None)
+        if base_bias is not None:
+            assert torch.equal(lin.bias, base_bias.to(torch.bfloat16))
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        out = model(tokens).float()
+    assert _cos(out, ref) > 0.9999
+    with pytest.raises(ValueError, match="unload=True"):
+        merge_lora(_lora_model(kind)[0], unload=False, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="dtype must be"):
+        merge_lora(_lora_model(kind)[0], dtype=torch.int8)
+
+
 def test_merge_lora_refuses_an_unmergeable_adapter_and_changes_nothing():
     model, names = _lora_model()
     bad = model.get_submodule(names[2])
