@@ -1,11 +1,12 @@
 """The distributed check: 8-bit optimizers and QLoRA under DDP and FSDP2.
 
-    torchrun --nproc-per-node 2 -m benchmarks.distributed [--size tiny|100m] [--steps N]
-        [--parts ddp,fsdp2,ckpt,qlora] [--out DIR]
+    torchrun --nproc-per-node 2 -m benchmarks.distributed [--size tiny|100m|1b] [--steps N]
+        [--parts ddp,fsdp2,ckpt,qlora] [--out DIR] [--profile STEPS]
 
 NCCL on GPUs (one per rank), gloo on CPU. The model is the demo's character-level decoder
-(torch_ops.demo.CharLM; ``100m``: d=768, 14 layers, about 100M parameters; ``tiny``: the CI
-size). Every rank trains on its slice of the same global batch; rank 0 then repeats the run
+(torch_ops.demo.CharLM; ``100m``: d=768, 14 layers, about 100M parameters; ``1b``: d=2048,
+20 layers, about 1B; ``tiny``: the CI size). ``--profile STEPS`` profiles that many more
+fsdp2 and qlora steps on rank 0 and reports where a step goes (trace_breakdown.py). Every rank trains on its slice of the same global batch; rank 0 then repeats the run
 in one process on the whole global batch (the reference) and compares.
 
 Parts:
@@ -58,6 +59,7 @@ import torch.nn.functional as F
 SIZES = {
     "tiny": dict(d=256, layers=1, heads=4, seq=32, batch=4, steps=4),
     "100m": dict(d=768, layers=14, heads=12, seq=256, batch=8, steps=20),
+    "1b": dict(d=2048, layers=20, heads=16, seq=256, batch=8, steps=12),
 }
 LR = 1e-3
 
@@ -205,14 +207,39 @@ def part_ddp(vocab, cfg, batches, device, rank, world):
                 ms=_median_ms(times), peak=_peak_bytes(device))
 
 
-def part_fsdp2(vocab, cfg, batches, device, rank, world, mesh):
+def part_fsdp2(vocab, cfg, batches, device, rank, world, mesh, profile_steps=0, out_dir=None):
     from torch_ops.optim import AdamW8bit
     _reset_peak(device)
     model = shard(_model(vocab, cfg, device), mesh)
     opt = AdamW8bit(model.parameters(), lr=LR)
     times = train(model, opt, batches, device, rank, world)
-    return dict(params=full_params(model), bits=state_bits(model, opt), state=state_bytes(opt),
-                ms=_median_ms(times), peak=_peak_bytes(device))
+    res = dict(params=full_params(model), bits=state_bits(model, opt), state=state_bytes(opt),
+               ms=_median_ms(times), peak=_peak_bytes(device))
+    res["profile"] = profiled(model, opt, batches, device, rank, world, profile_steps, out_dir, "fsdp2")
+    return res
+
+
+def profiled(model, opt, batches, device, rank, world, steps, out_dir, part):
+    """``steps`` more training steps (after the measured ones, so that no checked figure moves)
+    on every rank, profiled on rank 0: its trace_breakdown report line (None elsewhere, or
+    for steps=0), and the Chrome trace in ``out_dir``/trace-<part>-rank0.json."""
+    if steps <= 0:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    from .trace_breakdown import breakdown, describe
+    batches = [batches[i % len(batches)] for i in range(steps + 1)]
+    train(model, opt, batches[:1], device, rank, world)  # a warm step outside the trace
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    if rank != 0:  # the other ranks run the same steps (the collectives need them), unprofiled
+        train(model, opt, batches[1:], device, rank, world)
+        return None
+    with profile(activities=acts) as prof:
+        wall = sum(train(model, opt, batches[1:], device, rank, world))
+    if out_dir is not None:
+        path = pathlib.Path(out_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(path / f"trace-{part}-rank0.json"))
+    return describe(part, breakdown(prof.events(), steps, wall * 1e6))
 
 
 @contextlib.contextmanager
@@ -277,7 +304,7 @@ def _adapters(model) -> dict[str, torch.Tensor]:
             for n, p in model.named_parameters() if p.requires_grad}
 
 
-def part_qlora(vocab, cfg, batches, device, rank, world, mesh):
+def part_qlora(vocab, cfg, batches, device, rank, world, mesh, profile_steps=0, out_dir=None):
     """QLoRA: NF4 base weights, LoRA adapters. Returns rank-local figures and, on rank 0,
     the differences against the one-process model."""
     from torch_ops import add_lora
@@ -314,6 +341,7 @@ def part_qlora(vocab, cfg, batches, device, rank, world, mesh):
     times = train(model, opt, batches, device, rank, world)
     out = dict(ms=_median_ms(times), peak=_peak_bytes(device), state=state_bytes(opt),
                trainable=trainable, params=_adapters(model))
+    out["profile"] = profiled(model, opt, batches, device, rank, world, profile_steps, out_dir, "qlora")
     del model, opt  # the one-process reference below must not carry the sharded run's memory
     if rank == 0:
         _reset_peak(device)
@@ -342,6 +370,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--parts", default="ddp,fsdp2,ckpt,qlora")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="profile STEPS more fsdp2 / qlora steps on rank 0 and report where they go "
+                        "(benchmarks/trace_breakdown.py; Chrome traces in --out)")
     args = p.parse_args(argv)
     parts = [s for s in args.parts.split(",") if s]
     unknown = sorted(set(parts) - {"ddp", "fsdp2", "ckpt", "qlora"})
@@ -383,8 +414,10 @@ def main(argv=None) -> int:
     for part in ("ddp", "fsdp2"):
         if part not in parts:
             continue
-        fn = part_ddp if part == "ddp" else part_fsdp2
-        res = fn(vocab, cfg, batches, device, rank, world, *(() if part == "ddp" else (mesh,)))
+        if part == "ddp":
+            res = part_ddp(vocab, cfg, batches, device, rank, world)
+        else:
+            res = part_fsdp2(vocab, cfg, batches, device, rank, world, mesh, args.profile, args.out)
         per_rank = [None] * world
         dist.all_gather_object(per_rank, (res["ms"], res["peak"], res["state"], res["bits"]))
         if rank == 0:
@@ -397,6 +430,8 @@ def main(argv=None) -> int:
             if part == "fsdp2":
                 check(ratio <= 0.55 + 0.45 * (world == 1),
                       f"fsdp2: optimizer state per rank {ratio:.3f}x the single-process bytes")
+                if res.get("profile"):
+                    lines.append(res["profile"])
             for r, (ms, peak, st, _) in enumerate(per_rank):
                 rows.append((f"{part} rank {r}", f"{cfg['batch']}", ms, peak, st))
             if part == "ddp":
@@ -419,7 +454,7 @@ def main(argv=None) -> int:
             ok, how = agreement(straight, resumed1, steps)
             check(ok, f"ckpt: resumed on 1 process (resharded) vs uninterrupted: {how}")
     if "qlora" in parts:
-        res = part_qlora(vocab, cfg, batches, device, rank, world, mesh)
+        res = part_qlora(vocab, cfg, batches, device, rank, world, mesh, args.profile, args.out)
         per_rank = [None] * world
         dist.all_gather_object(per_rank, (res["ms"], res["peak"], res["state"]))
         if rank == 0:
@@ -433,6 +468,8 @@ def main(argv=None) -> int:
             check(ok, f"qlora: adapters after {steps} steps: {how}")
             peak_ratio = max(pk for _, pk, _ in per_rank) / res["ref_peak"]
             lines.append(f"- qlora peak memory per rank {peak_ratio:.2f}x the single-process run")
+            if res.get("profile"):
+                lines.append(res["profile"])
             rows.append(("qlora single process", f"{world * cfg['batch']}", res["ref_ms"], res["ref_peak"], None))
             for r, (ms, peak, st) in enumerate(per_rank):
                 rows.append((f"qlora fsdp2 rank {r}", f"{cfg['batch']}", ms, peak, st))
