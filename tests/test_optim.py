@@ -753,3 +753,29 @@ def test_gpu_percentile_clipping_and_numba_backend_optimizer():
         torch.testing.assert_close(a.detach(), b.detach().cpu(), rtol=1e-5, atol=1e-7)
     for a, b in zip(oc2.param_groups[0]["params"], nba):
         assert torch.equal(a.detach(), b.detach().cpu())
+
+
+@pytest.mark.parametrize("cls", ["StableEmbedding", "Embedding"])
+def test_embeddings_keep_32bit_state_and_their_forward(cls):
+    """bitsandbytes' StableEmbedding / Embedding: Xavier-uniform init with the padding row
+    zero, 32-bit optimizer state for the weight (large enough for 8-bit otherwise), and for
+    StableEmbedding a LayerNorm of the looked-up rows in the default dtype."""
+    import torch_ops
+    torch.manual_seed(0)
+    emb = getattr(torch_ops, cls)(1000, 64, padding_idx=3)
+    head = torch.nn.Linear(64, 64)
+    assert torch.equal(emb.weight[3], torch.zeros(64))
+    bound = (6 / (1000 + 64)) ** 0.5   # Xavier-uniform's limit
+    assert emb.weight.abs().max() <= bound and emb.weight.abs().max() > 0.9 * bound
+    ids = torch.tensor([[1, 3, 999], [0, 5, 5]])
+    out = emb(ids)
+    looked_up = torch.nn.functional.embedding(ids, emb.weight, padding_idx=3)
+    want = emb.norm(looked_up) if cls == "StableEmbedding" else looked_up
+    assert out.shape == (2, 3, 64) and torch.equal(out, want)
+    opt = O.AdamW8bit(list(emb.parameters()) + list(head.parameters()), min_8bit_size=1024)
+    head(emb(ids)).sum().backward()
+    opt.step()
+    assert opt.state[emb.weight]["state1"].dtype == torch.float32     # 64000 elements, kept 32-bit
+    assert opt.state[head.weight]["state1"].dtype == torch.uint8      # 4096 >= 1024: 8-bit
+    half = getattr(torch_ops, cls)(10, 8, dtype=torch.bfloat16)
+    assert half(torch.tensor([1, 2])).dtype == torch.bfloat16
