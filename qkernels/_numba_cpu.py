@@ -37,10 +37,13 @@ def _preload_tbb() -> bool:
         path = os.path.join(prefix, "lib", "libtbb.so.12")
         if os.path.exists(path):
             try:
-                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                lib.TBB_runtime_interface_version.restype = ctypes.c_int
+                if lib.TBB_runtime_interface_version() < 12060:  # Numba's minimum, TBB 2021.6
+                    return False
                 from numba.np.ufunc import tbbpool  # noqa: F401  (the pool itself must load too)
                 return True
-            except (OSError, ImportError):
+            except (OSError, ImportError, AttributeError):
                 return False
     return False
 
