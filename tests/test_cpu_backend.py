@@ -212,6 +212,44 @@ def test_matmul_4bit_within_the_reference_bound(rows, k, n_out, blocksize, quant
     assert np.all(np.abs(got - exact) <= 1.2e-5 * magnitude + 1e-30)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9])
+@pytest.mark.parametrize("N,K,blocksize", [(40, 64, 64), (33, 256, 32), (17, 4096, 4096), (64, 384, 128),
+                                           (24, 96, 64)])
+@pytest.mark.parametrize("nested,dtype", [(False, "float32"), (True, "bfloat16"), (True, "float16"),
+                                          (False, "numpy")])
+def test_matmul_4bit_few_rows_fused(rows, N, K, blocksize, nested, dtype):
+    """Up to _cpu_gemv.MAX_ROWS rows on an AVX-512 CPU take the fused kernel (K a multiple of
+    the blocksize, the blocksize of 32): float32 sums within 1e-6 * K of sum |x w| of the
+    float64 product of the reference's dequantized weight, rounded once to x's dtype; every
+    other call takes the dequantize route, with the same bound. "numpy": float32 NumPy x."""
+    torch = pytest.importorskip("torch")
+    from qkernels.fourbit import _cpu, _cpu_gemv
+    rng = np.random.default_rng(rows * 1000 + N + K)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    packed, state = ref4.quantize_4bit(w, blocksize, "nf4", nested)
+    wd = ref4.dequantize_4bit(packed, state, out_dtype="float32").astype(np.float64)
+    x = rng.standard_normal((rows, K)).astype(np.float32) * 3
+    bias = rng.standard_normal(N).astype(np.float32)
+    if dtype != "numpy":
+        tdt = getattr(torch, dtype)
+        x, bias = torch.from_numpy(x).to(tdt), torch.from_numpy(bias).to(tdt)
+        x64, b64 = x.double().numpy(), bias.double().numpy()
+    else:
+        x64, b64 = x.astype(np.float64), bias.astype(np.float64)
+    exact = x64 @ wd.T + b64
+    magnitude = np.abs(x64) @ np.abs(wd).T + np.abs(b64)
+    with qkernels.use_backend("cpu"):
+        got = qf.matmul_4bit(x, packed, state, bias=bias)
+    got64 = got.double().numpy() if dtype != "numpy" else got.astype(np.float64)
+    assert got64.shape == (rows, N) and (dtype == "numpy" or got.dtype == x.dtype)
+    fused = _cpu_gemv.fits(rows, N, K, blocksize)
+    assert fused == (_cpu_gemv.available() and rows <= 8 and blocksize % 32 == 0 and K % blocksize == 0)
+    half_ulp = {"float32": 2.0 ** -24, "numpy": 2.0 ** -24, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}[dtype]
+    # the bfloat16 dequantize route rounds each weight to bfloat16 too (test_matmul_4bit_half_inputs)
+    per_term = 2.0 ** -8 if dtype == "bfloat16" and not fused and _cpu._native_bf16() else 1e-6 * K
+    assert np.all(np.abs(got64 - exact) <= per_term * magnitude + half_ulp * np.abs(exact) + 1e-30)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_matmul_4bit_half_inputs(dtype):
     """float16 / bfloat16 x, against the float64 product of the dequantized weight, under the

@@ -213,6 +213,55 @@ def _native_bf16() -> bool:
     return any(bool(probe()) for probe in probes if probe is not None)
 
 
+@njit(**_JIT)
+def _unnest(qabs, code2, absmax2, offset, out):
+    for b in prange(out.shape[0]):
+        out[b] = _scale(b, _NO_F32, True, qabs, code2, absmax2, offset)
+
+
+def _block_absmax(state) -> np.ndarray:
+    """The state's per-block absmax as float32 (nblocks,): as stored, or unnested (``_scale``)."""
+    from .._interop import _to_numpy
+    if state.state2 is None:
+        return np.ascontiguousarray(_to_numpy(state.absmax), np.float32).reshape(-1)
+    s2 = state.state2
+    offset = state.offset
+    offset = np.float32(float(offset.reshape(-1)[0]) if hasattr(offset, "shape") else offset)
+    qabs = np.ascontiguousarray(_to_numpy(state.absmax)).reshape(-1)
+    out = np.empty(qabs.shape[0], np.float32)
+    _unnest(qabs, np.ascontiguousarray(_to_numpy(s2.code), np.float32).reshape(-1),
+            np.ascontiguousarray(_to_numpy(s2.absmax), np.float32).reshape(-1), offset, out)
+    return out
+
+
+def _fused_rows(x, packed, state, bias):
+    """matmul_4bit by _cpu_gemv (a few rows, AVX-512; None where it does not fit): float32
+    products and sums, the result rounded once to x's dtype."""
+    from .._interop import _to_numpy, dtype_of, kind_of
+    from . import _cpu_gemv, _host_float
+    N, K = (int(d) for d in state.shape)
+    rows = int(np.prod(x.shape[:-1], dtype=np.int64)) if x.ndim > 1 else 1
+    if not _cpu_gemv.fits(rows, N, K, int(state.blocksize)):
+        return None
+    pk = np.ascontiguousarray(_to_numpy(packed)).reshape(-1).view(np.uint8)
+    code = _to_numpy(state.code).reshape(-1)
+    if kind_of(x) == "torch":
+        import torch
+        x32 = x.reshape(rows, K).to(torch.float32).numpy()
+        y = torch.from_numpy(_cpu_gemv.gemv_4bit(x32, pk, code, _block_absmax(state), int(state.blocksize), N))
+        if bias is not None:
+            y += bias.reshape(-1).to(torch.float32)
+        y = y.reshape(*x.shape[:-1], N)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+    from reference.dtypes import from_float32, to_float32
+    x32, _ = to_float32(np.ascontiguousarray(_host_float(x)))
+    y = _cpu_gemv.gemv_4bit(x32.reshape(rows, K), pk, code, _block_absmax(state), int(state.blocksize), N)
+    if bias is not None:
+        b32, _ = to_float32(np.ascontiguousarray(_host_float(bias).reshape(-1)))
+        y = y + b32
+    return from_float32(y.astype(np.float32), dtype_of(x)).reshape(*x.shape[:-1], N)
+
+
 def matmul_4bit(x, packed, state, bias, normal: bool):
     """``x @ W.T + bias``; x host torch or NumPy (..., in), the result (..., out) of x's kind
     and dtype.
@@ -221,8 +270,13 @@ def matmul_4bit(x, packed, state, bias, normal: bool):
     bfloat16 and torch's bfloat16 linear (float32 accumulation, one rounding), the same
     operation as the CUDA route "dequantize + cuBLAS"; about 3x faster than float32 there.
     Every other x: W in float32 (``W.T`` used as stored when ``normal`` is False), the
-    product in float32, rounded once to x's dtype."""
+    product in float32, rounded once to x's dtype. Up to _cpu_gemv.MAX_ROWS rows on an
+    AVX-512 CPU, before both: the fused kernel of _cpu_gemv (float32, W never written out)."""
     from .._interop import dtype_of, kind_of
+    if normal:
+        fused = _fused_rows(x, packed, state, bias)
+        if fused is not None:
+            return fused
     if kind_of(x) == "torch" and _native_bf16():
         import torch
         if x.dtype == torch.bfloat16:
