@@ -5,7 +5,8 @@ bitsandbytes' CPU backend and torch, measured in the same run, whatever the devi
   NF4 4096x4096 (blocksize 64), the AdamW8bit step over 1e7 float32 parameters (and torch's
   AdamW); best of 5 interleaved rounds.
 - layers: Linear8bitLt threshold 0 and 6, LinearNF4 / LinearFP4 at MiniLM's shapes
-  (384->1536 and 1536->384) on one batch of 32 sentences x 12 tokens; best of 15 rounds.
+  (384->1536 and 1536->384) on one batch of 32 sentences x 12 tokens; best of 15 rounds;
+  and one token through a 4096->4096 NF4 / FP4 layer (decoding).
 - model: a MiniLM-sized encoder (6 layers, hidden 384, 12 heads, intermediate 1536;
   transformers' BertModel from a config when transformers is installed, else the same
   shapes built here), random weights, every nn.Linear converted (replace_linear for
@@ -193,6 +194,31 @@ def layer_rows(sizes: str) -> list[Row]:
             rows += _pair(_LABEL[kind] + " forward", size, "float32", us[(kind, "ours")],
                           us.get((_BNB_KIND.get(kind, kind), "bnb")), us[("fp32", "torch")])
         rows.append(Row(SECTION, "nn.Linear forward", size, "float32", "torch (CPU)", us[("fp32", "torch")]))
+    return rows + decode_rows(sizes)
+
+
+def decode_rows(sizes: str) -> list[Row]:
+    """One token (1 row) through a 4096 -> 4096 NF4 / FP4 layer, float32 x: the decoding case,
+    where ours takes the fused few-row kernel (qkernels/fourbit/_cpu_gemv.py, AVX-512)."""
+    import torch
+    bnb = _bnb()
+    n = 1024 if sizes == "small" else 4096
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(n, n, bias=False)).eval()
+    x = torch.randn(1, n)
+    fns = {("fp32", "torch"): base}
+    for kind in ("nf4", "fp4"):
+        fns[(kind, "ours")] = _ours(base, kind)
+        if bnb is not None:
+            fns[(kind, "bnb")] = _to_bnb(base, kind)
+    with torch.inference_mode():
+        us = _best_us({k: (lambda m=m: m(x)) for k, m in fns.items()}, repeat=3 if sizes == "small" else 15)
+    rows = []
+    for kind in ("nf4", "fp4"):
+        rows += _pair(f"{_LABEL[kind]} forward, 1 token", f"{n}->{n}", "float32", us[(kind, "ours")],
+                      us.get((kind, "bnb")), us[("fp32", "torch")], bytes_=n * n / 2 + 4 * n * n / 64)
+    rows.append(Row(SECTION, "nn.Linear forward, 1 token", f"{n}->{n}", "float32", "torch (CPU)",
+                    us[("fp32", "torch")], bytes=4 * n * n))
     return rows
 
 
