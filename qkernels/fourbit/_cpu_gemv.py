@@ -36,8 +36,12 @@ MAX_ROWS = 8  # above this, dequantize once and let torch's GEMM reuse the weigh
 
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
-    """Whether the host CPU has AVX-512F (Numba compiles for the host, and vpermps on 16
-    lanes needs it)."""
+    """Whether Numba compiles for this host (no NUMBA_CPU_NAME / NUMBA_CPU_FEATURES override,
+    e.g. "generic" for portable caches, under which LLVM could not select the instruction)
+    and the host CPU has AVX-512F (vpermps on 16 lanes)."""
+    from numba.core import config
+    if config.CPU_NAME not in (None, "host") or config.CPU_FEATURES is not None:
+        return False
     try:
         from llvmlite import binding
         return bool(binding.get_host_cpu_features().get("avx512f", False))
