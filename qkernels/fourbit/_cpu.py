@@ -160,6 +160,18 @@ def dequantize_4bit(packed, code, absmax, blocksize: int, dtype: str, out, neste
                 np.float32(np.asarray(offset).reshape(-1)[0]), qabs.shape[0])
     of, oh, kind = split_output(out, dtype)
     n = out.shape[0]
+    if dtype == "bfloat16" and _bf16_lookup_fits(packed, oh, int(blocksize)):
+        # whole blocks by the AVX-512 lookup (_cpu_gemv.dequantize_bf16, the same bits); the
+        # last, partial block (if any) below, with the unnested absmax
+        from . import _cpu_gemv
+        scales = absmax if nested is None else _unnest_to_f32(*nested)
+        full = n // blocksize
+        half = blocksize // 2
+        _cpu_gemv.dequantize_bf16(packed, code, scales[:full], int(blocksize), oh[:full * blocksize].view(np.uint32))
+        if full == scales.shape[0] or n == full * blocksize:
+            return
+        packed, oh, n = packed[full * half:], oh[full * blocksize:], n - full * blocksize
+        args = (np.ascontiguousarray(scales[full:]), False, _NO_U8, _NO_F32, _NO_F32, np.float32(0), 1)
     # 16-bit output, 8-byte aligned: the packed bytes and the output as little-endian uint64 words
     pw, ow = _NO_U64, _NO_U64
     if (kind and _LITTLE and oh.ctypes.data % 8 == 0 and packed.ctypes.data % 8 == 0
@@ -168,6 +180,21 @@ def dequantize_4bit(packed, code, absmax, blocksize: int, dtype: str, out, neste
         ow = oh[:n // 4 * 4].view(np.uint64)
     _dequantize(packed, np.ascontiguousarray(code, np.float32), *args, int(blocksize), n,
                 kind, of, oh, pw, ow)
+
+
+def _bf16_lookup_fits(packed, oh, blocksize: int) -> bool:
+    from . import _cpu_gemv
+    return (blocksize % 32 == 0 and _LITTLE and oh.ctypes.data % 4 == 0 and packed.flags.c_contiguous
+            and _cpu_gemv.available())
+
+
+def _unnest_to_f32(qabs, code2, absmax2, offset) -> np.ndarray:
+    """Nested statistics -> float32 (nblocks,) block absmax (``_scale``'s two roundings)."""
+    out = np.empty(qabs.shape[0], np.float32)
+    _unnest(np.ascontiguousarray(qabs).reshape(-1), np.ascontiguousarray(code2, np.float32).reshape(-1),
+            np.ascontiguousarray(absmax2, np.float32).reshape(-1), np.float32(np.asarray(offset).reshape(-1)[0]),
+            out)
+    return out
 
 
 _buffers = threading.local()
@@ -227,11 +254,7 @@ def _block_absmax(state) -> np.ndarray:
     s2 = state.state2
     offset = state.offset
     offset = np.float32(float(offset.reshape(-1)[0]) if hasattr(offset, "shape") else offset)
-    qabs = np.ascontiguousarray(_to_numpy(state.absmax)).reshape(-1)
-    out = np.empty(qabs.shape[0], np.float32)
-    _unnest(qabs, np.ascontiguousarray(_to_numpy(s2.code), np.float32).reshape(-1),
-            np.ascontiguousarray(_to_numpy(s2.absmax), np.float32).reshape(-1), offset, out)
-    return out
+    return _unnest_to_f32(_to_numpy(state.absmax), _to_numpy(s2.code), _to_numpy(s2.absmax), offset)
 
 
 def _fused_rows(x, packed, state, bias):

@@ -1,5 +1,6 @@
-"""The "cpu" backend's fused 4-bit matmul for a few rows of x (decoding), on AVX-512 CPUs:
-``out (M, N) float32 = x (M, K) @ W^T`` with W never written out.
+"""The "cpu" backend's AVX-512 4-bit kernels: the fused matmul for a few rows of x
+(decoding), ``out (M, N) float32 = x (M, K) @ W^T`` with W never written out, and the
+dequantization to bfloat16 (``dequantize_bf16``) with the same in-register lookup.
 
 Dequantizing the whole weight and then multiplying (``_cpu.matmul_4bit``) costs a table
 lookup and a store per weight element, about 8 ms for one row against a 4096 x 4096 NF4
@@ -131,3 +132,75 @@ def gemv_4bit(x: np.ndarray, packed: np.ndarray, code: np.ndarray, absmax: np.nd
           np.ascontiguousarray(absmax, np.float32).reshape(-1), M, N, K // 2, K // blocksize,
           blocksize // 32, out)
     return out
+
+
+# --- dequantization to bfloat16 with the same lookup --------------------------------------------
+
+@intrinsic
+def _bf16_block(typingctx, code, scale, packed, p_off, steps, out, o_off):
+    """One block to bfloat16: its 16 values f32(code * scale) rounded to bfloat16 as
+    reference.dtypes.float32_to_bf16_bits does (nearest, ties to even; a NaN quieted), then
+    ``steps`` times: 16 packed bytes at p_off -> 16 uint32 at out[o_off:], each the pair
+    (element 2k in the low half, 2k + 1 in the high half: little-endian bfloat16 order)."""
+    sig = types.void(code, scale, packed, p_off, steps, out, o_off)
+
+    def codegen(context, builder, signature, args):
+        code_a, sc, pk_a, poff, stv, out_a, ooff = args
+        tys = signature.args
+
+        def data(i, val):
+            return context.make_array(tys[i])(context, builder, val).data
+
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        v16f, v16i = ir.VectorType(ir.FloatType(), 16), ir.VectorType(i32, 16)
+        v16b = ir.VectorType(ir.IntType(8), 16)
+        perm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i, [v16i, v16i]),
+                                              "llvm.x86.avx512.permvar.si.512")
+
+        def splat(v):
+            return ir.Constant(v16i, [v] * 16)
+
+        def as_i64(v):
+            return v if v.type == i64 else builder.sext(v, i64)
+
+        codev = builder.load(builder.bitcast(data(0, code_a), v16f.as_pointer()), align=4)
+        sv = builder.insert_element(ir.Constant(v16f, ir.Undefined), sc, ir.Constant(i32, 0))
+        sv = builder.shuffle_vector(sv, ir.Constant(v16f, ir.Undefined), ir.Constant(v16i, [0] * 16))
+        u = builder.bitcast(builder.fmul(codev, sv), v16i)
+        rounded = builder.lshr(builder.add(u, builder.add(splat(0x7FFF), builder.and_(builder.lshr(u, splat(16)),
+                                                                                       splat(1)))), splat(16))
+        quieted = builder.or_(builder.lshr(u, splat(16)), splat(0x0040))
+        is_nan = builder.icmp_unsigned(">", builder.and_(u, splat(0x7FFFFFFF)), splat(0x7F800000))
+        lut = builder.select(is_nan, quieted, rounded)  # bfloat16 bits in the low half
+        pk_p, out_p = data(2, pk_a), data(5, out_a)
+        p0, o0 = as_i64(poff), as_i64(ooff)
+        with cgutils.for_range(builder, as_i64(stv)) as step:
+            at = builder.mul(step.index, ir.Constant(i64, 16))
+            src = builder.gep(pk_p, [builder.add(p0, at)])
+            b32 = builder.zext(builder.load(builder.bitcast(src, v16b.as_pointer()), align=1), v16i)
+            even = builder.call(perm, [lut, builder.lshr(b32, splat(4))])
+            odd = builder.call(perm, [lut, builder.and_(b32, splat(15))])
+            dst = builder.gep(out_p, [builder.add(o0, at)])
+            builder.store(builder.or_(even, builder.shl(odd, splat(16))),
+                          builder.bitcast(dst, v16i.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(parallel=True, cache=True, boundscheck=False)
+def _dequantize_bf16(packed, code, absmax, nblocks, blocksize, out32):
+    steps = blocksize // 32
+    half = blocksize // 2
+    for b in prange(nblocks):
+        _bf16_block(code, absmax[b], packed, b * half, steps, out32, b * half)
+
+
+def dequantize_bf16(packed: np.ndarray, code: np.ndarray, absmax: np.ndarray, blocksize: int,
+                    out_pairs: np.ndarray) -> None:
+    """The whole blocks of a 4-bit weight to bfloat16: packed uint8 (>= nblocks * blocksize / 2,),
+    absmax float32 (nblocks,) unnested, out_pairs uint32 (nblocks * blocksize / 2,), the
+    bfloat16 output viewed in pairs (little-endian). Needs ``available()`` and blocksize % 32
+    == 0; the same bits as the reference."""
+    nblocks = absmax.shape[0]
+    _dequantize_bf16(packed, np.ascontiguousarray(code, np.float32), absmax, nblocks, blocksize, out_pairs)
