@@ -438,3 +438,28 @@ def test_python_threads_calling_cpu_kernels_together():
     assert not errors and len(results) == 20
     for codes in results:
         np.testing.assert_array_equal(codes, want)
+
+
+def test_unnested_absmax_is_kept_per_state_and_never_stale():
+    """The fused few-row route keeps a torch state's unnested absmax; writing any statistic
+    in place, or another offset, makes it again (the result follows the new statistics)."""
+    torch = pytest.importorskip("torch")
+    import gc
+    from qkernels.fourbit import _cpu
+    w = torch.randn(64, 256)
+    packed, state = qf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    x = torch.randn(2, 256)
+    with qkernels.use_backend("cpu"):
+        first = qf.matmul_4bit(x, packed, state)
+        assert torch.equal(qf.matmul_4bit(x, packed, state), first)
+        state.state2.absmax.mul_(2)   # in place: the kept array must not be used
+        want = x @ qf.dequantize_4bit(packed, state).T
+        got = qf.matmul_4bit(x, packed, state)
+        assert not torch.equal(got, first) and torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+        state.offset = float(state.offset) + 1.0
+        want = x @ qf.dequantize_4bit(packed, state).T
+        assert torch.allclose(qf.matmul_4bit(x, packed, state), want, rtol=1e-5, atol=1e-5)
+    kept = len(_cpu._UNNESTED)
+    del state
+    gc.collect()
+    assert len(_cpu._UNNESTED) < kept or kept == 0
