@@ -55,6 +55,42 @@ def fits(rows: int, N: int, K: int, blocksize: int) -> bool:
     return 1 <= rows <= MAX_ROWS and N >= 1 and blocksize % 32 == 0 and K % blocksize == 0 and available()
 
 
+class _IR:
+    """What both intrinsics build with: LLVM types, array data pointers, and the two steps
+    they share (the block's 16 scaled codes in one vector; 16 packed bytes as their high and
+    low nibbles in 16 lanes each)."""
+
+    def __init__(self, context, builder, signature):
+        self.context, self.b, self.tys = context, builder, signature.args
+        self.i32, self.i64 = ir.IntType(32), ir.IntType(64)
+        self.v16f, self.v16i = ir.VectorType(ir.FloatType(), 16), ir.VectorType(self.i32, 16)
+        self.v16b = ir.VectorType(ir.IntType(8), 16)
+
+    def data(self, i: int, value):
+        """The data pointer of array argument ``i``."""
+        return self.context.make_array(self.tys[i])(self.context, self.b, value).data
+
+    def as_i64(self, v):
+        return v if v.type == self.i64 else self.b.sext(v, self.i64)
+
+    def splat(self, v: int):
+        return ir.Constant(self.v16i, [v] * 16)
+
+    def scaled_codes(self, code_ptr, scale):
+        """<16 x float> code[0..15] * scale, each product rounded once (f32(code * absmax))."""
+        b = self.b
+        codev = b.load(b.bitcast(code_ptr, self.v16f.as_pointer()), align=4)
+        sv = b.insert_element(ir.Constant(self.v16f, ir.Undefined), scale, ir.Constant(self.i32, 0))
+        sv = b.shuffle_vector(sv, ir.Constant(self.v16f, ir.Undefined), ir.Constant(self.v16i, [0] * 16))
+        return b.fmul(codev, sv)
+
+    def nibbles(self, byte_ptr):
+        """(high, low) <16 x i32> nibbles of the 16 bytes at byte_ptr (high: element 2k)."""
+        b = self.b
+        b32 = b.zext(b.load(b.bitcast(byte_ptr, self.v16b.as_pointer()), align=1), self.v16i)
+        return b.lshr(b32, self.splat(4)), b.and_(b32, self.splat(15))
+
+
 @intrinsic
 def _row_dot(typingctx, code, absmax, b0, nblocks, steps, packed, xe, xo, x0):
     """float32 sum over the blocks b0 .. b0 + nblocks - 1 (one row of W, ``steps`` 16-byte
@@ -64,51 +100,36 @@ def _row_dot(typingctx, code, absmax, b0, nblocks, steps, packed, xe, xo, x0):
 
     def codegen(context, builder, signature, args):
         code_a, am_a, b0v, nbv, stv, pk_a, xe_a, xo_a, x0v = args
-        tys = signature.args
-
-        def data(i, val):
-            return context.make_array(tys[i])(context, builder, val).data
-
-        i32, i64 = ir.IntType(32), ir.IntType(64)
-        v16f, v16i = ir.VectorType(ir.FloatType(), 16), ir.VectorType(i32, 16)
-        v16b = ir.VectorType(ir.IntType(8), 16)
-        mod = builder.module
-        perm = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f, v16i]),
+        g = _IR(context, builder, signature)
+        perm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(g.v16f, [g.v16f, g.v16i]),
                                               "llvm.x86.avx512.permvar.sf.512")
-        fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f, v16f, v16f]), "llvm.fma.v16f32")
-
-        def as_i64(v):
-            return v if v.type == i64 else builder.sext(v, i64)
-
-        b0, nb, st, x0 = as_i64(b0v), as_i64(nbv), as_i64(stv), as_i64(x0v)
-        codev = builder.load(builder.bitcast(data(0, code_a), v16f.as_pointer()), align=4)
-        am_p, pk_p, xe_p, xo_p = data(1, am_a), data(5, pk_a), data(6, xe_a), data(7, xo_a)
-        zeros = ir.Constant(v16f, [0.0] * 16)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(g.v16f, [g.v16f] * 3),
+                                             "llvm.fma.v16f32")
+        b0, nb, st, x0 = g.as_i64(b0v), g.as_i64(nbv), g.as_i64(stv), g.as_i64(x0v)
+        code_p, am_p, pk_p = g.data(0, code_a), g.data(1, am_a), g.data(5, pk_a)
+        xe_p, xo_p = g.data(6, xe_a), g.data(7, xo_a)
+        zeros = ir.Constant(g.v16f, [0.0] * 16)
         acc_even = cgutils.alloca_once_value(builder, zeros)
         acc_odd = cgutils.alloca_once_value(builder, zeros)
-        sixteen = ir.Constant(i64, 16)
+        sixteen = ir.Constant(g.i64, 16)
+        row_start = builder.mul(b0, builder.mul(st, sixteen))  # the row's first packed byte
         with cgutils.for_range(builder, nb) as block:
-            b = builder.add(b0, block.index)
-            s = builder.load(builder.gep(am_p, [b]))
-            sv = builder.insert_element(ir.Constant(v16f, ir.Undefined), s, ir.Constant(i32, 0))
-            sv = builder.shuffle_vector(sv, ir.Constant(v16f, ir.Undefined), ir.Constant(v16i, [0] * 16))
-            lut = builder.fmul(codev, sv)  # the block's 16 weights, f32(code * absmax)
+            s = builder.load(builder.gep(am_p, [builder.add(b0, block.index)]))
+            lut = g.scaled_codes(code_p, s)  # the block's 16 weights, f32(code * absmax)
             first = builder.mul(block.index, st)
             with cgutils.for_range(builder, st) as step:
                 byte = builder.mul(builder.add(first, step.index), sixteen)  # from the row's start
-                src = builder.gep(pk_p, [builder.add(builder.mul(b0, builder.mul(st, sixteen)), byte)])
-                b32 = builder.zext(builder.load(builder.bitcast(src, v16b.as_pointer()), align=1), v16i)
-                w_even = builder.call(perm, [lut, builder.lshr(b32, ir.Constant(v16i, [4] * 16))])
-                w_odd = builder.call(perm, [lut, builder.and_(b32, ir.Constant(v16i, [15] * 16))])
+                hi, lo = g.nibbles(builder.gep(pk_p, [builder.add(row_start, byte)]))
+                w_even, w_odd = builder.call(perm, [lut, hi]), builder.call(perm, [lut, lo])
                 at = builder.add(x0, byte)
-                ve = builder.load(builder.bitcast(builder.gep(xe_p, [at]), v16f.as_pointer()), align=4)
-                vo = builder.load(builder.bitcast(builder.gep(xo_p, [at]), v16f.as_pointer()), align=4)
+                ve = builder.load(builder.bitcast(builder.gep(xe_p, [at]), g.v16f.as_pointer()), align=4)
+                vo = builder.load(builder.bitcast(builder.gep(xo_p, [at]), g.v16f.as_pointer()), align=4)
                 builder.store(builder.call(fma, [ve, w_even, builder.load(acc_even)]), acc_even)
                 builder.store(builder.call(fma, [vo, w_odd, builder.load(acc_odd)]), acc_odd)
         acc = builder.fadd(builder.load(acc_even), builder.load(acc_odd))
-        total = builder.extract_element(acc, ir.Constant(i32, 0))
+        total = builder.extract_element(acc, ir.Constant(g.i32, 0))
         for i in range(1, 16):
-            total = builder.fadd(total, builder.extract_element(acc, ir.Constant(i32, i)))
+            total = builder.fadd(total, builder.extract_element(acc, ir.Constant(g.i32, i)))
         return total
 
     return sig, codegen
@@ -146,43 +167,25 @@ def _bf16_block(typingctx, code, scale, packed, p_off, steps, out, o_off):
 
     def codegen(context, builder, signature, args):
         code_a, sc, pk_a, poff, stv, out_a, ooff = args
-        tys = signature.args
-
-        def data(i, val):
-            return context.make_array(tys[i])(context, builder, val).data
-
-        i32, i64 = ir.IntType(32), ir.IntType(64)
-        v16f, v16i = ir.VectorType(ir.FloatType(), 16), ir.VectorType(i32, 16)
-        v16b = ir.VectorType(ir.IntType(8), 16)
-        perm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i, [v16i, v16i]),
+        g = _IR(context, builder, signature)
+        perm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(g.v16i, [g.v16i, g.v16i]),
                                               "llvm.x86.avx512.permvar.si.512")
-
-        def splat(v):
-            return ir.Constant(v16i, [v] * 16)
-
-        def as_i64(v):
-            return v if v.type == i64 else builder.sext(v, i64)
-
-        codev = builder.load(builder.bitcast(data(0, code_a), v16f.as_pointer()), align=4)
-        sv = builder.insert_element(ir.Constant(v16f, ir.Undefined), sc, ir.Constant(i32, 0))
-        sv = builder.shuffle_vector(sv, ir.Constant(v16f, ir.Undefined), ir.Constant(v16i, [0] * 16))
-        u = builder.bitcast(builder.fmul(codev, sv), v16i)
-        rounded = builder.lshr(builder.add(u, builder.add(splat(0x7FFF), builder.and_(builder.lshr(u, splat(16)),
-                                                                                       splat(1)))), splat(16))
-        quieted = builder.or_(builder.lshr(u, splat(16)), splat(0x0040))
-        is_nan = builder.icmp_unsigned(">", builder.and_(u, splat(0x7FFFFFFF)), splat(0x7F800000))
+        u = builder.bitcast(g.scaled_codes(g.data(0, code_a), sc), g.v16i)
+        # reference.dtypes.float32_to_bf16_bits on 16 lanes
+        rounded = builder.lshr(builder.add(u, builder.add(g.splat(0x7FFF), builder.and_(
+            builder.lshr(u, g.splat(16)), g.splat(1)))), g.splat(16))
+        quieted = builder.or_(builder.lshr(u, g.splat(16)), g.splat(0x0040))
+        is_nan = builder.icmp_unsigned(">", builder.and_(u, g.splat(0x7FFFFFFF)), g.splat(0x7F800000))
         lut = builder.select(is_nan, quieted, rounded)  # bfloat16 bits in the low half
-        pk_p, out_p = data(2, pk_a), data(5, out_a)
-        p0, o0 = as_i64(poff), as_i64(ooff)
-        with cgutils.for_range(builder, as_i64(stv)) as step:
-            at = builder.mul(step.index, ir.Constant(i64, 16))
-            src = builder.gep(pk_p, [builder.add(p0, at)])
-            b32 = builder.zext(builder.load(builder.bitcast(src, v16b.as_pointer()), align=1), v16i)
-            even = builder.call(perm, [lut, builder.lshr(b32, splat(4))])
-            odd = builder.call(perm, [lut, builder.and_(b32, splat(15))])
+        pk_p, out_p = g.data(2, pk_a), g.data(5, out_a)
+        p0, o0 = g.as_i64(poff), g.as_i64(ooff)
+        with cgutils.for_range(builder, g.as_i64(stv)) as step:
+            at = builder.mul(step.index, ir.Constant(g.i64, 16))
+            hi, lo = g.nibbles(builder.gep(pk_p, [builder.add(p0, at)]))
+            even, odd = builder.call(perm, [lut, hi]), builder.call(perm, [lut, lo])
             dst = builder.gep(out_p, [builder.add(o0, at)])
-            builder.store(builder.or_(even, builder.shl(odd, splat(16))),
-                          builder.bitcast(dst, v16i.as_pointer()), align=4)
+            builder.store(builder.or_(even, builder.shl(odd, g.splat(16))),
+                          builder.bitcast(dst, g.v16i.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return sig, codegen
