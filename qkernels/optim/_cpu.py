@@ -29,6 +29,20 @@ _BLOCKS_PER_TASK = 32  # quantization blocks per parallel task (8192 elements)
 _JIT = dict(parallel=True, fastmath=False, cache=True, error_model="numpy")
 
 
+@njit(inline="always", cache=True)
+def _nearest_code(y, t, k, r, yb, ub):
+    """The code index of y = value / absmax (NaN as 0) by the bucket table t (search_table's;
+    k, r its bucket offset and rows per sign); yb / ub: a float32 (1,) scratch and its uint32
+    view (Numba has no scalar bit cast)."""
+    if y != y:
+        y = np.float32(0.0)
+    yb[0] = y
+    u = ub[0]
+    h = np.int64((u >> 16) & 0x7FFF) - k
+    j = min(max(h, 0), r - 1) + np.int64(u >> 31) * r
+    return np.int64(t[j, 1]) + (1 if t[j, 0] < y else 0)
+
+
 @njit(**_JIT)
 def _adam8bit_kernel(p, g, s1, s2, a1, a2, q1, q2, t1, k1, r1, t2, k2, r2, beta1, omb1, beta2,
                      omb2, eps_c2, step_size, decay, gs, bad_out):
@@ -89,25 +103,11 @@ def _adam8bit_kernel(p, g, s1, s2, a1, a2, q1, q2, t1, k1, r1, t2, k2, r2, beta1
             rc2 = one / mx2
             for i in range(start, end):
                 mk = mb[i - start]
-                y = mk * rc1
-                if y != y:
-                    y = zero
-                yb[0] = y
-                u = ub[0]
-                h = np.int64((u >> 16) & 0x7FFF) - k1
-                j = min(max(h, 0), r1 - 1) + np.int64(u >> 31) * r1
-                c = np.int64(t1[j, 1]) + (1 if t1[j, 0] < y else 0)
+                c = _nearest_code(mk * rc1, t1, k1, r1, yb, ub)
                 if (np.copysign(one, q1[c]) < zero) != (np.copysign(one, mk) < zero):
                     c = c + 1 if mk > zero else c - 1
                 s1[i] = np.uint8(c & 0xFF)
-                y = vb[i - start] * rc2
-                if y != y:
-                    y = zero
-                yb[0] = y
-                u = ub[0]
-                h = np.int64((u >> 16) & 0x7FFF) - k2
-                j = min(max(h, 0), r2 - 1) + np.int64(u >> 31) * r2
-                s2[i] = np.uint8(np.int64(t2[j, 1]) + (1 if t2[j, 0] < y else 0))
+                s2[i] = np.uint8(_nearest_code(vb[i - start] * rc2, t2, k2, r2, yb, ub))
         bad_out[task] = bad
 
 
