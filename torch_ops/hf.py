@@ -200,18 +200,15 @@ class QKernelsConfig(QuantizationConfigMixin):
 
 
 def _skip_list(skip):
+    """replace_linear's skip check (a name or names), as the config's list; None stays None."""
     if skip is None:
         return None
-    if isinstance(skip, str):
-        return [skip]
+    from .replace import _skip_names
     try:
-        names = list(skip)
+        return list(_skip_names(skip))
     except TypeError:
-        names = None
-    if names is None or not all(isinstance(s, str) for s in names):
         raise ValueError(f"QKernelsConfig: skip must be None, a module name or a list of module names; "
-                         f"got {skip!r}")
-    return names
+                         f"got {skip!r}") from None
 
 
 def _shown(value):
