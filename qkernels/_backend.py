@@ -200,6 +200,15 @@ def _cpu_guard(table: dict):
     return guard
 
 
+@functools.lru_cache(maxsize=None)
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), so that torch's
+    bfloat16 matmul is faster than its float32 one (about 3.5x on a 2-core EPYC)."""
+    import torch
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(bool(probe()) for probe in probes if probe is not None)
+
+
 def takes_cuda_path(t) -> bool:
     """Whether the torch tensor ``t`` may take the CUDA kernels' raw-pointer path: it is a
     CUDA tensor, CuPy loads, and no other backend was asked for (``use_backend``,

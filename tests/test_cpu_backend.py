@@ -248,7 +248,7 @@ def test_matmul_4bit_few_rows_fused(rows, N, K, blocksize, nested, dtype):
     # float32 sums: the fused kernel adds K / 32 fused products in each of 32 lanes, then the
     # lanes (about (K / 32 + 32) roundings a result); any other float32 order at most K. The
     # bfloat16 dequantize route rounds each weight to bfloat16 too (test_matmul_4bit_half_inputs)
-    if dtype == "bfloat16" and not fused and _cpu._native_bf16():
+    if dtype == "bfloat16" and not fused and _backend.native_bf16_cpu():
         per_term = 2.0 ** -8
     else:
         per_term = 2.0 ** -24 * ((K / 32 + 32) if fused else K)
@@ -278,7 +278,7 @@ def test_matmul_4bit_half_inputs(dtype):
     plain = torch.nn.functional.linear(x, w32.to(tdt), bias)
     half_ulp = 2.0 ** (-11 if dtype == "float16" else -8) * exact.abs().max().item()
     assert (got.double() - exact).abs().max() <= 2 * (plain.double() - exact).abs().max() + half_ulp
-    if dtype == "bfloat16" and _cpu._native_bf16():
+    if dtype == "bfloat16" and _backend.native_bf16_cpu():
         assert torch.equal(got, plain)
     else:
         eps = 2.0 ** (-11 if dtype == "float16" else -8)
@@ -468,3 +468,41 @@ def test_unnested_absmax_is_kept_per_state_and_never_stale():
     del state
     gc.collect()
     assert len(_cpu._UNNESTED) < kept or kept == 0
+
+
+@pytest.mark.parametrize("rows", [1, 3, 9, 40])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("nested", [False, True])
+def test_prepared_host_weight_is_the_public_op(rows, dtype, nested):
+    """A layer's host plan (fourbit.HostWeight4bit) gives the public matmul_4bit's bits on
+    each host backend, sees in-place writes to the packed bytes and statistics, and refuses
+    bad x and bias as the op does."""
+    torch = pytest.importorskip("torch")
+    from qkernels.fourbit.ops import prepare_matmul_4bit
+    tdt = getattr(torch, dtype)
+    torch.manual_seed(rows)
+    w = torch.randn(48, 256)
+    packed, state = qf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
+    plan = prepare_matmul_4bit(packed, state)
+    assert plan._host is not None
+    x, bias = torch.randn(rows, 256).to(tdt), torch.randn(48).to(tdt)
+    for backend in ("cpu", "numpy"):
+        with qkernels.use_backend(backend):
+            for b in (None, bias):
+                assert torch.equal(plan(x, b), qf.matmul_4bit(x, packed, state, bias=b))
+    first = plan(x, bias)
+    packed2, state2 = qf.quantize_4bit(w.flip(0), blocksize=64, quant_type="nf4", compress_statistics=nested)
+    packed.copy_(packed2)
+    state.absmax.copy_(state2.absmax)
+    if nested:
+        state.state2.absmax.copy_(state2.state2.absmax)
+        state.offset = state2.offset if not torch.is_tensor(state.offset) else state.offset.copy_(state2.offset)
+    again = plan(x, bias)
+    assert not torch.equal(again, first)
+    assert torch.equal(again, qf.matmul_4bit(x, packed, state, bias=bias))
+    with pytest.raises(ValueError, match="in_features 256"):
+        plan(torch.randn(rows, 255), None)
+    with pytest.raises(TypeError):
+        plan(torch.ones(rows, 256, dtype=torch.int32), None)
+    with pytest.raises(ValueError, match="48 elements"):
+        plan(x, torch.ones(47, dtype=tdt))

@@ -27,6 +27,7 @@ from torch import nn
 
 from qkernels.fourbit import matmul_4bit  # bitsandbytes' bnb.matmul_4bit; differentiable for torch
 from qkernels.fourbit.ops import matmul_4bit_op, prepare_matmul_4bit
+from qkernels._backend import native_bf16_cpu
 from reference import fourbit as ref4
 from reference.state import QuantState
 from ._checks import check_linear_input, input_problem, refuse
@@ -36,6 +37,8 @@ from ._layers import (LoadReport, apply_to_quantized_weight, check_bias, install
 __all__ = ["Params4bit", "Linear4bit", "LinearNF4", "LinearFP4", "matmul_4bit"]
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+# probed once here: torch.compile then reads a constant (Linear4bit._compute_dtype)
+_CPU_BF16 = native_bf16_cpu()
 
 
 def _fourbit():
@@ -267,9 +270,9 @@ class Linear4bit(nn.Linear):
 
     Input (*, input_features) float16 / bfloat16 / float32 -> output (*, output_features) in
     the input's dtype. The matmul runs in ``compute_dtype``, or in the input's dtype when it
-    is None (following each input; bitsandbytes fixes it from the first); the fused small-
-    batch kernel accumulates in float32 on CUDA, the CPU path is the NumPy reference
-    (float32). Gradients reach the input (QLoRA); the bias is trainable and never cast in
+    is None (following each input; bitsandbytes fixes it from the first), except for
+    inference in float32 on a CPU with native bfloat16, which runs in bfloat16 as in
+    bitsandbytes (``_compute_dtype``); the fused small-batch kernels accumulate in float32. Gradients reach the input (QLoRA); the bias is trainable and never cast in
     place. Quantization happens on move to a device (module docstring). ``quant_state``: the
     weight's QuantState as this layer last saw it (bitsandbytes' attribute); a weight that
     lost its state (FSDP) is used with it.
@@ -333,7 +336,7 @@ class Linear4bit(nn.Linear):
                        ".cpu()) or loaded from a quantized checkpoint")
         if problem is not None:
             return refuse(problem, x, self.out_features)
-        cd = self.compute_dtype or x.dtype
+        cd = self._compute_dtype(x)
         if cd == torch.float32 and x.dtype != torch.float32 and not self._warned_f32:
             self._warn_f32(x)
         bias = self.bias
@@ -388,9 +391,21 @@ class Linear4bit(nn.Linear):
             raise TypeError(f"{name}.weight is a {type(w).__name__}; expected a Params4bit (or "
                             "the packed bytes of the layer's quantized weight)")
         check_linear_input(x, self.in_features, w, name)
-        cd = self.compute_dtype or x.dtype
+        cd = self._compute_dtype(x)
         bias = None if self.bias is None else self.bias.to(cd)
         return matmul_4bit_op(x.to(cd), w.detach(), state, bias).to(x.dtype)
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """``compute_dtype``, or where it is None x's dtype; except float32 x that needs no
+        gradient, in an eval-mode layer on a CPU with native bfloat16 arithmetic: bfloat16
+        there, the rule and the speed of bitsandbytes' CPU inference (docs/FORMATS.md §13.16).
+        ``compute_dtype=torch.float32`` keeps such a layer in float32."""
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        if (x.dtype == torch.float32 and _CPU_BF16 and not self.training and not x.requires_grad
+                and x.device.type == "cpu"):
+            return torch.bfloat16
+        return x.dtype
 
     @torch.compiler.disable
     def _warn_f32(self, x: torch.Tensor):

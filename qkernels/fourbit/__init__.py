@@ -83,8 +83,46 @@ _MATMUL_HOST = {
 }
 
 
+class HostWeight4bit:
+    """One host (CPU) torch 4-bit weight W (N, K), as quantize_4bit stored it, prepared once
+    for ``x @ W^T + bias``: what ops.Matmul4bitPlan calls per host call instead of the public
+    matmul_4bit, whose per-call state checks and conversions cost about 100 us.
+
+    ``packed`` (any storage dtype, contiguous) and ``state`` must have passed _check_state.
+    Kept: ``pk``, the packed bytes as a flat uint8 NumPy view and ``code`` (16,) float32, a
+    view too (in-place writes to the tensors are seen), and the state itself, whose nested
+    absmax the "cpu" backend unnests once and checks per call (_cpu._block_absmax). Per
+    call: x's dtype and last dimension and the bias's size are checked, and the host backend
+    is chosen as for every op (``use_backend``)."""
+
+    def __init__(self, packed, state: QuantState):
+        self.packed, self.state = packed, state
+        self.N, self.K = (int(d) for d in state.shape)
+        self.blocksize = int(state.blocksize)
+        self.pk = _to_numpy(packed).reshape(-1).view(np.uint8)
+        self.code = _to_numpy(state.code).reshape(-1)
+
+    def __call__(self, x, bias=None):
+        """x torch (..., K) float16 / bfloat16 / float32 on the host, bias (N,) or None ->
+        (..., N) of x's dtype."""
+        if x.dim() == 0 or x.shape[-1] != self.K:
+            raise ValueError(f"matmul_4bit: x's last dimension must be in_features {self.K}; "
+                             f"got x of shape {tuple(x.shape)}")
+        ref.check_float_dtype(dtype_of(x), "x")
+        if bias is not None and bias.numel() != self.N:
+            raise ValueError(f"bias must have {self.N} elements; got shape {tuple(bias.shape)}")
+        _, impl = choose(_MATMUL_PREPARED, on_gpu=False)
+        return impl(self, x, bias)
 
 
+def _numpy_matmul_prepared(w: HostWeight4bit, x, bias):
+    return _numpy_matmul(x, w.packed, w.state, bias, True)
+
+
+_MATMUL_PREPARED = {
+    "numpy": _numpy_matmul_prepared,
+    "cpu": lazy(".fourbit._cpu", "matmul_prepared"),
+}
 
 
 def _flat_bytes(call: Call, packed):

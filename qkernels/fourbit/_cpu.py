@@ -24,6 +24,7 @@ import numpy as np
 from numba import njit, prange
 
 from .. import _numba_cpu  # noqa: F401  (the threading layer, before any kernel runs)
+from .._backend import native_bf16_cpu
 
 from reference import fourbit as ref
 from ..blockwise._cpu import CHUNK, load_block_bits, round_bits, split_input_bits, split_output
@@ -232,15 +233,6 @@ def _dequantize_weight(packed, state, dtype: str = "float32") -> np.ndarray:
     return w.reshape(tuple(int(d) for d in state.shape))
 
 
-@functools.lru_cache(maxsize=None)
-def _native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), so that torch's
-    bfloat16 matmul is faster than its float32 one (about 3.5x on a 2-core EPYC)."""
-    import torch
-    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return any(bool(probe()) for probe in probes if probe is not None)
-
-
 @njit(**_JIT)
 def _unnest(qabs, code2, absmax2, offset, out):
     for b in prange(out.shape[0]):
@@ -280,65 +272,79 @@ def _block_absmax(state) -> np.ndarray:
     return out
 
 
-def _fused_rows(x, packed, state, bias):
-    """matmul_4bit by _cpu_gemv (a few rows, AVX-512; None where it does not fit): float32
-    products and sums, the result rounded once to x's dtype."""
-    from .._interop import _to_numpy, dtype_of, kind_of
+def _fused_rows_numpy(x, packed, state, bias):
+    """matmul_4bit of NumPy x by _cpu_gemv (a few rows, AVX-512; None where it does not fit):
+    float32 products and sums, the result rounded once to x's dtype."""
+    from .._interop import _to_numpy, dtype_of
     from . import _cpu_gemv, _host_float
+    from reference.dtypes import from_float32, to_float32
     N, K = (int(d) for d in state.shape)
     rows = int(np.prod(x.shape[:-1], dtype=np.int64)) if x.ndim > 1 else 1
     if not _cpu_gemv.fits(rows, N, K, int(state.blocksize)):
         return None
     pk = np.ascontiguousarray(_to_numpy(packed)).reshape(-1).view(np.uint8)
-    code = _to_numpy(state.code).reshape(-1)
-    if kind_of(x) == "torch":
-        import torch
-        x32 = x.reshape(rows, K).to(torch.float32).numpy()
-        y = torch.from_numpy(_cpu_gemv.gemv_4bit(x32, pk, code, _block_absmax(state), int(state.blocksize), N))
-        if bias is not None:
-            y += bias.reshape(-1).to(torch.float32)
-        y = y.reshape(*x.shape[:-1], N)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
-    from reference.dtypes import from_float32, to_float32
     x32, _ = to_float32(np.ascontiguousarray(_host_float(x)))
-    y = _cpu_gemv.gemv_4bit(x32.reshape(rows, K), pk, code, _block_absmax(state), int(state.blocksize), N)
+    y = _cpu_gemv.gemv_4bit(x32.reshape(rows, K), pk, _to_numpy(state.code).reshape(-1), _block_absmax(state),
+                            int(state.blocksize), N)
     if bias is not None:
         b32, _ = to_float32(np.ascontiguousarray(_host_float(bias).reshape(-1)))
         y = y + b32
     return from_float32(y.astype(np.float32), dtype_of(x)).reshape(*x.shape[:-1], N)
 
 
-def matmul_4bit(x, packed, state, bias, normal: bool):
-    """``x @ W.T + bias``; x host torch or NumPy (..., in), the result (..., out) of x's kind
-    and dtype.
+def matmul_prepared(w, x, bias, normal: bool = True):
+    """``x @ W^T + bias`` (``normal``; else ``x @ W + bias``) for torch x on the host and a
+    fourbit.HostWeight4bit w; the result (..., out) in x's dtype.
 
-    bfloat16 torch x on a CPU with native bfloat16 (``_native_bf16``): W dequantized to
-    bfloat16 and torch's bfloat16 linear (float32 accumulation, one rounding), the same
-    operation as the CUDA route "dequantize + cuBLAS"; about 3x faster than float32 there.
-    Every other x: W in float32 (``W.T`` used as stored when ``normal`` is False), the
-    product in float32, rounded once to x's dtype. Up to _cpu_gemv.MAX_ROWS rows on an
-    AVX-512 CPU, before both: the fused kernel of _cpu_gemv (float32, W never written out)."""
+    Up to _cpu_gemv.MAX_ROWS rows on an AVX-512 CPU (``normal`` only): the fused kernel of
+    _cpu_gemv (float32, W never written out). bfloat16 x on a CPU with native bfloat16
+    (``_backend.native_bf16_cpu``): W dequantized to bfloat16 and torch's bfloat16 linear (float32
+    accumulation, one rounding), the same operation as the CUDA route "dequantize + cuBLAS";
+    about 3x faster than float32 there. Every other x: W dequantized to float32 and the
+    product in float32, rounded once to x's dtype."""
+    import torch
+    from . import _cpu_gemv
+    N, K = w.N, w.K
+    x = x.detach()
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    absmax = _block_absmax(w.state)
+    if normal and _cpu_gemv.fits(rows, N, K, w.blocksize):
+        x32 = x.reshape(rows, K).to(torch.float32).numpy()
+        y = torch.from_numpy(_cpu_gemv.gemv_4bit(x32, w.pk, w.code, absmax, w.blocksize, N))
+        if bias is not None:
+            y += bias.detach().reshape(-1).to(torch.float32)
+        y = y.reshape(*x.shape[:-1], N)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+    bf16 = x.dtype == torch.bfloat16 and native_bf16_cpu()
+    dtype = "bfloat16" if bf16 else "float32"
+    buf = _weight_buffer(N * K, dtype)
+    dequantize_4bit(w.pk, w.code, absmax, w.blocksize, dtype, buf)
+    wt = torch.from_numpy(buf).view(torch.bfloat16 if bf16 else torch.float32).reshape(N, K)
+    wt = wt if normal else wt.T
+    cd = wt.dtype
+    xc = x if x.dtype == cd else x.to(cd)
+    b = None if bias is None else bias.detach().reshape(-1).to(cd)
+    y = torch.nn.functional.linear(xc, wt, b)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def matmul_4bit(x, packed, state, bias, normal: bool):
+    """``x @ W^T + bias`` (``normal``; else ``x @ W + bias``); x host torch or NumPy (..., in),
+    the result (..., out) of x's kind and dtype. Torch x: ``matmul_prepared``. NumPy x: the
+    fused few-row kernel where it fits (``normal``), else W dequantized to float32 and the
+    product in float32 (W used as stored when not ``normal``), rounded once to x's dtype."""
     from .._interop import dtype_of, kind_of
+    from . import HostWeight4bit
+    if kind_of(x) == "torch":
+        return matmul_prepared(HostWeight4bit(packed, state), x, bias, normal)
     if normal:
-        fused = _fused_rows(x, packed, state, bias)
+        fused = _fused_rows_numpy(x, packed, state, bias)
         if fused is not None:
             return fused
-    if kind_of(x) == "torch" and _native_bf16():
-        import torch
-        if x.dtype == torch.bfloat16:
-            w = torch.from_numpy(_dequantize_weight(packed, state, "bfloat16")).view(torch.bfloat16)
-            b = None if bias is None else bias.reshape(-1).to(torch.bfloat16)
-            return torch.nn.functional.linear(x, w if normal else w.T, b)
     w = _dequantize_weight(packed, state)
     if not normal:
         w = w.T
     out_f, in_f = w.shape
-    if kind_of(x) == "torch":
-        import torch
-        x32 = x if x.dtype == torch.float32 else x.to(torch.float32)
-        b32 = None if bias is None else bias.reshape(-1).to(torch.float32)
-        y = torch.nn.functional.linear(x32, torch.from_numpy(w), b32)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
     from reference.dtypes import from_float32, to_float32
     from . import _host_float
     name = dtype_of(x)

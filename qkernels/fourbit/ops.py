@@ -32,7 +32,7 @@ from reference.state import QuantState
 from .._backend import takes_cuda_path
 from .._cuda.launch import PlanCache
 from .._interop import on_torch_device, torch_stream
-from . import FUSED_MAX_ROWS, _check_state, dequantize_4bit as _dequantize_4bit
+from . import FUSED_MAX_ROWS, HostWeight4bit, _check_state, dequantize_4bit as _dequantize_4bit
 from . import _matmul_4bit_arrays as _matmul_4bit  # not the public one: that routes back here
 
 __all__ = ["Matmul4bitPlan", "prepare_matmul_4bit", "state_tensors", "matmul_4bit", "dequantize_4bit",
@@ -74,7 +74,8 @@ class Matmul4bitPlan:
     path runs a fused kernel (float32 accumulation, each packed byte read once: gemv_4bit for
     one row, matmul_4bit for up to FUSED_MAX_ROWS rows, the tensor-core kernel when forced;
     qkernels.fourbit._cupy.choose_kernel, its answer
-    cached per row count) and dequantize + cuBLAS above; the CPU path is the NumPy reference.
+    cached per row count) and dequantize + cuBLAS above; on the host, the weight is prepared
+    once (fourbit.HostWeight4bit) and each call runs the host backend's matmul_4bit.
     ``key`` identifies the tensors the plan was made from (the layer compares it per call).
     """
 
@@ -85,7 +86,9 @@ class Matmul4bitPlan:
         self.key = key
         # hold=False (the ops' cache, CUDA only): no tensor is kept, only their addresses
         self.packed, self.state = (packed, state) if hold else (None, None)
-        self._cuda = None
+        self._cuda = self._host = None
+        if hold and packed.device.type == "cpu" and packed.is_contiguous():
+            self._host = HostWeight4bit(packed, state)
         if takes_cuda_path(packed):
             from ._cupy import PreparedWeight4bit
             f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
@@ -124,6 +127,8 @@ class Matmul4bitPlan:
                     cuda.matmul(x, M, bias, out, stream, route)
                 return out
             return torch.nn.functional.linear(x, self.dequantize(x.dtype), bias)
+        if self._host is not None and x.device.type == "cpu":
+            return self._host(x, bias)
         return _matmul_4bit(x, self.packed, self.state, bias)
 
     def dequantize(self, dtype: torch.dtype) -> Tensor:
