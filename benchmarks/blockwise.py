@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from qkernels._backend import HOST_BACKENDS
+
 from .timing import Row, cpu_interleaved_us, cuda_graph_us, eager_us
 
 SECTION = "blockwise"
@@ -35,7 +37,7 @@ def gpu_rows(sizes: str = "full") -> list[Row]:
                 qbytes = n * (es + 1) + 4 * n / blocksize
                 results = {}
                 for backend in qkernels.available_backends():
-                    if backend == "numpy":
+                    if backend in HOST_BACKENDS:  # host data only; timed by the cpu section
                         continue
                     with qkernels.use_backend(backend):
                         qs = [qkernels.quantize_blockwise(x, blocksize=blocksize) for x in xs]

@@ -5,7 +5,8 @@ bitsandbytes' CPU backend and torch, measured in the same run, whatever the devi
   NF4 4096x4096 (blocksize 64), the AdamW8bit step over 1e7 float32 parameters (and torch's
   AdamW); best of 5 interleaved rounds.
 - layers: Linear8bitLt threshold 0 and 6, LinearNF4 / LinearFP4 at MiniLM's shapes
-  (384->1536 and 1536->384) on one batch of 32 sentences x 12 tokens; best of 15 rounds;
+  (384->1536 and 1536->384) on one batch of 32 sentences x 12 tokens (4-bit: by default,
+  and with compute_dtype=float32); best of 15 rounds;
   and one token through a 4096->4096 NF4 / FP4 layer (decoding).
 - model: a MiniLM-sized encoder (6 layers, hidden 384, 12 heads, intermediate 1536;
   transformers' BertModel from a config when transformers is installed, else the same
@@ -128,14 +129,14 @@ def op_rows(sizes: str) -> list[Row]:
 
 # --- layers and the model ------------------------------------------------------------------
 
-_KINDS = ("int8", "int8-lt", "nf4", "fp4", "nf4 bf16", "fp4 bf16")
+_KINDS = ("int8", "int8-lt", "nf4", "fp4", "nf4 f32", "fp4 f32")
 _LABEL = {"int8": "Linear8bitLt t0", "int8-lt": "Linear8bitLt t6", "nf4": "LinearNF4",
-          "fp4": "LinearFP4", "nf4 bf16": "LinearNF4 compute bf16",
-          "fp4 bf16": "LinearFP4 compute bf16"}
-# the bitsandbytes layer each of ours is timed against: its 4-bit layers on a CPU with
-# AVX512-BF16 compute in bfloat16 whatever compute_dtype says (gemv_4bit casts x to it), so
-# ours with compute_dtype=bfloat16 is the like-for-like row and ours in float32 the exact one
-_BNB_KIND = {"nf4 bf16": "nf4", "fp4 bf16": "fp4"}
+          "fp4": "LinearFP4", "nf4 f32": "LinearNF4 compute f32",
+          "fp4 f32": "LinearFP4 compute f32"}
+# the bitsandbytes layer each of ours is timed against. On a CPU with AVX512-BF16 both
+# libraries' 4-bit layers compute float32 inference in bfloat16 by default (bitsandbytes
+# whatever compute_dtype says); ours with compute_dtype=torch.float32 is the exact row
+_BNB_KIND = {"nf4 f32": "nf4", "fp4 f32": "fp4"}
 
 
 def _to_bnb(model, kind: str):
@@ -166,7 +167,7 @@ def _ours(model, kind: str):
     from torch_ops.replace import replace_linear
     model = copy.deepcopy(model)
     base, _, compute = kind.partition(" ")
-    options = {"compute_dtype": torch.bfloat16} if compute == "bf16" else {}
+    options = {"compute_dtype": torch.float32} if compute == "f32" else {}
     replace_linear(model, base, verbose=False, **options)
     return model.eval()
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from qkernels._backend import HOST_BACKENDS
+
 from .timing import Row, cpu_interleaved_us, cuda_graph_us, eager_us
 
 SECTION = "fourbit"
@@ -48,11 +50,12 @@ def gpu_rows(sizes: str = "full") -> list[Row]:
             tag = f"{_size(shape)} bs64" + (" dq" if nested else "")
             results = {}
             for backend in qkernels.available_backends():
-                if backend == "numpy":
+                if backend in HOST_BACKENDS:  # host data only; timed by the cpu section
                     continue
                 with qkernels.use_backend(backend):
-                    qs = [qf.quantize_4bit(x, 64, "nf4", nested) for x in xs]
-                    qcalls = [lambda x=x: qf.quantize_4bit(x, 64, "nf4", nested) for x in xs]
+                    qcalls = [lambda x=x: qf.quantize_4bit(x, blocksize=64, quant_type="nf4",
+                                                           compress_statistics=nested) for x in xs]
+                    qs = [q() for q in qcalls]
                     dcalls = [lambda q=q: qf.dequantize_4bit(*q) for q in qs]
                     results[backend] = (cuda_graph_us(qcalls), eager_us(qcalls),
                                         cuda_graph_us(dcalls), eager_us(dcalls))
@@ -89,7 +92,7 @@ def _matmul_rows(sizes: str) -> list[Row]:
     rows: list[Row] = []
     for out_f, in_f in MATMUL_SHAPES[sizes]:
         ws = [torch.randn(out_f, in_f, device="cuda", dtype=dt) * 0.02 for _ in range(ROTATE)]
-        quant = [qf.quantize_4bit(w, 64, "nf4", compress_statistics=True) for w in ws]
+        quant = [qf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True) for w in ws]
         # the nested statistics as float32 (bitsandbytes' dequantize_4bit forms them so)
         absmax = [(dequantize_blockwise(s.absmax, s.state2, out_dtype="float32") + s.offset).contiguous()
                   for _, s in quant]

@@ -65,14 +65,15 @@ def test_choose_kernel(monkeypatch):
     ch = lambda rows, dtype="bfloat16", K=4096, x=0, p=0, kernel=None: _cupy.choose_kernel(  # noqa: E731
         rows, 4096, K, 0, dtype, x, p, kernel)
     assert ch(1) == "gemv" and ch(1, "float32") == "gemv"
-    # the tensor-core kernel is chosen only when forced until it has run on a GPU (choose_kernel)
     assert all(ch(m) == "fused" and ch(m, "float16") == "fused" for m in range(2, 9))
-    assert all(ch(m) == "dequantize" for m in range(9, 65))
+    assert all(ch(m) == "mma" and ch(m, "float16") == "mma" for m in range(9, 65))
+    assert all(ch(m, "float32") == "dequantize" for m in range(9, 65))
     assert ch(65) == "dequantize" and ch(4096) == "dequantize"
     assert ch(8, "float32") == "fused" and ch(9, "float32") == "dequantize"  # FUSED_MAX_ROWS = 8
     assert ch(4, K=4096 + 16) == "dequantize"  # K % 32
     assert ch(4, x=2) == "dequantize" and ch(1, x=2) == "dequantize"  # misaligned x
-    assert ch(16, x=2, kernel="mma") == "mma"   # the tensor-core kernel stages misaligned x
+    assert ch(16, x=2) == "mma"   # the tensor-core kernel stages misaligned x
+    assert ch(16, K=4096 + 16) == "dequantize"
     assert ch(4, p=8) == "dequantize"           # misaligned packed weight
     assert ch(1, kernel="mma") == "mma" and ch(4, "float32", kernel="fused") == "fused"
     for bad in [dict(rows=65, kernel="mma"), dict(rows=16, dtype="float32", kernel="mma"),
@@ -83,6 +84,7 @@ def test_choose_kernel(monkeypatch):
     monkeypatch.setattr(_cupy, "_compute_capability", lambda device: 75)
     with pytest.raises(ValueError, match="compute capability"):
         ch(16, kernel="mma")
+    assert ch(16) == "dequantize"
 
 
 # --- the kernel on the GPU ------------------------------------------------------------------
@@ -174,7 +176,10 @@ def test_gpu_mma_misaligned_and_strided_x(dtype):
             xm.copy_(x)
             assert xm.data_ptr() % 16 != 0
             assert torch.equal(_mma(xm, packed, state, N), _mma(x, packed, state, N))
-            assert torch.equal(qf.matmul_4bit(xm, packed, state), _mma(x, packed, state, N))
+            if rows > 8:  # the default route of 9-64 rows (choose_kernel)
+                assert torch.equal(qf.matmul_4bit(xm, packed, state), _mma(x, packed, state, N))
+            else:
+                _check(xm, w32, None, qf.matmul_4bit(xm, packed, state), ("misaligned", rows))
         xt = torch.randn(K, rows, device="cuda", dtype=tdt).t()
         _check(xt, w32, None, qf.matmul_4bit(xt, packed, state), ("strided", rows))
 
@@ -246,7 +251,7 @@ def test_gpu_bad_input():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_gpu_plan_routes_and_graph_capture(dtype):
     """The op layer's plan caches its route per row count (nothing above 64 rows), takes the
-    tensor-core kernel when forced, and that launch (workspace, counter memset, kernel) is
+    tensor-core kernel for 9-64 rows and when forced, and that launch (workspace, counter memset, kernel) is
     captured by a CUDA graph and replayed on new x."""
     import torch
     from qkernels.fourbit.ops import prepare_matmul_4bit
@@ -259,7 +264,7 @@ def test_gpu_plan_routes_and_graph_capture(dtype):
         x = torch.randn(rows, K, device="cuda", dtype=tdt)
         y = plan(x, bias)
         _check(x, w32, bias, y, ("plan", rows))
-        want = "gemv" if rows == 1 else ("fused" if rows <= 8 else "dequantize")
+        want = "gemv" if rows == 1 else "fused" if rows <= 8 else "mma" if rows <= 64 else "dequantize"
         assert plan._cuda.route(x.dtype, rows) == want
         if 1 < rows <= 64:
             _check(x, w32, bias, plan(x, bias, kernel="mma"), ("plan, forced mma", rows))

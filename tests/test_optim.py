@@ -693,7 +693,8 @@ def test_gpu_fused_launch_is_graph_capturable_on_torch_stream():
     s = ref.adam_scalars(1e-3, (0.9, 0.999), 1e-8, 0.0, 1)
 
     def launch(ts):
-        _cupy.optimizer_update_8bit_blockwise(*(t.data_ptr() for t in ts), Q1, Q2, n, "float32", s,
+        _cupy.optimizer_update_8bit_blockwise(*(t.data_ptr() for t in ts), qmap1=Q1, qmap2=Q2, n=n,
+                                              dtype="float32", scalars=s,
                                               stream=torch.cuda.current_stream().cuda_stream)
     launch(a)
     side = torch.cuda.Stream()

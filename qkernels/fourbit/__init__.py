@@ -19,10 +19,9 @@ _numba.py (numba), _cpu.py (cpu: Numba CPU kernels for host data, matmul_4bit in
 Quantization and dequantization are bit-identical on every backend.
 matmul_4bit on CUDA data runs a fused kernel (each packed byte read once), as
 ``_cupy.choose_kernel`` picks by rows, dtype and alignment: gemv_4bit for one row of x, the
-CUDA-core matmul_4bit up to ``FUSED_MAX_ROWS`` rows; else it dequantizes and calls the GEMM
-of x's library (torch.matmul / cupy.matmul, i.e. cuBLAS). The tensor-core matmul_4bit_mma
-(fourbit_mma.cu, 1-64 rows of float16 / bfloat16) runs when forced (``kernel="mma"``) until
-it has passed its tests on a GPU (see choose_kernel).
+CUDA-core matmul_4bit up to ``FUSED_MAX_ROWS`` rows, the tensor-core matmul_4bit_mma
+(fourbit_mma.cu) for 9-64 rows of float16 / bfloat16 x; else it dequantizes and calls the
+GEMM of x's library (torch.matmul / cupy.matmul, i.e. cuBLAS).
 """
 from __future__ import annotations
 

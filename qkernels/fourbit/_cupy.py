@@ -202,12 +202,12 @@ def choose_kernel(rows: int, N: int, K: int, device: int, dtype: str, x_ptr: int
 
     One row: gemv_4bit (the decode case). Up to FUSED_MAX_ROWS rows: matmul_4bit (the
     CUDA-core kernel; for float32 x float32 FMA, as a bfloat16 split of x and W could not keep
-    the float64-referenced error of a float32 product). Otherwise, or where a kernel's
-    requirement fails (``kernel_unfit``: K % 32, alignment), dequantize + cuBLAS.
-    The tensor-core kernel ("mma", 1 to MMA_MAX_ROWS rows of float16 / bfloat16 x) runs only
-    when forced: it has passed the host emulation (tests/test_fourbit_mma_emulated.py) but not
-    yet run on a GPU, so it does not take users' calls until tests/test_fourbit_mma.py has
-    passed on one; then 2 to MMA_MAX_ROWS rows of 16-bit x go to it here.
+    the float64-referenced error of a float32 product). FUSED_MAX_ROWS + 1 to MMA_MAX_ROWS
+    rows of float16 / bfloat16 x: matmul_4bit_mma (tensor cores, compute capability 8.0+).
+    Otherwise, or where a kernel's requirement fails (``kernel_unfit``: K % 32, alignment),
+    dequantize + cuBLAS. The crossovers are the H100 benchmark's (benchmarks/fourbit.py,
+    2026-12-07, NF4 bf16 weights 4096x4096, 4096x14336, 8192x8192: at 16 rows the tensor-core
+    kernel takes 15.8 / 33.3 / 34.2 us, dequantize + cuBLAS 27.9 / 102.9 / 113.8 us).
     ``kernel``: force one; ValueError when it cannot take the call."""
     if kernel is not None:
         why = kernel_unfit(kernel, rows, K, device, dtype, x_ptr, packed_ptr)
@@ -219,6 +219,8 @@ def choose_kernel(rows: int, N: int, K: int, device: int, dtype: str, x_ptr: int
         order = ("gemv", "fused")
     elif rows <= FUSED_MAX_ROWS:
         order = ("fused",)
+    elif rows <= MMA_MAX_ROWS:
+        order = ("mma",)
     else:
         order = ()
     for k in order:

@@ -189,7 +189,10 @@ class Int8LinearPlan:
         self.threshold = float(threshold)
         self.key = key
         self._cuda = None
-        self._kept: dict = {}  # "cols": the last input's outlier columns, in some form (see cols)
+        # "cols": the last input's outlier columns, in some form (see cols); only a plan that
+        # holds its tensors keeps them (hold=False: the op's cache, whose plans outlive calls
+        # that torch.compile may run inside its CUDA graphs' memory pool)
+        self._kept: Optional[dict] = {} if hold else None
         if takes_cuda_path(CB):
             from ._cupy_gemv import PreparedWeight8bit
             cuda = PreparedWeight8bit(CB, SCB, hold=hold)
@@ -212,8 +215,10 @@ class Int8LinearPlan:
                 with on_torch_device(device):
                     if self.threshold <= 0:
                         return cuda.forward(x, M, bias, stream)
-                    self._kept["cols"] = cuda  # its last workspace holds the columns
-                    return cuda.forward_outliers(x, M, bias, self.threshold, stream)
+                    kept = self._kept is not None
+                    if kept:
+                        self._kept["cols"] = cuda  # its last workspace holds the columns
+                    return cuda.forward_outliers(x, M, bias, self.threshold, stream, keep=kept)
         x2 = x.reshape(-1, self.K)
         out = _forward(x2, self.CB, self.SCB, bias, self.threshold, self._kept if self.threshold > 0 else None)
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.N)
@@ -224,7 +229,7 @@ class Int8LinearPlan:
         """The outlier columns (int64, ascending) of the last input, threshold > 0 (bitsandbytes'
         ``state.idx``); None before the first call. Reading them on CUDA waits for that call
         (one host synchronization), which the forward itself never does."""
-        kept = self._kept.get("cols")
+        kept = None if self._kept is None else self._kept.get("cols")
         if kept is None or isinstance(kept, Tensor):
             return kept
         if isinstance(kept, tuple):
