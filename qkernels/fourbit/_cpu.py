@@ -239,14 +239,16 @@ def _unnest(qabs, code2, absmax2, offset, out):
         out[b] = _scale(b, _NO_F32, True, qabs, code2, absmax2, offset)
 
 
-# id(QuantState) -> (weak reference to it, its tensors' identity and versions, float32 absmax);
-# keyed by id, as QuantState's __eq__ compares values; the entry goes when the state does
+# id(state.absmax) -> (weak reference to that tensor of nested codes, the identity and version
+# of the state's three statistics tensors and the offset's value, float32 absmax); keyed by
+# the tensor, not the QuantState, as the declared op builds a new state at every call; the
+# entry goes when the tensor does
 _UNNESTED: dict = {}
 
 
 def _block_absmax(state) -> np.ndarray:
     """The state's per-block absmax as float32 (nblocks,): as stored, or unnested (``_scale``).
-    The unnested array of a state whose statistics are torch tensors is kept with the state
+    The unnested array of a state whose statistics are torch tensors is kept beside them
     (an eighth of the packed weight's bytes; 84 us of a 4096 x 4096 decode call otherwise)
     and made again when any of them is replaced or written in place (torch's version counter)
     or the offset's value changes; NumPy statistics and inference-mode tensors have no version
@@ -260,15 +262,15 @@ def _block_absmax(state) -> np.ndarray:
     if all(hasattr(t, "_version") and not t.is_inference() for t in parts[:3]):
         # (inference tensors keep no version counter: those are unnested at every call)
         key = tuple((id(t), t._version, t.data_ptr()) for t in parts[:3]) + (float(parts[3]),)
-        kept = _UNNESTED.get(id(state))
-        if kept is not None and kept[0]() is state and kept[1] == key:
+        kept = _UNNESTED.get(id(state.absmax))
+        if kept is not None and kept[0]() is state.absmax and kept[1] == key:
             return kept[2]
     offset = state.offset
     offset = np.float32(float(offset.reshape(-1)[0]) if hasattr(offset, "shape") else offset)
     out = _unnest_to_f32(_to_numpy(state.absmax), _to_numpy(s2.code), _to_numpy(s2.absmax), offset)
     if key is not None:
-        sid = id(state)
-        _UNNESTED[sid] = (weakref.ref(state, lambda _, sid=sid: _UNNESTED.pop(sid, None)), key, out)
+        sid = id(state.absmax)
+        _UNNESTED[sid] = (weakref.ref(state.absmax, lambda _, sid=sid: _UNNESTED.pop(sid, None)), key, out)
     return out
 
 

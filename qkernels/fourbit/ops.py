@@ -79,9 +79,10 @@ class Matmul4bitPlan:
     ``key`` identifies the tensors the plan was made from (the layer compares it per call).
     """
 
-    def __init__(self, packed: Tensor, state: QuantState, key=None, hold: bool = True):
+    def __init__(self, packed: Tensor, state: QuantState, key=None, hold: bool = True, checked: bool = False):
         self.N, self.K = (int(d) for d in state.shape)
-        _check_state(packed, state)  # once per weight: sizes, dtypes, devices
+        if not checked:
+            _check_state(packed, state)  # once per weight: sizes, dtypes, devices
         self.device = packed.device
         self.key = key
         # hold=False (the ops' cache, CUDA only): no tensor is kept, only their addresses
@@ -156,6 +157,7 @@ def prepare_matmul_4bit(packed: Tensor, state: QuantState, key=None) -> Matmul4b
 # A compiled model calls the ops, not a layer's plan: on CUDA they keep theirs in a PlanCache
 # (qkernels/_cuda/launch.py), keyed by their tensors' addresses; those plans hold no tensor.
 _OP_PLANS = PlanCache()
+_CHECKED_LAYOUTS: set = set()  # the host ops' tensor layouts that passed _check_state
 
 
 def _op_plan(packed, absmax, code, code2, absmax2, offset, blocksize, quant_type, N, K) -> Matmul4bitPlan:
@@ -163,7 +165,17 @@ def _op_plan(packed, absmax, code, code2, absmax2, offset, blocksize, quant_type
     tensors = (packed, absmax, code, code2, absmax2, offset)
     f32 = (code, absmax2, offset) if code2 is not None else (absmax, code)
     if not takes_cuda_path(packed) or not all(t.is_contiguous() and t.dtype == torch.float32 for t in f32):
-        return Matmul4bitPlan(packed, state)
+        # a host plan per call (it holds the tensors, so it is not cached); its checks, a
+        # function of the tensors' shapes, dtypes and devices only, are made once per layout
+        layout = (int(blocksize), quant_type, int(N), int(K)) + tuple(
+            None if t is None else (t.shape, t.dtype, t.device, t.is_contiguous()) for t in tensors)
+        checked = layout in _CHECKED_LAYOUTS
+        plan = Matmul4bitPlan(packed, state, checked=checked)
+        if not checked:
+            if len(_CHECKED_LAYOUTS) >= 4096:
+                _CHECKED_LAYOUTS.clear()
+            _CHECKED_LAYOUTS.add(layout)
+        return plan
     key = (packed.device.index, packed.dtype, int(blocksize), quant_type, int(N), int(K), absmax.dtype,
            *(0 if t is None else t.data_ptr() for t in tensors), packed.is_contiguous())
     return _OP_PLANS.get(key, lambda: Matmul4bitPlan(packed, state, key=key, hold=False))
