@@ -272,3 +272,18 @@ def test_load_state_dict_not_strict_loads_the_keys_present(kind):
         assert torch.equal(layer(x), source(x))
     with pytest.raises(RuntimeError, match="Missing key"):
         layer.load_state_dict(sd, strict=True)
+
+
+def test_int8_plans_of_the_op_cache_keep_no_memory_between_calls():
+    """A layer's int8 plan keeps the last input's outlier columns (bitsandbytes' state.idx);
+    a plan made for the declared op's cache (hold=False) keeps nothing between calls, since
+    torch.compile's reduce-overhead CUDA graphs refuse memory that outlives a call."""
+    torch.manual_seed(8)
+    CB, SCB = ops8.quantize_weight(torch.randn(32, IN))
+    x = _input()
+    held = ops8.Int8LinearPlan(CB, SCB, 6.0)
+    free = ops8.Int8LinearPlan(CB, SCB, 6.0, hold=False)
+    free.CB, free.SCB = CB, SCB  # (on the host the general route reads them from the plan)
+    assert torch.equal(held(x), free(x))
+    assert held.cols is not None and 3 in held.cols.tolist()
+    assert free._kept is None and free.cols is None

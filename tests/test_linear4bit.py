@@ -169,6 +169,30 @@ def test_compute_dtype_follows_input_unless_set():
         _ours(lin, "nf4", compute_dtype=torch.float32)(x.half())
 
 
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_cpu_inference_computes_float32_input_in_bfloat16_where_native(monkeypatch, native_bf16):
+    """bitsandbytes' CPU rule, with compute_dtype unset: an eval-mode layer on a CPU with
+    native bfloat16 computes float32 input that needs no gradient in bfloat16 (the output
+    back in float32); training, an input that needs a gradient, an explicit
+    compute_dtype=float32 and a CPU without native bfloat16 stay in float32."""
+    from torch_ops import linear4bit
+    monkeypatch.setattr(linear4bit, "_CPU_BF16", native_bf16)
+    lin = _linear(torch.float32, seed=5)
+    layer = _ours(lin, "nf4").cpu()
+    exact = _ours(lin, "nf4", compute_dtype=torch.float32).cpu().eval()
+    x = torch.randn(16, IN)
+    with torch.no_grad():
+        f32 = exact(x)
+        assert torch.equal(layer.train()(x), f32)
+        y = layer.eval()(x)
+        assert y.dtype == torch.float32
+        if native_bf16:
+            assert torch.equal(y, layer(x.bfloat16()).float()) and not torch.equal(y, f32)
+        else:
+            assert torch.equal(y, f32)
+    assert torch.equal(layer.eval()(x.clone().requires_grad_()).detach(), f32)
+
+
 def test_memory_per_weight():
     """compress_statistics: 0.5 byte of codes + 1/64 byte of absmax codes + the nested
     state: at most 0.52 bytes per weight (issue 6)."""
