@@ -62,11 +62,16 @@ def test_choose_kernel(monkeypatch):
     """The choice by rows, dtype, K and alignment; a forced kernel that cannot take the call
     is a ValueError before any launch."""
     monkeypatch.setattr(_cupy, "_compute_capability", lambda device: 90)
-    ch = lambda rows, dtype="bfloat16", K=4096, x=0, p=0, kernel=None: _cupy.choose_kernel(  # noqa: E731
-        rows, 4096, K, 0, dtype, x, p, kernel)
+    ch = lambda rows, dtype="bfloat16", K=4096, x=0, p=0, kernel=None, N=4096: _cupy.choose_kernel(  # noqa: E731
+        rows, N, K, 0, dtype, x, p, kernel)
     assert ch(1) == "gemv" and ch(1, "float32") == "gemv"
-    assert all(ch(m) == "fused" and ch(m, "float16") == "fused" for m in range(2, 9))
-    assert all(ch(m) == "mma" and ch(m, "float16") == "mma" for m in range(9, 65))
+    # 16-bit x: the CUDA-core kernel for 2-7 rows of a weight under 2^25 elements, the
+    # tensor-core kernel from 8 rows, and from 2 rows on larger weights
+    assert all(ch(m) == "fused" and ch(m, "float16") == "fused" for m in range(2, 8))
+    assert all(ch(m, N=8192, K=8192) == "mma" and ch(m, "float16", N=14336) == "mma" for m in range(2, 9))
+    assert ch(1, N=8192, K=8192) == "gemv"
+    assert all(ch(m, "float32", N=8192, K=8192) == "fused" for m in range(2, 9))
+    assert all(ch(m) == "mma" and ch(m, "float16") == "mma" for m in range(8, 65))
     assert all(ch(m, "float32") == "dequantize" for m in range(9, 65))
     assert ch(65) == "dequantize" and ch(4096) == "dequantize"
     assert ch(8, "float32") == "fused" and ch(9, "float32") == "dequantize"  # FUSED_MAX_ROWS = 8
@@ -176,7 +181,7 @@ def test_gpu_mma_misaligned_and_strided_x(dtype):
             xm.copy_(x)
             assert xm.data_ptr() % 16 != 0
             assert torch.equal(_mma(xm, packed, state, N), _mma(x, packed, state, N))
-            if rows > 8:  # the default route of 9-64 rows (choose_kernel)
+            if rows >= 8:  # the default route of 8-64 rows of a small weight (choose_kernel)
                 assert torch.equal(qf.matmul_4bit(xm, packed, state), _mma(x, packed, state, N))
             else:
                 _check(xm, w32, None, qf.matmul_4bit(xm, packed, state), ("misaligned", rows))
@@ -251,7 +256,7 @@ def test_gpu_bad_input():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_gpu_plan_routes_and_graph_capture(dtype):
     """The op layer's plan caches its route per row count (nothing above 64 rows), takes the
-    tensor-core kernel for 9-64 rows and when forced, and that launch (workspace, counter memset, kernel) is
+    tensor-core kernel for 8-64 rows (this weight is small) and when forced, and that launch (workspace, counter memset, kernel) is
     captured by a CUDA graph and replayed on new x."""
     import torch
     from qkernels.fourbit.ops import prepare_matmul_4bit
@@ -264,7 +269,7 @@ def test_gpu_plan_routes_and_graph_capture(dtype):
         x = torch.randn(rows, K, device="cuda", dtype=tdt)
         y = plan(x, bias)
         _check(x, w32, bias, y, ("plan", rows))
-        want = "gemv" if rows == 1 else "fused" if rows <= 8 else "mma" if rows <= 64 else "dequantize"
+        want = "gemv" if rows == 1 else "fused" if rows < 8 else "mma" if rows <= 64 else "dequantize"
         assert plan._cuda.route(x.dtype, rows) == want
         if 1 < rows <= 64:
             _check(x, w32, bias, plan(x, bias, kernel="mma"), ("plan, forced mma", rows))

@@ -20,8 +20,9 @@ Quantization and dequantization are bit-identical on every backend.
 matmul_4bit on CUDA data runs a fused kernel (each packed byte read once), as
 ``_cupy.choose_kernel`` picks by rows, dtype and alignment: gemv_4bit for one row of x, the
 CUDA-core matmul_4bit up to ``FUSED_MAX_ROWS`` rows, the tensor-core matmul_4bit_mma
-(fourbit_mma.cu) for 9-64 rows of float16 / bfloat16 x; else it dequantizes and calls the
-GEMM of x's library (torch.matmul / cupy.matmul, i.e. cuBLAS).
+(fourbit_mma.cu) for 8-64 rows of float16 / bfloat16 x (2-64 on weights of 2^25+ elements);
+else it dequantizes and calls the GEMM of x's library (torch.matmul / cupy.matmul, i.e.
+cuBLAS).
 """
 from __future__ import annotations
 

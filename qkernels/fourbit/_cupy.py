@@ -43,6 +43,9 @@ _GEMV_ROWS = 8
 # matmul_4bit_mma (fourbit_mma.cu): 8 warps, chunks of 256 columns, x rows in NT tiles of 8
 # (MmaShape<NT>: WT m16 tiles of W per warp, so R = 128 * WT rows of W per CTA).
 MMA_MAX_ROWS = 64
+# where the tensor-core kernel takes over from the CUDA-core one below FUSED_MAX_ROWS rows
+# (choose_kernel): from 8 rows, or from 2 on weights of 2^25 elements or more
+MMA_FROM_ROWS, MMA_FROM_ELEMENTS = 8, 1 << 25
 _MMA_THREADS, _MMA_KC, _MMA_STAGES = 256, 256, 3
 _MMA_NT = (1, 2, 4, 8)
 KERNELS = ("gemv", "fused", "mma", "dequantize")
@@ -202,13 +205,17 @@ def choose_kernel(rows: int, N: int, K: int, device: int, dtype: str, x_ptr: int
 
     One row: gemv_4bit (the decode case). Up to FUSED_MAX_ROWS rows: matmul_4bit (the
     CUDA-core kernel; for float32 x float32 FMA, as a bfloat16 split of x and W could not keep
-    the float64-referenced error of a float32 product). FUSED_MAX_ROWS + 1 to MMA_MAX_ROWS
-    rows of float16 / bfloat16 x: matmul_4bit_mma (tensor cores, compute capability 8.0+).
-    Otherwise, or where a kernel's requirement fails (``kernel_unfit``: K % 32, alignment),
-    dequantize + cuBLAS. The crossovers are the H100 benchmark's (benchmarks/fourbit.py,
-    2026-12-07, NF4 bf16 weights 4096x4096, 4096x14336, 8192x8192: at 16 rows the tensor-core
-    kernel takes 15.8 / 33.3 / 34.2 us, dequantize + cuBLAS 27.9 / 102.9 / 113.8 us).
-    ``kernel``: force one; ValueError when it cannot take the call."""
+    the float64-referenced error of a float32 product), except for float16 / bfloat16 x from
+    MMA_FROM_ROWS rows, or from 2 rows on a weight of MMA_FROM_ELEMENTS elements or more:
+    matmul_4bit_mma (tensor cores, compute capability 8.0+), which also takes FUSED_MAX_ROWS
+    + 1 to MMA_MAX_ROWS rows of 16-bit x. Otherwise, or where a kernel's requirement fails
+    (``kernel_unfit``: K % 32, alignment), dequantize + cuBLAS. The crossovers are the H100
+    benchmark's (benchmarks/fourbit.py, 2026-12-07, NF4 bf16 weights 4096x4096, 4096x14336,
+    8192x8192, graph-timed): at 16 rows the tensor-core kernel takes 15.8 / 33.3 / 34.2 us,
+    dequantize + cuBLAS 27.9 / 102.9 / 113.8 us; at 8 rows 13.7 / 28.8 / 30.0 us against the
+    CUDA-core kernel's 17.6 / 54.9 / 63.4; at 2 and 4 rows the CUDA-core kernel is faster
+    only on 4096x4096 (10.4 and 11.5 us against 13.0 and 13.1). ``kernel``: force one;
+    ValueError when it cannot take the call."""
     if kernel is not None:
         why = kernel_unfit(kernel, rows, K, device, dtype, x_ptr, packed_ptr)
         if why is not None:
@@ -218,7 +225,8 @@ def choose_kernel(rows: int, N: int, K: int, device: int, dtype: str, x_ptr: int
     if rows <= 1:
         order = ("gemv", "fused")
     elif rows <= FUSED_MAX_ROWS:
-        order = ("fused",)
+        tensor_cores = rows >= MMA_FROM_ROWS or N * K >= MMA_FROM_ELEMENTS
+        order = ("mma", "fused") if tensor_cores else ("fused",)
     elif rows <= MMA_MAX_ROWS:
         order = ("mma",)
     else:

@@ -72,8 +72,8 @@ class Matmul4bitPlan:
     Build it with ``prepare_matmul_4bit``. ``plan(x, bias)``: x (..., K) float16 / bfloat16 /
     float32 on W's device, bias (N,) of x's dtype or None -> (..., N) of x's dtype. The CUDA
     path runs a fused kernel (float32 accumulation, each packed byte read once: gemv_4bit for
-    one row, matmul_4bit for up to FUSED_MAX_ROWS rows, the tensor-core kernel for 9-64 rows
-    of 16-bit x; qkernels.fourbit._cupy.choose_kernel, its answer
+    one row, matmul_4bit for up to FUSED_MAX_ROWS rows, the tensor-core kernel for 8-64 rows
+    of 16-bit x (2-64 on large weights); qkernels.fourbit._cupy.choose_kernel, its answer
     cached per row count) and dequantize + cuBLAS above; on the host, the weight is prepared
     once (fourbit.HostWeight4bit) and each call runs the host backend's matmul_4bit.
     ``key`` identifies the tensors the plan was made from (the layer compares it per call).
