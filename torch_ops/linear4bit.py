@@ -272,8 +272,9 @@ class Linear4bit(nn.Linear):
     the input's dtype. The matmul runs in ``compute_dtype``, or in the input's dtype when it
     is None (following each input; bitsandbytes fixes it from the first), except for
     inference in float32 on a CPU with native bfloat16, which runs in bfloat16 as in
-    bitsandbytes (``_compute_dtype``); the fused small-batch kernels accumulate in float32. Gradients reach the input (QLoRA); the bias is trainable and never cast in
-    place. Quantization happens on move to a device (module docstring). ``quant_state``: the
+    bitsandbytes (``_compute_dtype``); the fused small-batch kernels accumulate in float32.
+    Gradients reach the input (QLoRA); the bias is trainable and never cast in place.
+    Quantization happens on move to a device (module docstring). ``quant_state``: the
     weight's QuantState as this layer last saw it (bitsandbytes' attribute); a weight that
     lost its state (FSDP) is used with it.
     """
