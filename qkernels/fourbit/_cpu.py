@@ -213,24 +213,12 @@ def _weight_buffer(size: int, dtype: str) -> np.ndarray:
     return buf
 
 
-def _dequantize_weight(packed, state, dtype: str = "float32") -> np.ndarray:
-    """The weight of a host state as (N, K) float32, or bfloat16 bits (uint16), in the
+def _dequantize_weight(w, dtype: str = "float32") -> np.ndarray:
+    """W (N, K) of a fourbit.HostWeight4bit as float32, or bfloat16 bits (uint16), in the
     thread's scratch buffer."""
-    from .._interop import _to_numpy
-    n = int(np.prod(state.shape, dtype=np.int64))
-    w = _weight_buffer(n, dtype)
-    pk = np.ascontiguousarray(_to_numpy(packed)).reshape(-1).view(np.uint8)
-    code = _to_numpy(state.code).reshape(-1)
-    if state.state2 is None:
-        absmax, nested = _to_numpy(state.absmax).reshape(-1), None
-    else:
-        s2 = state.state2
-        offset = state.offset
-        offset = np.float32(float(offset.reshape(-1)[0]) if hasattr(offset, "shape") else offset)
-        absmax, nested = None, (_to_numpy(state.absmax).reshape(-1), _to_numpy(s2.code).reshape(-1),
-                                _to_numpy(s2.absmax).reshape(-1), np.array([offset], np.float32))
-    dequantize_4bit(pk, code, absmax, int(state.blocksize), dtype, w, nested)
-    return w.reshape(tuple(int(d) for d in state.shape))
+    buf = _weight_buffer(w.N * w.K, dtype)
+    dequantize_4bit(w.pk, w.code, _block_absmax(w.state), w.blocksize, dtype, buf)
+    return buf.reshape(w.N, w.K)
 
 
 @njit(**_JIT)
@@ -274,26 +262,6 @@ def _block_absmax(state) -> np.ndarray:
     return out
 
 
-def _fused_rows_numpy(x, packed, state, bias):
-    """matmul_4bit of NumPy x by _cpu_gemv (a few rows, AVX-512; None where it does not fit):
-    float32 products and sums, the result rounded once to x's dtype."""
-    from .._interop import _to_numpy, dtype_of
-    from . import _cpu_gemv, _host_float
-    from reference.dtypes import from_float32, to_float32
-    N, K = (int(d) for d in state.shape)
-    rows = int(np.prod(x.shape[:-1], dtype=np.int64)) if x.ndim > 1 else 1
-    if not _cpu_gemv.fits(rows, N, K, int(state.blocksize)):
-        return None
-    pk = np.ascontiguousarray(_to_numpy(packed)).reshape(-1).view(np.uint8)
-    x32, _ = to_float32(np.ascontiguousarray(_host_float(x)))
-    y = _cpu_gemv.gemv_4bit(x32.reshape(rows, K), pk, _to_numpy(state.code).reshape(-1), _block_absmax(state),
-                            int(state.blocksize), N)
-    if bias is not None:
-        b32, _ = to_float32(np.ascontiguousarray(_host_float(bias).reshape(-1)))
-        y = y + b32
-    return from_float32(y.astype(np.float32), dtype_of(x)).reshape(*x.shape[:-1], N)
-
-
 def matmul_prepared(w, x, bias, normal: bool = True):
     """``x @ W^T + bias`` (``normal``; else ``x @ W + bias``) for torch x on the host and a
     fourbit.HostWeight4bit w; the result (..., out) in x's dtype.
@@ -309,19 +277,16 @@ def matmul_prepared(w, x, bias, normal: bool = True):
     N, K = w.N, w.K
     x = x.detach()
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    absmax = _block_absmax(w.state)
     if normal and _cpu_gemv.fits(rows, N, K, w.blocksize):
         x32 = x.reshape(rows, K).to(torch.float32).numpy()
-        y = torch.from_numpy(_cpu_gemv.gemv_4bit(x32, w.pk, w.code, absmax, w.blocksize, N))
+        y = torch.from_numpy(_cpu_gemv.gemv_4bit(x32, w.pk, w.code, _block_absmax(w.state), w.blocksize, N))
         if bias is not None:
             y += bias.detach().reshape(-1).to(torch.float32)
         y = y.reshape(*x.shape[:-1], N)
         return y if y.dtype == x.dtype else y.to(x.dtype)
     bf16 = x.dtype == torch.bfloat16 and native_bf16_cpu()
-    dtype = "bfloat16" if bf16 else "float32"
-    buf = _weight_buffer(N * K, dtype)
-    dequantize_4bit(w.pk, w.code, absmax, w.blocksize, dtype, buf)
-    wt = torch.from_numpy(buf).view(torch.bfloat16 if bf16 else torch.float32).reshape(N, K)
+    wt = torch.from_numpy(_dequantize_weight(w, "bfloat16" if bf16 else "float32"))
+    wt = wt.view(torch.bfloat16) if bf16 else wt
     wt = wt if normal else wt.T
     cd = wt.dtype
     xc = x if x.dtype == cd else x.to(cd)
@@ -334,25 +299,23 @@ def matmul_4bit(x, packed, state, bias, normal: bool):
     """``x @ W^T + bias`` (``normal``; else ``x @ W + bias``); x host torch or NumPy (..., in),
     the result (..., out) of x's kind and dtype. Torch x: ``matmul_prepared``. NumPy x: the
     fused few-row kernel where it fits (``normal``), else W dequantized to float32 and the
-    product in float32 (W used as stored when not ``normal``), rounded once to x's dtype."""
+    product in float32 (W used as stored when not ``normal``); rounded once to x's dtype."""
     from .._interop import dtype_of, kind_of
-    from . import HostWeight4bit
-    if kind_of(x) == "torch":
-        return matmul_prepared(HostWeight4bit(packed, state), x, bias, normal)
-    if normal:
-        fused = _fused_rows_numpy(x, packed, state, bias)
-        if fused is not None:
-            return fused
-    w = _dequantize_weight(packed, state)
-    if not normal:
-        w = w.T
-    out_f, in_f = w.shape
     from reference.dtypes import from_float32, to_float32
-    from . import _host_float
-    name = dtype_of(x)
+    from . import HostWeight4bit, _cpu_gemv, _host_float
+    w = HostWeight4bit(packed, state)
+    if kind_of(x) == "torch":
+        return matmul_prepared(w, x, bias, normal)
+    in_f = w.K if normal else w.N
+    out_f = w.N if normal else w.K
     x32, _ = to_float32(np.ascontiguousarray(_host_float(x)))
-    y = x32.reshape(-1, in_f) @ w.T
+    x32 = x32.reshape(-1, in_f)
+    if normal and _cpu_gemv.fits(x32.shape[0], w.N, w.K, w.blocksize):
+        y = _cpu_gemv.gemv_4bit(x32, w.pk, w.code, _block_absmax(w.state), w.blocksize, w.N)
+    else:
+        wd = _dequantize_weight(w)
+        y = x32 @ (wd.T if normal else wd)
     if bias is not None:
         b32, _ = to_float32(np.ascontiguousarray(_host_float(bias).reshape(-1)))
         y = y + b32
-    return from_float32(y.astype(np.float32), name).reshape(*x.shape[:-1], out_f)
+    return from_float32(y.astype(np.float32), dtype_of(x)).reshape(*x.shape[:-1], out_f)
