@@ -14,7 +14,9 @@ The layer decides the fixed cost of every CPU op, since each kernel is one paral
 
 ``PARALLEL_LOCK`` serializes launches only under workqueue (Python threads calling the ops
 together queue there instead of aborting the process); under TBB it is a no-op. A user's own
-``NUMBA_THREADING_LAYER`` wins, and is then locked as if it were workqueue.
+``NUMBA_THREADING_LAYER`` wins (TBB is preloaded for it too), and so does a layer that a
+parallel kernel started before qkernels was imported (``_layer``); only a layer known to be
+TBB goes unlocked.
 """
 from __future__ import annotations
 
@@ -48,11 +50,24 @@ def _preload_tbb() -> bool:
     return False
 
 
-if "NUMBA_THREADING_LAYER" in os.environ:
-    LAYER = numba.config.THREADING_LAYER
-elif _preload_tbb():
-    LAYER = numba.config.THREADING_LAYER = "tbb"
-else:
-    LAYER = numba.config.THREADING_LAYER = "workqueue"
+# loaded whatever the layer: a user's NUMBA_THREADING_LAYER of tbb (or default / safe /
+# threadsafe, which try TBB first) needs the library found just as much
+_TBB = _preload_tbb()
 
+
+def _layer() -> str:
+    """The threading layer our kernels will run on. If a parallel kernel already ran in this
+    process (before qkernels was imported), the layer it started is fixed: that one; else the
+    user's NUMBA_THREADING_LAYER, or ours, set here (TBB where it loads, else workqueue)."""
+    from numba.np.ufunc import parallel
+    if getattr(parallel, "_is_initialized", False):
+        return numba.threading_layer()
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER = "tbb" if _TBB else "workqueue"
+    return numba.config.THREADING_LAYER
+
+
+LAYER = _layer()
+# no lock only where the layer is known to be TBB (a requested "default" may still resolve
+# to workqueue, which aborts the process on concurrent launches)
 PARALLEL_LOCK = contextlib.nullcontext() if LAYER == "tbb" else threading.RLock()

@@ -418,6 +418,48 @@ def test_threading_layer_is_tbb_where_installed():
         assert _numba_cpu.LAYER == "tbb"
 
 
+_LAYER_PROBE = """
+import numpy as np, numba, qkernels
+from qkernels import _numba_cpu
+with qkernels.use_backend("cpu"):
+    qkernels.quantize_blockwise(np.linspace(-1, 1, 4096, dtype=np.float32))
+print(_numba_cpu.LAYER, numba.threading_layer(), type(_numba_cpu.PARALLEL_LOCK).__name__)
+"""
+_EARLY_KERNEL = """
+import numba, numpy as np
+@numba.njit(parallel=True)
+def bump(a):
+    for i in numba.prange(a.shape[0]):
+        a[i] += 1
+bump(np.zeros(8))
+"""
+
+
+@pytest.mark.parametrize("setup,env", [("", {"NUMBA_THREADING_LAYER": "tbb"}),
+                                       ("", {"NUMBA_THREADING_LAYER": "workqueue"}),
+                                       (_EARLY_KERNEL, {})])
+def test_threading_layer_recorded_is_the_one_running(setup, env):
+    """LAYER names the layer the kernels run on, whether the user asked for one (TBB is found
+    for a requested "tbb" too) or another parallel kernel started Numba's pool before
+    qkernels was imported; the launch lock is dropped only under TBB."""
+    import importlib.util
+    import subprocess
+    if env.get("NUMBA_THREADING_LAYER") == "tbb" and not (
+            sys.platform.startswith("linux") and (importlib.util.find_spec("tbb") is not None or any(
+                os.path.exists(os.path.join(p, "lib", "libtbb.so.12")) for p in (sys.prefix, sys.base_prefix)))):
+        pytest.skip("no TBB here")
+    full_env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    full_env.update(env, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", setup + _LAYER_PROBE], env=full_env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    layer, running, lock = done.stdout.split()[-3:]
+    assert layer == running
+    assert lock == ("nullcontext" if running == "tbb" else "RLock")
+    if env:
+        assert running == env["NUMBA_THREADING_LAYER"]
+
+
 def test_python_threads_calling_cpu_kernels_together():
     """Threads that call the ops together all get the reference's answer, with no abort of
     the process: TBB runs their parallel kernels side by side, workqueue one at a time
