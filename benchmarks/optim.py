@@ -75,10 +75,11 @@ def gpu_rows(sizes: str = "full") -> list[Row]:
             s = adam_scalars(1e-3, (0.9, 0.999), 1e-8, 1e-2, 2)
             for p in ps:
                 st = opt.state[p]
+                q1, q2 = opt._host_qmaps(st)
                 _cupy.optimizer_update_8bit_blockwise(
                     p.data_ptr(), p.grad.data_ptr(), st["state1"].data_ptr(), st["state2"].data_ptr(),
-                    st["absmax1"].data_ptr(), st["absmax2"].data_ptr(),
-                    **dict(zip(("qmap1", "qmap2"), opt._host_qmaps(st))), n=p.numel(), dtype=name, scalars=s, device=p.device.index, stream=stream)
+                    st["absmax1"].data_ptr(), st["absmax2"].data_ptr(), qmap1=q1, qmap2=q2,
+                    n=p.numel(), dtype=name, scalars=s, device=p.device.index, stream=stream)
         graph_us = cuda_graph_us([kernels])
         eager["cupy"] = eager_us([opt.step])
         results = {"cupy": (graph_us, eager["cupy"], state_bpp)}

@@ -275,15 +275,21 @@ def test_load_state_dict_not_strict_loads_the_keys_present(kind):
 
 
 def test_int8_plans_of_the_op_cache_keep_no_memory_between_calls():
-    """A layer's int8 plan keeps the last input's outlier columns (bitsandbytes' state.idx);
-    a plan made for the declared op's cache (hold=False) keeps nothing between calls, since
-    torch.compile's reduce-overhead CUDA graphs refuse memory that outlives a call."""
+    """A layer's int8 plan keeps the last input's outlier columns (bitsandbytes' state.idx); a
+    plan for the declared op's cache (hold=False, CUDA only: refused elsewhere) keeps none, as
+    torch.compile's reduce-overhead CUDA graphs refuse memory that outlives a call (on the
+    GPU: test_gpu_reduce_overhead_decode_step)."""
     torch.manual_seed(8)
     CB, SCB = ops8.quantize_weight(torch.randn(32, IN))
-    x = _input()
     held = ops8.Int8LinearPlan(CB, SCB, 6.0)
-    free = ops8.Int8LinearPlan(CB, SCB, 6.0, hold=False)
-    free.CB, free.SCB = CB, SCB  # (on the host the general route reads them from the plan)
-    assert torch.equal(held(x), free(x))
+    held(_input())
     assert held.cols is not None and 3 in held.cols.tolist()
-    assert free._kept is None and free.cols is None
+    with pytest.raises(ValueError, match="hold=False"):
+        ops8.Int8LinearPlan(CB, SCB, 6.0, hold=False)
+    if torch.cuda.is_available():
+        CBc, SCBc = CB.cuda(), SCB.cuda()
+        free = ops8.Int8LinearPlan(CBc, SCBc, 6.0, hold=False)
+        x = _input("cuda", torch.float16)
+        assert torch.equal(free(x), ops8.Int8LinearPlan(CBc, SCBc, 6.0)(x))
+        assert free._kept is None and free.cols is None
+        assert free._cuda is None or free._cuda.last_ws is None

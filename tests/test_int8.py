@@ -763,3 +763,29 @@ def test_gemm_fragment_mapping_emulated():
         for chunk in range(4):
             banks = sorted(((_swz(r, chunk) // 4) + j) % 32 for r in rows for j in range(4))
             assert banks == list(range(32))
+
+
+def test_backend_entries_refuse_unpaired_arguments():
+    """The pointer launchers (no GPU needed to reach their checks) and the NumPy entries refuse
+    argument pairs given half: threshold > 0 without a flags buffer (the kernel would write
+    through a null pointer), a bias without its dtype (silently dropped, or its bits misread)
+    or a dtype without a bias, and the FP8 quantizer's dbias without its column sums."""
+    from qkernels.fp8 import _cupy as fp8_cupy
+    from qkernels.int8 import _cupy as int8_cupy
+    from qkernels.int8 import _numpy_mm_dequant
+    with pytest.raises(ValueError, match="flags"):
+        int8_cupy.launch_row_quant(1, 2, 3, 4, 5, dtype="float16", stats_dtype="float32", threshold=6.0)
+    for kw in (dict(bias=8), dict(bias_dtype="float16")):
+        with pytest.raises(ValueError, match="bias and bias_dtype"):
+            int8_cupy.launch_mm_dequant(1, 2, 3, 4, 5, 6, out_dtype="float16", **kw)
+        with pytest.raises(ValueError, match="bias and bias_dtype"):
+            int8_cupy.launch_gemm(1, 2, 3, 4, 5, 6, out_dtype="float16", **kw)
+    with pytest.raises(ValueError, match="dbias"):
+        fp8_cupy.launch_quant_rows_cols(1, 2, 3, dtype="bfloat16", row_fmt="e4m3", col_fmt="e4m3", row_u32=1,
+                                        col_u32=1, q=1, qT=1, srow=1, scol=1, dbias=5)
+    C = np.ones((2, 3), np.int32)
+    r, c, out = np.ones(2, np.float32), np.ones(3, np.float32), np.empty((2, 3), np.float16)
+    with pytest.raises(ValueError, match="go together"):
+        _numpy_mm_dequant(C, r, c, out, out_dtype="float16", bias=np.ones(3, np.uint16))
+    _numpy_mm_dequant(C, r, c, out, out_dtype="float16", bias=np.ones(3, np.float16), bias_dtype="float16")
+    np.testing.assert_array_equal(out, np.float16(np.float32(1 / 127**2) + 1))

@@ -60,6 +60,10 @@ def split_output(out, dtype: str):
     return _NO_F32, out.view(np.uint16), KINDS[dtype]
 
 
+# round_bits and load_block_bits are inlined into the 4-bit kernels (fourbit/_cpu.py) too.
+# Numba's disk cache checks only the caching function's own file, so after editing them here,
+# touch fourbit/_cpu.py (or clear its __pycache__) or it keeps the old code (an installed
+# package replaces every file at once, so users are not affected).
 @njit(inline="always", cache=True)
 def round_bits(u, kind):
     """float32 bit pattern ``u`` rounded (nearest, ties to even) to float16 (kind 1) or

@@ -133,6 +133,8 @@ def launch_quant_rows_cols(x: int, M: int, N: int, *, dtype: str, row_fmt: str, 
     ``col_fmt`` codes of x^T, their scales srow f32 (M,) and scol f32 (N,) from
     launch_absmax_rows_cols' maxima (row_u32 (M,), col_u32 (N,)); with parts > 0, dbias (N,)
     in x's dtype = the sum of colsum's parts rows (colsum f32 (parts, N))."""
+    if bool(dbias) != (parts > 0) or (parts > 0 and not colsum):
+        raise ValueError("launch_quant_rows_cols: dbias needs parts > 0 and colsum, and parts > 0 needs dbias")
     es = _ES[dtype]
     vec_in = int(_aligned(x) and (N * es) % 16 == 0)
     vec_row = int(_aligned(q) and N % (16 // es) == 0)

@@ -53,6 +53,11 @@ __all__ = [
 # (numba: stream, threads; cupy's gemm: kernel).
 
 def _f32(raw, dtype):
+    """A bias (or scales) array of ``dtype`` as float32; None for none (then dtype must be
+    None too: a backend entry's bias and bias_dtype come together)."""
+    if (raw is None) != (dtype is None):
+        raise ValueError(f"an array and its dtype go together; got {'an array' if raw is not None else None} "
+                         f"and dtype {dtype!r}")
     if raw is None:
         return None
     return bf16_bits_to_float32(raw) if dtype == "bfloat16" else np.asarray(raw, np.float32)

@@ -101,6 +101,8 @@ def launch_row_quant(x: int, q: int, stats: int, rows: int, cols: int, *, dtype:
     row absmax into stats (rows,) of ``stats_dtype``; with threshold > 0 the outliers code 0,
     are left out of the statistics and set their column's byte of flags uint8 (cols,)
     (zeroed by the caller)."""
+    if threshold > 0 and not flags:
+        raise ValueError("launch_row_quant: threshold > 0 needs flags, a zeroed uint8 (cols,) buffer")
     if rows == 0 or cols == 0:
         return
     es = _ES[dtype]
@@ -221,11 +223,20 @@ def launch_dequant_rows(q: int, stats: int, stats_dtype: str, out: int, out_dtyp
     k((grid,), (256,), (_u64(q), _u64(stats), _u64(out), np.int32(rows), np.int32(cols), np.int32(vec_ok)))
 
 
+def _check_bias(bias: int, bias_dtype) -> None:
+    """A bias pointer and its dtype come together (the kernel's type is the dtype's; a pointer
+    without one would be ignored, a dtype without one read through a null pointer)."""
+    if bool(bias) != (bias_dtype is not None):
+        raise ValueError(f"bias and bias_dtype go together; got bias={'a pointer' if bias else 0} and "
+                         f"bias_dtype={bias_dtype!r}")
+
+
 def launch_mm_dequant(C: int, r: int, c: int, out: int, rows: int, cols: int, *, out_dtype: str,
                       bias: int = 0, bias_dtype: str | None = None):
     """out (rows, cols) of ``out_dtype`` = ((f32(C) * r[row]) * c[col]) * f32(1/127^2)
     (+ bias[col]); C int32 (rows, cols), r and c float32, bias (cols,) of ``bias_dtype``
     (or 0 / None: no bias)."""
+    _check_bias(bias, bias_dtype)
     n = rows * cols
     if n == 0:
         return
@@ -244,6 +255,8 @@ def launch_gemm(a: int, bt: int, M: int, N: int, K: int, out: int, *, out_dtype:
     epilogue of launch_mm_dequant with row scales r (M,) of r_dtype, column scales c of
     c_dtype ((N,), or (1,) with c_global) and bias (N,) of bias_dtype (0 / None: none).
     ``kernel``: None, or a name from GEMM_KERNELS to force (see kernel_choice)."""
+    if out_dtype != "int32":
+        _check_bias(bias, bias_dtype)
     if M == 0 or N == 0:
         return
     aligned = _aligned(a, bt) and K % 16 == 0

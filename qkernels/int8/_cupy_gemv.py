@@ -270,14 +270,15 @@ class PreparedWeight8bit:
         gemv.launch(stream, xp, codes, absmax, bp, out.data_ptr(), M, x_vec_ok, 0, 0, smem=0)
         return out
 
-    def forward_outliers(self, x, M: int, bias, threshold: float, stream: int, keep: bool = True):
+    def forward_outliers(self, x, M: int, bias, threshold: float, stream: int):
         """out (..., N) in x's dtype for threshold > 0 (x and bias as in ``forward``; needs
         ``self.aligned``): ``int8_linear_outliers_torch(x, CB, SCB, bias, threshold)[0]`` for
         at most MAX_ROWS rows: row_quant<THRESH>, outlier_cols, then the GEMV that reads their
         codes and adds x's outlier columns. One workspace, its flags, count and column list
-        zeroed by one memset; no host synchronization. ``keep``: hold the workspace for
-        ``last_outlier_cols`` (a layer's plan; the declared op's cached plans keep nothing, as
-        torch.compile's CUDA graphs require of memory that outlives a call)."""
+        zeroed by one memset; no host synchronization. An object that holds its weight keeps the
+        workspace for ``last_outlier_cols``; one made with ``hold=False`` (the declared op's
+        cache) keeps nothing, as torch.compile's CUDA graphs require of memory that outlives a
+        call."""
         import torch
         from .._cuda.launch import memset_async
         K = self.K
@@ -293,7 +294,7 @@ class PreparedWeight8bit:
         cpad = -(-K // 16) * 16
         zeroed = cpad + 16 + 8 * K
         ws = x.new_empty((zeroed + 4 * M + 16 + M * K,), dtype=torch.uint8)
-        if keep:
+        if self.tensors is not None:
             self.last_ws = ws
         flags = ws.data_ptr()
         memset_async(flags, zeroed, stream)

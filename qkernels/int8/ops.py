@@ -182,6 +182,9 @@ class Int8LinearPlan:
     dtype. ``key`` identifies the tensors the plan was made from (the layer compares it)."""
 
     def __init__(self, CB: Tensor, SCB: Tensor, threshold: float, key=None, hold: bool = True):
+        if not hold and not takes_cuda_path(CB):
+            raise ValueError("Int8LinearPlan(hold=False) keeps only CUDA launch pointers; a weight off the "
+                             "CUDA path needs hold=True")
         CB, SCB = CB.contiguous(), SCB.to(torch.float32).contiguous()
         # hold=False (the op's cache, CUDA only): no tensor is kept, only their addresses
         self.CB, self.SCB = (CB, SCB) if hold else (None, None)
@@ -215,10 +218,9 @@ class Int8LinearPlan:
                 with on_torch_device(device):
                     if self.threshold <= 0:
                         return cuda.forward(x, M, bias, stream)
-                    kept = self._kept is not None
-                    if kept:
+                    if self._kept is not None:
                         self._kept["cols"] = cuda  # its last workspace holds the columns
-                    return cuda.forward_outliers(x, M, bias, self.threshold, stream, keep=kept)
+                    return cuda.forward_outliers(x, M, bias, self.threshold, stream)
         x2 = x.reshape(-1, self.K)
         out = _forward(x2, self.CB, self.SCB, bias, self.threshold, self._kept if self.threshold > 0 else None)
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.N)
