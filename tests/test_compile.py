@@ -281,15 +281,23 @@ def test_int8_plans_of_the_op_cache_keep_no_memory_between_calls():
     GPU: test_gpu_reduce_overhead_decode_step)."""
     torch.manual_seed(8)
     CB, SCB = ops8.quantize_weight(torch.randn(32, IN))
-    held = ops8.Int8LinearPlan(CB, SCB, 6.0)
-    held(_input())
-    assert held.cols is not None and 3 in held.cols.tolist()
+    held, x = ops8.Int8LinearPlan(CB, SCB, 6.0), _input()
+    held(x)
+    assert torch.equal(held.cols, (x.abs() >= 6.0).any(0).nonzero().reshape(-1)) and 3 in held.cols.tolist()
     with pytest.raises(ValueError, match="hold=False"):
         ops8.Int8LinearPlan(CB, SCB, 6.0, hold=False)
-    if torch.cuda.is_available():
-        CBc, SCBc = CB.cuda(), SCB.cuda()
-        free = ops8.Int8LinearPlan(CBc, SCBc, 6.0, hold=False)
-        x = _input("cuda", torch.float16)
-        assert torch.equal(free(x), ops8.Int8LinearPlan(CBc, SCBc, 6.0)(x))
-        assert free._kept is None and free.cols is None
-        assert free._cuda is None or free._cuda.last_ws is None
+
+
+@pytest.mark.gpu
+def test_gpu_int8_op_cache_plan_keeps_no_workspace():
+    """On CUDA, a plan of the op cache (hold=False) gives the layer plan's bits and keeps no
+    outlier workspace, where the layer plan keeps it and reads its columns from it."""
+    torch.manual_seed(8)
+    CB, SCB = ops8.quantize_weight(torch.randn(32, IN, device="cuda"))
+    x = _input("cuda", torch.float16)
+    held, free = ops8.Int8LinearPlan(CB, SCB, 6.0), ops8.Int8LinearPlan(CB, SCB, 6.0, hold=False)
+    assert held._cuda is not None and free._cuda is not None and free._cuda.usable(x.shape[0])
+    assert torch.equal(free(x), held(x))
+    want_cols = (x.abs() >= 6.0).any(0).nonzero().reshape(-1)
+    assert held._cuda.last_ws is not None and torch.equal(held.cols, want_cols)
+    assert free._kept is None and free.cols is None and free._cuda.last_ws is None

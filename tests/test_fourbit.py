@@ -497,7 +497,9 @@ def test_gpu_matmul_4bit(dtype, shape, fused_max_rows, monkeypatch):
     """Fused kernel (rows <= FUSED_MAX_ROWS, K % 32 == 0) and the dequantize + GEMM path
     against the float64 product of the same dequantized weight; blocks that span rows
     (K < blocksize or K not a multiple of it), nested statistics, bias. One row of x takes
-    gemv_4bit; up to FUSED_MAX_ROWS (8 or 16) rows the CUDA-core matmul_4bit."""
+    gemv_4bit; up to FUSED_MAX_ROWS (8 or 16) rows the CUDA-core matmul_4bit, except where
+    choose_kernel prefers the tensor-core kernel (16-bit x from 8 rows; forced runs of both
+    kernels at 2-64 rows: tests/test_fourbit_mma.py test_gpu_mma_configs)."""
     import torch
     monkeypatch.setattr(qf, "FUSED_MAX_ROWS", fused_max_rows)
     tdt = getattr(torch, dtype)

@@ -71,6 +71,8 @@ def test_choose_kernel(monkeypatch):
     assert all(ch(m, N=8192, K=8192) == "mma" and ch(m, "float16", N=14336) == "mma" for m in range(2, 9))
     assert ch(1, N=8192, K=8192) == "gemv"
     assert all(ch(m, "float32", N=8192, K=8192) == "fused" for m in range(2, 9))
+    assert ch(4, N=8192, K=4096) == "mma" and ch(4, N=8160, K=4096) == "fused"  # MMA_FROM_ELEMENTS = 2^25
+    assert ch(4, N=8192, K=8192, x=2) == "mma"  # misaligned x: staged by the tensor-core kernel
     assert all(ch(m) == "mma" and ch(m, "float16") == "mma" for m in range(8, 65))
     assert all(ch(m, "float32") == "dequantize" for m in range(9, 65))
     assert ch(65) == "dequantize" and ch(4096) == "dequantize"
@@ -89,7 +91,7 @@ def test_choose_kernel(monkeypatch):
     monkeypatch.setattr(_cupy, "_compute_capability", lambda device: 75)
     with pytest.raises(ValueError, match="compute capability"):
         ch(16, kernel="mma")
-    assert ch(16) == "dequantize"
+    assert ch(16) == "dequantize" and ch(4, N=8192, K=8192) == "fused" and ch(8) == "fused"
 
 
 # --- the kernel on the GPU ------------------------------------------------------------------
