@@ -22,6 +22,7 @@ import functools
 import numpy as np
 
 from .._cuda import DTYPE_CODES as _DT, get_kernel, multiprocessor_count
+from .._cuda.launch import memset_async
 from .._interop import _external_stream, torch_stream
 from ._choice import _ES, GEMV_MAX_ROWS as MAX_ROWS, kernel_choice
 
@@ -160,6 +161,7 @@ def int8_linear_gemv_torch(x, CB, SCB, bias=None, outliers=None, kernel: str | N
 # --- prepared launches for one weight (qkernels.int8.ops) -----------------------------------
 
 _TORCH_NAMES: dict = {}  # torch dtype -> its name here (filled on first use; no torch import above)
+_TORCH_U8: list = []     # [torch.uint8], likewise
 _GEMV_SIG = "pppppppiiiiipp"   # x, codes, absmax, CB, SCB, bias, out, M, N, K, nch, x_vec_ok, idx, count
 _QUANT_SIG = "pppiii"          # int8_gemv_quant: x, codes, absmax, K, nch, vec_ok
 _ROW_QUANT_SIG = "ppppiifi"    # row_quant: x, q, stats, flags, rows, cols, threshold, vec_ok
@@ -181,6 +183,7 @@ class PreparedWeight8bit:
         import torch
         if not _TORCH_NAMES:
             _TORCH_NAMES.update({torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"})
+            _TORCH_U8.append(torch.uint8)
         self.device = CB.device.index
         self.N, self.K = CB.shape
         self.tensors = (CB, SCB) if hold else None
@@ -270,6 +273,28 @@ class PreparedWeight8bit:
         gemv.launch(stream, xp, codes, absmax, bp, out.data_ptr(), M, x_vec_ok, 0, 0, smem=0)
         return out
 
+    def _route_outliers(self, x_dtype, bias_dtype, M: int):
+        """What ``forward_outliers`` needs per call for M rows of x_dtype (and bias_dtype),
+        worked out once: (row_quant, outlier_cols and GEMV launches, their grids along x, the
+        workspace's bytes, the bytes its memset zeroes, its offsets of count, idx, stats and
+        q, x's rows are 16-byte multiples). Workspace: flags u8 (cpad) | count int32 (16
+        bytes) | idx int64 (K,) | stats f32 (M, padded to 16 bytes) | q int8 (M, K)."""
+        K = self.K
+        dtype = _TORCH_NAMES[x_dtype]
+        es = _ES[dtype]
+        row_quant = self._launches.get(("row_quant", dtype)) or self._row_quant(dtype, 2 if es == 2 else 4)
+        cols = self._launches.get("outlier_cols") or self._outlier_cols()
+        bdt = -1 if bias_dtype is None else _DT[_TORCH_NAMES[bias_dtype]]
+        gemv, _ = self._gemv(dtype, bdt, M, True)
+        cpad = -(-K // 16) * 16
+        zeroed = cpad + 16 + 8 * K
+        stats_bytes = -(-4 * M // 16) * 16
+        route = (row_quant, cols, gemv, min(M, self._row_quant_ctas[dtype]),
+                 min(M, 2 * multiprocessor_count(self.device)), zeroed + stats_bytes + M * K, zeroed,
+                 (cpad, cpad + 16, zeroed, zeroed + stats_bytes), (K * es) % 16 == 0)
+        self._routes[("outliers", x_dtype, bias_dtype, M)] = route
+        return route
+
     def forward_outliers(self, x, M: int, bias, threshold: float, stream: int):
         """out (..., N) in x's dtype for threshold > 0 (x and bias as in ``forward``; needs
         ``self.aligned``): ``int8_linear_outliers_torch(x, CB, SCB, bias, threshold)[0]`` for
@@ -279,33 +304,20 @@ class PreparedWeight8bit:
         workspace for ``last_outlier_cols``; one made with ``hold=False`` (the declared op's
         cache) keeps nothing, as torch.compile's CUDA graphs require of memory that outlives a
         call."""
-        import torch
-        from .._cuda.launch import memset_async
-        K = self.K
-        dtype = _TORCH_NAMES[x.dtype]
-        es = _ES[dtype]
-        nv = 2 if es == 2 else 4
-        row_quant = self._launches.get(("row_quant", dtype)) or self._row_quant(dtype, nv)
-        cols = self._launches.get("outlier_cols") or self._outlier_cols()
-        bdt = -1 if bias is None else _DT[_TORCH_NAMES[bias.dtype]]
-        gemv, _ = self._gemv(dtype, bdt, M, True)
+        bias_dtype = None if bias is None else bias.dtype
+        route = self._routes.get(("outliers", x.dtype, bias_dtype, M)) or self._route_outliers(x.dtype, bias_dtype, M)
+        row_quant, cols, gemv, rq_grid, cols_grid, ws_bytes, zeroed, offsets, rows16 = route
         out = x.new_empty((*x.shape[:-1], self.N))
-        # workspace: flags u8 (cpad) | count int32 (16 bytes) | idx int64 (K,) | stats f32 (M,) | q int8 (M, K)
-        cpad = -(-K // 16) * 16
-        zeroed = cpad + 16 + 8 * K
-        ws = x.new_empty((zeroed + 4 * M + 16 + M * K,), dtype=torch.uint8)
+        ws = x.new_empty((ws_bytes,), dtype=_TORCH_U8[0])
         if self.tensors is not None:
             self.last_ws = ws
         flags = ws.data_ptr()
+        count, idx, stats, q = (flags + o for o in offsets)
         memset_async(flags, zeroed, stream)
-        count, idx = flags + cpad, flags + cpad + 16
-        stats = flags + zeroed
-        q = stats + -(-4 * M // 16) * 16
         xp = x.data_ptr()
-        x_vec_ok = int(xp % 16 == 0 and (K * es) % 16 == 0)
-        row_quant.launch(stream, xp, q, stats, flags, M, float(threshold), x_vec_ok,
-                         grid_x=min(M, self._row_quant_ctas[dtype]))
-        cols.launch(stream, flags, q, M, idx, count, grid_x=min(M, 2 * multiprocessor_count(self.device)))
+        x_vec_ok = int(rows16 and xp % 16 == 0)
+        row_quant.launch(stream, xp, q, stats, flags, M, threshold, x_vec_ok, grid_x=rq_grid)
+        cols.launch(stream, flags, q, M, idx, count, grid_x=cols_grid)
         gemv.launch(stream, xp, q, stats, 0 if bias is None else bias.data_ptr(), out.data_ptr(), M,
                     x_vec_ok, idx, count, smem=0)
         return out
