@@ -69,6 +69,33 @@ def test_forward_is_the_definition(dtype, threshold):
         assert 5 in cols.tolist()
 
 
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_fp32_bias_with_fp16_input(threshold):
+    """bitsandbytes' test_linear_kbit_fp32_bias for Linear8bitLt, our way: a float32 bias
+    with float16 input gives a float16 output, the bias added before the one rounding, and
+    the bias parameter stays float32 (it keeps float32 gradients). bitsandbytes casts the
+    parameter itself to float16 in place on the first forward; docs/FORMATS.md §9 says the
+    bias is never modified. Both ways where bitsandbytes imports."""
+    layer = _ours(_linear(torch.float32), threshold)
+    assert layer.weight.dtype == torch.int8 and layer.bias.dtype == torch.float32
+    x = _x(torch.float16)
+    for _ in range(3):
+        y = layer(x)
+        assert y.dtype == torch.float16 and layer.bias.dtype == torch.float32
+    ref = _definition(x, layer.weight.CB, layer.weight.SCB, layer.bias.detach(), threshold)
+    assert ((y.double() - ref).abs() <= 2 ** -11 * ref.abs() + 1e-6).all()
+    x.requires_grad_(True)
+    layer(x).float().sum().backward()
+    assert layer.bias.grad.dtype == torch.float32
+    assert torch.equal(layer.bias.grad, torch.full((OUT,), float(x.shape[0])))
+    if bnb is not None:
+        theirs = bnb.nn.Linear8bitLt(IN, OUT, has_fp16_weights=False, threshold=threshold)
+        theirs.load_state_dict(_linear(torch.float32).state_dict())
+        theirs = theirs.to("cpu")
+        theirs(x.detach())
+        assert theirs.bias.dtype == torch.float16
+
+
 def test_outlier_decomposition_is_more_accurate():
     lin = _linear(torch.float32)
     x = _x(torch.float32)
