@@ -572,3 +572,5 @@ def test_prepared_host_weight_is_the_public_op(rows, dtype, nested):
         plan(torch.ones(rows, 256, dtype=torch.int32), None)
     with pytest.raises(ValueError, match="48 elements"):
         plan(x, torch.ones(47, dtype=tdt))
+    with pytest.raises(ValueError, match="bias must be on x's device"):  # CI has no GPU: meta
+        plan(x, torch.ones(48, dtype=tdt, device="meta"))

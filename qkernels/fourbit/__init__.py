@@ -92,7 +92,7 @@ class HostWeight4bit:
     Kept: ``pk``, the packed bytes as a flat uint8 NumPy view and ``code`` (16,) float32, a
     view too (in-place writes to the tensors are seen), and the state itself, whose nested
     absmax the "cpu" backend unnests once and checks per call (_cpu._block_absmax). Per
-    call: x's dtype and last dimension and the bias's size are checked, and the host backend
+    call: x's dtype and last dimension and the bias's size and device are checked, and the host backend
     is chosen as for every op (``use_backend``)."""
 
     def __init__(self, packed, state: QuantState):
@@ -109,8 +109,11 @@ class HostWeight4bit:
             raise ValueError(f"matmul_4bit: x's last dimension must be in_features {self.K}; "
                              f"got x of shape {tuple(x.shape)}")
         ref.check_float_dtype(dtype_of(x), "x")
-        if bias is not None and bias.numel() != self.N:
-            raise ValueError(f"bias must have {self.N} elements; got shape {tuple(bias.shape)}")
+        if bias is not None:
+            if bias.numel() != self.N:
+                raise ValueError(f"bias must have {self.N} elements; got shape {tuple(bias.shape)}")
+            if bias.device.type != "cpu":
+                raise ValueError(f"bias must be on x's device (cpu); got bias on {bias.device}")
         _, impl = choose(_MATMUL_PREPARED, on_gpu=False)
         return impl(self, x, bias)
 
